@@ -1,0 +1,1 @@
+"""One module per workflow command: ``add_arguments(parser)`` and ``run(args)``."""

@@ -1,0 +1,1 @@
+"""Evaluation tasks: loaders, scorers and metrics, one module per task."""
