@@ -1,0 +1,314 @@
+"""`gcsl prepare`: feedback log -> goal-conditioned training data (Parquet) + goals.json."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from gcsl.config import field
+from gcsl.data.load import FeedbackLog, read_feedback, validate_feedback
+from gcsl.errors import DataError
+from gcsl.goals import (
+    GOAL_STYLE,
+    Formulation,
+    GoalSetup,
+    MetricSpec,
+    default_templates,
+    formulate_all,
+    formulate_beyond,
+    formulate_classic,
+    formulate_dpo_pairs,
+    formulate_sampled_pairs,
+    formulate_sft,
+    quantize_feedback,
+    retained_levels,
+)
+from gcsl.goals.render import TEMPLATE_FIELDS
+from gcsl.runinfo import atomic_dir, atomic_write_json, write_run_record
+
+__all__ = ["PrepareConfig", "PrepareResult", "prepare", "Method"]
+
+Method = Literal["sft", "sft-aug", "gcsl", "gcsl-nl", "gcsl-bey", "gcsl-bey-nl", "gcsl-bey-snl",
+                 "gcsl-noquant-nl", "gcsl-noquant-embed", "dpo"]
+
+# Methods whose goals follow the beyond-threshold expansion (and so use goal filtering).
+_BEYOND = {"gcsl-bey", "gcsl-bey-nl", "gcsl-bey-snl", "sft-aug"}
+
+
+@dataclass
+class PrepareConfig:
+    data: str = field(help="feedback log: a .jsonl/.csv/.parquet file, a saved dataset folder, or a hub dataset name")
+    out: Path = field(help="output directory (train.parquet, goals.json, run.json)")
+    method: Method = field("gcsl-bey-nl", help="training-data construction method")
+    prompt_column: str = field("prompt", help="column holding the prompt (text or chat messages)")
+    response_column: str = field("response", help="column holding the logged response")
+    score_column: str = field("score", help="column holding the feedback value")
+    data_format: Literal["auto", "jsonl", "csv", "parquet", "hf"] = field("auto", help="input format (auto: from the extension)")
+    split: str = field("train", help="split to read from a Hugging Face dataset")
+    bins: int = field(5, help="number of equal-frequency bins K for scalar feedback")
+    filter: bool = field(True, help="keep only goals whose threshold is above the training mean (--no-filter: the ablation)")
+    sft_top: float = field(0.25, help="SFT keeps this top fraction of rows by score")
+    sft_cutoff: float | None = field(None, help="SFT keeps rows with score >= this value instead of a top fraction")
+    metric_name: str = field("score", help="what the feedback measures, as goals name it (e.g. toxicity, rating)")
+    score_range: list[float] | None = field(None, flag="--range", nargs=2, help="LOW HIGH: the metric's range")
+    lower_is_better: bool = field(False, help="lower feedback values are better (e.g. toxicity)")
+    flip: bool = field(True, help="with --lower-is-better, flip scores (non-toxicity = 1 - toxicity); "
+                                  "--no-flip phrases goals as 'below'")
+    flipped_name: str | None = field(None, help="name of the flipped metric (default: non-<metric-name>)")
+    kind: Literal["scalar", "ordinal", "categorical"] = field("scalar", help="feedback kind")
+    categories: list[str] = field(default_factory=list, help="ordered categories, worst to best (--kind categorical)")
+    precision: int = field(2, help="decimals used to write thresholds in goals")
+    best_meaning: str | None = field(None, help="what the best value means, e.g. 'the least toxicity'")
+    subject: str = field("a response", help="what the goal asks for, e.g. 'a recommendation'")
+    templates: dict | None = field(None, cli=False, help="NL templates by style (bey, snl, range, value) overriding "
+                                                         "the defaults; fields: " + ", ".join(TEMPLATE_FIELDS))
+    placement: Literal["after", "before", "system"] = field("after", help="where the goal goes: after the user's "
+                                                            "prompt (default), before it, or as a system message")
+    separator: str = field("\n\n", help="text between prompt and goal")
+    dpo_pairs: int = field(5, help="DPO: pairs per prompt with the largest score gaps")
+    dpo_negatives: Literal["observed", "sampled"] = field(
+        "observed", help="DPO: 'observed' pairs responses of the same prompt; 'sampled' pairs each top response "
+                         "with responses of other prompts (for one-response-per-prompt logs)")
+    seed: int = field(0, help="random seed (sampled DPO negatives)")
+    overwrite: bool = field(False, help="replace an existing --out directory")
+    quiet: bool = field(False, help="do not print the report")
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.bins < 1:
+            problems.append("bins: must be at least 1")
+        if not 0 < self.sft_top <= 1:
+            problems.append("sft_top: must be in (0, 1], e.g. 0.25")
+        if self.score_range is not None and (len(self.score_range) != 2 or self.score_range[0] >= self.score_range[1]):
+            problems.append("range: give LOW HIGH with LOW < HIGH")
+        if self.lower_is_better and self.flip and self.score_range is None:
+            problems.append("range: --lower-is-better with flipping needs --range LOW HIGH (non-x = high + low - x)")
+        if self.kind == "categorical" and len(self.categories) < 2:
+            problems.append("categories: --kind categorical needs at least two --categories, worst to best")
+        if self.precision < 0:
+            problems.append("precision: must be >= 0")
+        if self.templates:
+            unknown = set(self.templates) - {"bey", "snl", "range", "value"}
+            if unknown:
+                problems.append(f"templates: unknown style(s) {', '.join(sorted(unknown))}; use bey, snl, range, value")
+            for style, text in self.templates.items():
+                try:
+                    str(text).format(**{f: "x" for f in TEMPLATE_FIELDS})
+                except (KeyError, IndexError, ValueError) as exc:
+                    problems.append(f"templates.{style}: unknown field {exc} (fields: {', '.join(TEMPLATE_FIELDS)})")
+        if self.dpo_pairs < 1:
+            problems.append("dpo_pairs: must be at least 1")
+        return problems
+
+    def metric_spec(self) -> MetricSpec:
+        low, high = self.score_range if self.score_range else (None, None)
+        return MetricSpec(name=self.metric_name, low=low, high=high, higher_is_better=not self.lower_is_better,
+                          flip=self.flip, flipped_name=self.flipped_name, precision=self.precision, kind=self.kind,
+                          categories=tuple(self.categories), best_meaning=self.best_meaning, subject=self.subject)
+
+
+@dataclass
+class PrepareResult:
+    out: Path
+    setup: GoalSetup
+    rows_in: int
+    rows_out: int
+    dropped: dict[str, int]
+    notes: list[str]
+
+
+def prepare(cfg: PrepareConfig) -> PrepareResult:
+    """Reads and validates a feedback log, builds the method's training rows and writes them.
+
+    >>> # gcsl prepare --data log.jsonl --method gcsl-bey-nl --out prepared/   (see the README)
+    """
+    spec = cfg.metric_spec()
+    table, fmt = read_feedback(cfg.data, prompt_column=cfg.prompt_column, response_column=cfg.response_column,
+                               score_column=cfg.score_column, fmt=cfg.data_format, split=cfg.split)
+    log = validate_feedback(table, cfg.data, fmt, spec, bins=cfg.bins)
+
+    # quantize -> formulate -> render, all on numpy arrays indexed by row.
+    oriented = spec.orient(log.table.column("score").to_numpy())
+    quant = quantize_feedback(oriented, spec, bins=cfg.bins)
+    train_mean = float(oriented.mean())
+    use_filter = cfg.filter and cfg.method in _BEYOND
+    retained = retained_levels(quant.thresholds, train_mean, filter_goals=use_filter)
+    top_level = quant.levels == quant.levels.max()
+    templates = {**default_templates(spec), **(cfg.templates or {})}
+    setup = GoalSetup(
+        method=cfg.method, metric=spec, thresholds=quant.thresholds, retained_levels=retained,
+        train_mean=train_mean, bins_requested=cfg.bins, templates=templates, placement=cfg.placement,
+        separator=cfg.separator, top_bin_mean=float(oriented[top_level].mean()), score_max=float(oriented.max()),
+    )
+    notes = list(quant.notes)
+    if use_filter and not any(t > train_mean for t in quant.thresholds):
+        notes.append("no threshold is above the training mean; only the top level is kept as a goal")
+
+    if cfg.method == "dpo":
+        out_table, dropped = _dpo_table(cfg, log, oriented)
+    else:
+        form = _formulate(cfg, quant.levels, oriented, retained)
+        out_table = _goal_table(cfg, log, setup, form, oriented)
+        dropped = form.dropped
+
+    counts = {
+        "rows_in": log.num_rows,
+        "rows_out": out_table.num_rows,
+        "rows_per_level": {str(k): int(v) for k, v in zip(setup.levels, np.bincount(quant.levels, minlength=len(
+            quant.thresholds) + 1)[1:])},
+    }
+    goals = setup.to_json() | {"counts": counts, "dropped": dropped, "notes": notes}
+    with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
+        pq.write_table(out_table, tmp / "train.parquet", compression="zstd")
+        atomic_write_json(tmp / "goals.json", goals)
+        write_run_record(tmp, stage="prepare", config=cfg, seed=cfg.seed, goals=goals)
+    result = PrepareResult(Path(cfg.out), setup, log.num_rows, out_table.num_rows, dropped, notes)
+    if not cfg.quiet:
+        _print_report(result, goals)
+    return result
+
+
+def _formulate(cfg: PrepareConfig, levels: np.ndarray, oriented: np.ndarray, retained: tuple[int, ...]) -> Formulation:
+    if cfg.method == "sft":
+        return formulate_sft(oriented, top_fraction=cfg.sft_top,
+                             cutoff=None if cfg.sft_cutoff is None else float(cfg.metric_spec().orient(
+                                 np.array([cfg.sft_cutoff]))[0]))
+    if cfg.method in ("gcsl", "gcsl-nl"):
+        return formulate_classic(levels)
+    if cfg.method in ("gcsl-noquant-nl", "gcsl-noquant-embed"):
+        return formulate_all(len(levels))
+    return formulate_beyond(levels, retained)
+
+
+def _as_text_prompts(log: FeedbackLog) -> pa.ChunkedArray:
+    """The goal-free prompt as one string per row (chat prompts as their JSON)."""
+    prompt = log.table.column("prompt")
+    if not log.chat:
+        return pc.cast(prompt, pa.string())
+    return pa.chunked_array([pa.array([json.dumps(m, ensure_ascii=False, sort_keys=True)
+                                       for m in prompt.to_pylist()], pa.string())])
+
+
+def _goal_table(cfg: PrepareConfig, log: FeedbackLog, setup: GoalSetup, form: Formulation,
+                oriented: np.ndarray) -> pa.Table:
+    rows = pa.array(form.rows, pa.int64())
+    spec = setup.metric
+    style = GOAL_STYLE[cfg.method]
+    has_goal = style is not None and cfg.method != "sft-aug"
+    display = np.asarray([spec.display(v) for v in oriented[form.rows]]) if len(form.rows) else np.zeros(0)
+
+    # One goal string and threshold per level, gathered by each output row's level.
+    if style == "value":
+        goal = pa.array([setup.value_text(float(v)) for v in display], pa.string())
+        level, threshold = pa.nulls(len(rows), pa.int32()), pa.nulls(len(rows), pa.float64())
+    elif has_goal:
+        level_idx = pa.array(form.goal_levels, pa.int32())
+        goal = pc.take(pa.array([None] + [setup.goal_text(k) for k in setup.levels], pa.string()), level_idx)
+        threshold = pc.take(pa.array([None] + [setup.threshold_display(k) for k in setup.levels], pa.float64()),
+                            level_idx)
+        level = level_idx
+    else:
+        goal = pa.nulls(len(rows), pa.string())
+        level = pa.nulls(len(rows), pa.int32())
+        threshold = pa.nulls(len(rows), pa.float64())
+
+    goal_value = (pa.array(display, pa.float64()) if cfg.method == "gcsl-noquant-embed"
+                  else pa.nulls(len(rows), pa.float64()))
+    source_prompt = log.table.column("prompt").take(rows)
+    response = log.table.column("response").take(rows)
+    prompt, completion = _place(cfg, log.chat, source_prompt, goal, response)
+    return pa.table({
+        "prompt": prompt,
+        "completion": completion,
+        "goal": goal,
+        "goal_level": level,
+        "threshold": threshold,
+        "goal_value": goal_value,
+        "row_id": rows,
+        "score": pa.array(display, pa.float64()),
+        "prompt_text": _as_text_prompts(log).take(rows),
+    })
+
+
+def _place(cfg: PrepareConfig, chat: bool, prompt: pa.ChunkedArray, goal: pa.Array, response: pa.ChunkedArray):
+    """Prompt with its goal in place, and the completion in the matching (text or chat) form."""
+    response = pc.cast(response, pa.string())
+    if not chat and cfg.placement != "system":
+        # Text prompts stay in Arrow: one vectorised concatenation (rows without a goal keep the prompt).
+        prompt = pc.cast(prompt, pa.string())
+        parts = (prompt, goal) if cfg.placement == "after" else (goal, prompt)
+        joined = pc.binary_join_element_wise(*parts, cfg.separator, null_handling="skip")
+        return joined, response
+    from gcsl.goals import place_goal
+
+    goals = goal.to_pylist()
+    placed = [place_goal(p, g, cfg.placement, cfg.separator) for p, g in zip(prompt.to_pylist(), goals)]
+    # A chat dataset needs every prompt as messages, so goal-free rows are converted too.
+    placed = [[{"role": "user", "content": p}] if isinstance(p, str) else
+              [{"role": m["role"], "content": m["content"]} for m in p] for p in placed]
+    completion = [[{"role": "assistant", "content": r}] for r in response.to_pylist()]
+    return pa.array(placed), pa.array(completion)
+
+
+def _dpo_table(cfg: PrepareConfig, log: FeedbackLog, oriented: np.ndarray) -> tuple[pa.Table, dict[str, int]]:
+    groups = pc.dictionary_encode(_as_text_prompts(log).combine_chunks()).indices.to_numpy()
+    if cfg.dpo_negatives == "observed":
+        chosen, rejected = formulate_dpo_pairs(groups, oriented, pairs_per_group=cfg.dpo_pairs)
+        if len(chosen) == 0:
+            raise DataError(f"{cfg.data}: no prompt has two responses with different scores, so no DPO pairs exist; "
+                            "pass --dpo-negatives sampled to pair with other prompts' responses")
+        pair_type = "observed"
+    else:
+        positives = formulate_sft(oriented, top_fraction=cfg.sft_top).rows
+        chosen, rejected = formulate_sampled_pairs(groups, positives, seed=cfg.seed)
+        pair_type = "sampled-negative"
+    spec = cfg.metric_spec()
+    prompt = log.table.column("prompt").take(pa.array(chosen))
+    response = pc.cast(log.table.column("response"), pa.string())
+    chosen_text = response.take(pa.array(chosen))
+    rejected_text = response.take(pa.array(rejected))
+    if log.chat:
+        chosen_text = pa.array([[{"role": "assistant", "content": r}] for r in chosen_text.to_pylist()])
+        rejected_text = pa.array([[{"role": "assistant", "content": r}] for r in rejected_text.to_pylist()])
+    display = np.asarray([spec.display(v) for v in oriented])
+    table = pa.table({
+        "prompt": prompt,
+        "chosen": chosen_text,
+        "rejected": rejected_text,
+        "pair_type": pa.array([pair_type] * len(chosen), pa.string()),
+        "score_chosen": pa.array(display[chosen], pa.float64()),
+        # A sampled negative was rated for another prompt: its score says nothing about this one.
+        "score_rejected": pa.array(display[rejected] if pair_type == "observed" else [None] * len(rejected),
+                                   pa.float64()),
+        "row_id_chosen": pa.array(chosen, pa.int64()),
+        "row_id_rejected": pa.array(rejected, pa.int64()),
+    })
+    unpaired = int(log.num_rows - len(np.union1d(chosen, rejected)))
+    return table, ({"not in any pair": unpaired} if unpaired else {})
+
+
+def _print_report(result: PrepareResult, goals: dict) -> None:
+    s = result.setup
+    fmt = s.metric.format_value
+    lines = [
+        f"gcsl prepare: {result.rows_in} feedback rows -> {result.rows_out} training rows ({s.method})",
+        f"  thresholds ({len(s.thresholds)} of {s.bins_requested} bins): "
+        + ", ".join(f"tau_{k}={fmt(s.threshold_display(k))}" for k in s.levels),
+        f"  training mean {fmt(s.metric.display(s.train_mean))}; goals kept: "
+        + ", ".join(str(k) for k in s.retained_levels),
+    ]
+    lines += [f"  dropped {n} rows: {why}" for why, n in result.dropped.items()]
+    lines += [f"  note: {n}" for n in result.notes]
+    top = goals.get("inference_goal") or {}
+    if top.get("text"):
+        lines.append(f"  inference goal (top): {top['text']}")
+    lines.append(f"  wrote {result.out}/train.parquet, goals.json, run.json")
+    print("\n".join(lines), file=sys.stderr)

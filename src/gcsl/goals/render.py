@@ -1,0 +1,167 @@
+"""Goal text: reward tokens and natural-language templates, and where the goal sits in a prompt."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from gcsl.goals.spec import MetricSpec
+
+__all__ = [
+    "METHODS",
+    "GOAL_STYLE",
+    "Placement",
+    "default_templates",
+    "render_goal",
+    "reward_token",
+    "place_goal",
+    "TEMPLATE_FIELDS",
+]
+
+# Method -> how its goal is written.
+GOAL_STYLE: dict[str, str | None] = {
+    "sft": None,
+    "sft-aug": None,
+    "dpo": None,
+    "gcsl": "token",
+    "gcsl-nl": "range",
+    "gcsl-bey": "token-bey",
+    "gcsl-bey-nl": "bey",
+    "gcsl-bey-snl": "snl",
+    "gcsl-noquant-nl": "value",
+    "gcsl-noquant-embed": None,
+}
+METHODS = tuple(GOAL_STYLE)
+
+Placement = Literal["after", "before", "system"]
+
+TEMPLATE_FIELDS = ("subject", "a_metric", "metric", "Metric", "cmp", "threshold", "range_low", "range_high",
+                   "value", "low", "high", "best_value", "best_meaning", "categories")
+
+# Defaults follow the wording of the paper's examples (its appendix C.6): the target, then the
+# metric's range and which end is best. "range" is classic GCSL-NL (a bin), "bey" GCSL-bey-NL,
+# "snl" the simplified wording (metric name and target only), "value" the no-quantization goal.
+_SCALAR = {
+    "bey": "Generate {subject} with {a_metric} score {cmp} {threshold}. {Metric} scores range from {low} "
+           "to {high}, with {best_value} indicating {best_meaning}.",
+    "snl": "Generate {subject} with {a_metric} score {cmp} {threshold}.",
+    "range": "Generate {subject} with {a_metric} score between {range_low} and {range_high}. {Metric} scores "
+             "range from {low} to {high}, with {best_value} indicating {best_meaning}.",
+    "value": "Generate {subject} with {a_metric} score of {value}. {Metric} scores range from {low} to {high}, "
+             "with {best_value} indicating {best_meaning}.",
+}
+_ORDINAL = {
+    "bey": "Generate {subject} with {a_metric} {cmp} {threshold}. {Metric} values range from {low} to {high}, "
+           "with {best_value} indicating {best_meaning}.",
+    "snl": "Generate {subject} with {a_metric} {cmp} {threshold}.",
+    "range": "Generate {subject} with {a_metric} of {threshold}. {Metric} values range from {low} to {high}, "
+             "with {best_value} indicating {best_meaning}.",
+    "value": "Generate {subject} with {a_metric} of {value}. {Metric} values range from {low} to {high}, "
+             "with {best_value} indicating {best_meaning}.",
+}
+_CATEGORICAL = {
+    "bey": "Generate {subject} rated {threshold} or better. Ratings from worst to best: {categories}.",
+    "snl": "Generate {subject} rated {threshold} or better.",
+    "range": "Generate {subject} rated {threshold}. Ratings from worst to best: {categories}.",
+    "value": "Generate {subject} rated {value}. Ratings from worst to best: {categories}.",
+}
+
+
+def default_templates(spec: MetricSpec) -> dict[str, str]:
+    """The built-in NL templates for a metric kind (users override any of them in config)."""
+    return dict({"scalar": _SCALAR, "ordinal": _ORDINAL, "categorical": _CATEGORICAL}[spec.kind])
+
+
+def reward_token(level: int, *, beyond: bool) -> str:
+    """Classic GCSL's [R_k] (score in bin k) or GCSL-bey's [R_k+] (score at least tau_k)."""
+    return f"[R_{level}+]" if beyond else f"[R_{level}]"
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def _endpoint(spec: MetricSpec, value: float | None) -> str:
+    """Range ends read as people write them: "from 0 to 1", not "from 0.00 to 1.00"."""
+    if value is None:
+        return ""
+    if spec.kind != "scalar":
+        return spec.format_value(value)
+    return f"{value:g}"
+
+
+def render_goal(spec: MetricSpec, style: str, templates: dict[str, str], *, threshold: float | None = None,
+                range_bounds: tuple[float, float] | None = None, value: float | None = None,
+                level: int | None = None) -> str | None:
+    """Writes one goal. Numbers are display units, formatted with the spec's precision.
+
+    >>> spec = MetricSpec(name="toxicity", low=0, high=1, higher_is_better=False, best_meaning="the least toxicity")
+    >>> render_goal(spec, "snl", default_templates(spec), threshold=0.85)
+    'Generate a response with a non-toxicity score greater than 0.85.'
+    """
+    if style is None:
+        return None
+    if style in ("token", "token-bey"):
+        if level is None:
+            raise ValueError("token goals need a level")
+        return reward_token(level, beyond=style == "token-bey")
+    name = spec.display_name
+    low, high = spec.display_range
+    best = low if spec.below else high
+    cmp_word = ("less than" if spec.below else "greater than") if spec.kind == "scalar" else \
+        ("equal or less than" if spec.below else "equal or greater than")
+    fmt = spec.format_value
+    fields: dict[str, Any] = {
+        "subject": spec.subject,
+        "a_metric": f"{_article(name)} {name}",
+        "metric": name,
+        "Metric": name[:1].upper() + name[1:],
+        "cmp": cmp_word,
+        "threshold": fmt(threshold) if threshold is not None else "",
+        "range_low": fmt(min(range_bounds)) if range_bounds else "",
+        "range_high": fmt(max(range_bounds)) if range_bounds else "",
+        # The no-quantization goal states the raw score at two decimals whatever the precision.
+        "value": (spec.format_value(value) if spec.kind != "scalar" else f"{value:.2f}") if value is not None else "",
+        "low": _endpoint(spec, low),
+        "high": _endpoint(spec, high),
+        "best_value": _endpoint(spec, best),
+        "best_meaning": spec.best_meaning or (f"the lowest {spec.name}" if spec.below else f"the highest {name}"),
+        "categories": ", ".join(spec.categories),
+    }
+    return templates[style].format(**fields)
+
+
+def place_goal(prompt: str | list[dict[str, str]], goal: str | None, placement: Placement = "after",
+               separator: str = "\n\n") -> str | list[dict[str, str]]:
+    """Puts the goal into a prompt: after it (default), before it, or as a system message.
+
+    Chat prompts get the goal in their last user message (after/before) or in the system
+    message. Placing it after the prompt keeps the prompt a shared prefix of all its goal
+    variants, which the trainer exploits to compute the prompt once.
+
+    >>> place_goal("Write a review.", "Be kind.")
+    'Write a review.\\n\\nBe kind.'
+    >>> place_goal("Hi", "Be kind.", "system")
+    [{'role': 'system', 'content': 'Be kind.'}, {'role': 'user', 'content': 'Hi'}]
+    """
+    if goal is None:
+        return prompt
+    if isinstance(prompt, str):
+        if placement == "after":
+            return prompt + separator + goal
+        if placement == "before":
+            return goal + separator + prompt
+        return [{"role": "system", "content": goal}, {"role": "user", "content": prompt}]
+    messages = [dict(m) for m in prompt]
+    if placement == "system":
+        if messages and messages[0].get("role") == "system":
+            messages[0]["content"] = goal + separator + messages[0]["content"]
+        else:
+            messages.insert(0, {"role": "system", "content": goal})
+        return messages
+    user_idx = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    if user_idx is None:
+        messages.append({"role": "user", "content": goal})
+        return messages
+    content = messages[user_idx]["content"]
+    messages[user_idx]["content"] = content + separator + goal if placement == "after" else goal + separator + content
+    return messages
