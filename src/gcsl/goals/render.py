@@ -34,28 +34,28 @@ METHODS = tuple(GOAL_STYLE)
 
 Placement = Literal["after", "before", "system"]
 
-TEMPLATE_FIELDS = ("subject", "a_metric", "metric", "Metric", "cmp", "threshold", "range_low", "range_high",
+TEMPLATE_FIELDS = ("subject", "a_metric", "metric", "Metric", "Metrics", "cmp", "threshold", "range_low", "range_high",
                    "value", "low", "high", "best_value", "best_meaning", "categories")
 
 # Defaults follow the wording of the paper's examples (its appendix C.6): the target, then the
 # metric's range and which end is best. "range" is classic GCSL-NL (a bin), "bey" GCSL-bey-NL,
 # "snl" the simplified wording (metric name and target only), "value" the no-quantization goal.
 _SCALAR = {
-    "bey": "Generate {subject} with {a_metric} score {cmp} {threshold}. {Metric} scores range from {low} "
+    "bey": "Generate {subject} with {a_metric} {cmp} {threshold}. {Metrics} range from {low} "
            "to {high}, with {best_value} indicating {best_meaning}.",
-    "snl": "Generate {subject} with {a_metric} score {cmp} {threshold}.",
-    "range": "Generate {subject} with {a_metric} score between {range_low} and {range_high}. {Metric} scores "
+    "snl": "Generate {subject} with {a_metric} {cmp} {threshold}.",
+    "range": "Generate {subject} with {a_metric} between {range_low} and {range_high}. {Metrics} "
              "range from {low} to {high}, with {best_value} indicating {best_meaning}.",
-    "value": "Generate {subject} with {a_metric} score of {value}. {Metric} scores range from {low} to {high}, "
+    "value": "Generate {subject} with {a_metric} of {value}. {Metrics} range from {low} to {high}, "
              "with {best_value} indicating {best_meaning}.",
 }
 _ORDINAL = {
-    "bey": "Generate {subject} with {a_metric} {cmp} {threshold}. {Metric} values range from {low} to {high}, "
+    "bey": "Generate {subject} with {a_metric} {cmp} {threshold}. {Metrics} range from {low} to {high}, "
            "with {best_value} indicating {best_meaning}.",
     "snl": "Generate {subject} with {a_metric} {cmp} {threshold}.",
-    "range": "Generate {subject} with {a_metric} of {threshold}. {Metric} values range from {low} to {high}, "
+    "range": "Generate {subject} with {a_metric} of {threshold}. {Metrics} range from {low} to {high}, "
              "with {best_value} indicating {best_meaning}.",
-    "value": "Generate {subject} with {a_metric} of {value}. {Metric} values range from {low} to {high}, "
+    "value": "Generate {subject} with {a_metric} of {value}. {Metrics} range from {low} to {high}, "
              "with {best_value} indicating {best_meaning}.",
 }
 _CATEGORICAL = {
@@ -105,6 +105,8 @@ def render_goal(spec: MetricSpec, style: str, templates: dict[str, str], *, thre
             raise ValueError("token goals need a level")
         return reward_token(level, beyond=style == "token-bey")
     name = spec.display_name
+    # "a non-toxicity score" / "a rating": scalar metrics are scores unless the name says so.
+    phrase = name if spec.kind != "scalar" or name.lower().endswith("score") else f"{name} score"
     low, high = spec.display_range
     best = low if spec.below else high
     cmp_word = ("less than" if spec.below else "greater than") if spec.kind == "scalar" else \
@@ -112,9 +114,10 @@ def render_goal(spec: MetricSpec, style: str, templates: dict[str, str], *, thre
     fmt = spec.format_value
     fields: dict[str, Any] = {
         "subject": spec.subject,
-        "a_metric": f"{_article(name)} {name}",
+        "a_metric": f"{_article(phrase)} {phrase}",
         "metric": name,
         "Metric": name[:1].upper() + name[1:],
+        "Metrics": phrase[:1].upper() + phrase[1:] + "s",
         "cmp": cmp_word,
         "threshold": fmt(threshold) if threshold is not None else "",
         "range_low": fmt(min(range_bounds)) if range_bounds else "",
