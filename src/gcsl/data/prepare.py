@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gcsl.config import field
-from gcsl.data.load import FeedbackLog, read_feedback, validate_feedback
+from gcsl.data.load import FeedbackLog, column_numpy, read_feedback, validate_feedback
 from gcsl.errors import DataError
 from gcsl.goals import (
     GOAL_STYLE,
@@ -41,6 +41,7 @@ Method = Literal["sft", "sft-aug", "gcsl", "gcsl-nl", "gcsl-bey", "gcsl-bey-nl",
 
 # Methods whose goals follow the beyond-threshold expansion (and so use goal filtering).
 _BEYOND = {"gcsl-bey", "gcsl-bey-nl", "gcsl-bey-snl", "sft-aug"}
+_SLICE = 1 << 17
 
 
 @dataclass
@@ -136,7 +137,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     log = validate_feedback(table, cfg.data, fmt, spec, bins=cfg.bins)
 
     # quantize -> formulate -> render, all on numpy arrays indexed by row.
-    oriented = spec.orient(log.table.column("score").to_numpy())
+    oriented = spec.orient(column_numpy(log.table.column("score")))
     quant = quantize_feedback(oriented, spec, bins=cfg.bins)
     train_mean = float(oriented.mean())
     use_filter = cfg.filter and cfg.method in _BEYOND
@@ -153,24 +154,33 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         notes.append("no threshold is above the training mean; only the top level is kept as a goal")
 
     if cfg.method == "dpo":
-        out_table, dropped = _dpo_table(cfg, log, oriented)
+        dpo_table, dropped = _dpo_table(cfg, log, oriented)
+        batches, rows_out = iter([dpo_table]), dpo_table.num_rows
     else:
         form = _formulate(cfg, quant.levels, oriented, retained)
-        out_table = _goal_table(cfg, log, setup, form, oriented)
-        dropped = form.dropped
+        # Output rows are built and written a slice at a time, so the expansion never sits in
+        # memory whole (a 1M-row log expands to several hundred MB of goal-bearing prompts).
+        prompt_text = _as_text_prompts(log)
+        batches = (_goal_table(cfg, log, setup, form, oriented, prompt_text, start, start + _SLICE)
+                   for start in range(0, max(len(form.rows), 1), _SLICE))
+        dropped, rows_out = form.dropped, len(form.rows)
 
     counts = {
         "rows_in": log.num_rows,
-        "rows_out": out_table.num_rows,
+        "rows_out": rows_out,
         "rows_per_level": {str(k): int(v) for k, v in zip(setup.levels, np.bincount(quant.levels, minlength=len(
             quant.thresholds) + 1)[1:])},
     }
     goals = setup.to_json() | {"counts": counts, "dropped": dropped, "notes": notes}
     with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
-        pq.write_table(out_table, tmp / "train.parquet", compression="zstd")
+        writer = None
+        for batch in batches:
+            writer = writer or pq.ParquetWriter(tmp / "train.parquet", batch.schema, compression="zstd")
+            writer.write_table(batch)
+        writer.close()
         atomic_write_json(tmp / "goals.json", goals)
         write_run_record(tmp, stage="prepare", config=cfg, seed=cfg.seed, goals=goals)
-    result = PrepareResult(Path(cfg.out), setup, log.num_rows, out_table.num_rows, dropped, notes)
+    result = PrepareResult(Path(cfg.out), setup, log.num_rows, rows_out, dropped, notes)
     if not cfg.quiet:
         _print_report(result, goals)
     return result
@@ -198,19 +208,21 @@ def _as_text_prompts(log: FeedbackLog) -> pa.ChunkedArray:
 
 
 def _goal_table(cfg: PrepareConfig, log: FeedbackLog, setup: GoalSetup, form: Formulation,
-                oriented: np.ndarray) -> pa.Table:
-    rows = pa.array(form.rows, pa.int64())
+                oriented: np.ndarray, prompt_text: pa.ChunkedArray, start: int, stop: int) -> pa.Table:
+    """Output rows ``start:stop`` of the formulation, with goals rendered and placed."""
+    row_idx = form.rows[start:stop]
+    rows = pa.array(row_idx, pa.int64())
     spec = setup.metric
     style = GOAL_STYLE[cfg.method]
     has_goal = style is not None and cfg.method != "sft-aug"
-    display = np.asarray([spec.display(v) for v in oriented[form.rows]]) if len(form.rows) else np.zeros(0)
+    display = -oriented[row_idx] if spec.below else oriented[row_idx]
 
     # One goal string and threshold per level, gathered by each output row's level.
     if style == "value":
         goal = pa.array([setup.value_text(float(v)) for v in display], pa.string())
         level, threshold = pa.nulls(len(rows), pa.int32()), pa.nulls(len(rows), pa.float64())
     elif has_goal:
-        level_idx = pa.array(form.goal_levels, pa.int32())
+        level_idx = pa.array(form.goal_levels[start:stop], pa.int32())
         goal = pc.take(pa.array([None] + [setup.goal_text(k) for k in setup.levels], pa.string()), level_idx)
         threshold = pc.take(pa.array([None] + [setup.threshold_display(k) for k in setup.levels], pa.float64()),
                             level_idx)
@@ -234,7 +246,7 @@ def _goal_table(cfg: PrepareConfig, log: FeedbackLog, setup: GoalSetup, form: Fo
         "goal_value": goal_value,
         "row_id": rows,
         "score": pa.array(display, pa.float64()),
-        "prompt_text": _as_text_prompts(log).take(rows),
+        "prompt_text": prompt_text.take(rows),
     })
 
 
@@ -259,7 +271,7 @@ def _place(cfg: PrepareConfig, chat: bool, prompt: pa.ChunkedArray, goal: pa.Arr
 
 
 def _dpo_table(cfg: PrepareConfig, log: FeedbackLog, oriented: np.ndarray) -> tuple[pa.Table, dict[str, int]]:
-    groups = pc.dictionary_encode(_as_text_prompts(log).combine_chunks()).indices.to_numpy()
+    groups = column_numpy(pc.dictionary_encode(_as_text_prompts(log).combine_chunks()).indices)
     if cfg.dpo_negatives == "observed":
         chosen, rejected = formulate_dpo_pairs(groups, oriented, pairs_per_group=cfg.dpo_pairs)
         if len(chosen) == 0:
@@ -278,7 +290,7 @@ def _dpo_table(cfg: PrepareConfig, log: FeedbackLog, oriented: np.ndarray) -> tu
     if log.chat:
         chosen_text = pa.array([[{"role": "assistant", "content": r}] for r in chosen_text.to_pylist()])
         rejected_text = pa.array([[{"role": "assistant", "content": r}] for r in rejected_text.to_pylist()])
-    display = np.asarray([spec.display(v) for v in oriented])
+    display = -oriented if spec.below else oriented
     table = pa.table({
         "prompt": prompt,
         "chosen": chosen_text,
