@@ -82,9 +82,23 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _json_ready(obj: Any) -> Any:
+    """Paths and tuples as JSON has them; anything else unknown as its string form."""
+    if isinstance(obj, dict):
+        return {str(k): _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
 def write_run_record(out_dir: Path, *, stage: str, config: Any, seed: int | None,
-                     goals: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """Writes ``run.json``: stage, resolved config, seed, package versions and goal spec."""
+                     goals: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                     filename: str = "run.json") -> Path:
+    """Writes ``run.json`` (or ``filename``): stage, resolved config, seed, package versions, goal spec."""
     record = {
         "stage": stage,
         "config": config_to_dict(config),
@@ -94,6 +108,6 @@ def write_run_record(out_dir: Path, *, stage: str, config: Any, seed: int | None
     }
     if extra:
         record.update(extra)
-    path = Path(out_dir) / "run.json"
-    atomic_write_json(path, record)
+    path = Path(out_dir) / filename
+    atomic_write_json(path, _json_ready(record))
     return path
