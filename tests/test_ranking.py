@@ -140,3 +140,13 @@ def test_invalid_ranks_rejected():
             target_hit(bad, k=10)
     with pytest.raises(ValueError, match="same length"):
         target_ndcg([1, 2], [5], k=10)
+
+
+def test_target_ndcg_ideal_grade_makes_the_rating_count():
+    from gcsl.metrics.ranking import target_ndcg
+
+    # Ideal = the target itself: the grade cancels.
+    assert target_ndcg([2, 2], [3, 5], k=10).tolist() == pytest.approx([1 / np.log2(3)] * 2)
+    # Ideal = a grade-5 item at rank 1: (2^3 - 1)/log2(3) / 31 and (2^5 - 1)/log2(3) / 31.
+    got = target_ndcg([2, 2, float("inf")], [3, 5, 5], k=10, ideal_grade=5)
+    assert got.tolist() == pytest.approx([7 / np.log2(3) / 31, 1 / np.log2(3), 0.0])

@@ -153,19 +153,25 @@ def _target_inputs(ranks: ArrayLike, grades: ArrayLike, g_max: float | None) -> 
     return r, g
 
 
-def target_ndcg(ranks: ArrayLike, grades: ArrayLike, k: int) -> np.ndarray:
+def target_ndcg(ranks: ArrayLike, grades: ArrayLike, k: int, ideal_grade: float | None = None) -> np.ndarray:
     """Per-query NDCG@k with one relevant item at ``ranks`` (inf: not found) of grade ``grades``.
 
-    Equals :func:`ndcg_at_k` on a list holding only that item at that rank.
+    With ``ideal_grade=None`` the ideal list is the target itself at rank 1, so the grade cancels
+    and NDCG = 1/log2(rank + 1) for any positive grade; with ``ideal_grade=g_max`` the ideal is a
+    top-graded item at rank 1, so a low-rated target earns less (the rating counts). Implementations
+    of graded single-target NDCG differ on this, so it is a choice, not a constant.
 
     >>> target_ndcg([1, 3, 11, float("inf")], [5, 4, 5, 5], k=10).round(4).tolist()
     [1.0, 0.5, 0.0, 0.0]
+    >>> target_ndcg([1], [4], k=10, ideal_grade=5).round(4).tolist()  # 15/31
+    [0.4839]
     """
     k = _check_k(k)
     r, g = _target_inputs(ranks, grades, None)
     hit = (r <= k) & (g > 0)
     out = np.zeros_like(r)
-    best = gain(g[hit]) * discount(np.ones(int(hit.sum())))
+    ideal = g[hit] if ideal_grade is None else np.full(int(hit.sum()), float(ideal_grade))
+    best = gain(ideal) * discount(np.ones(int(hit.sum())))
     out[hit] = gain(g[hit]) * discount(r[hit]) / best
     return out
 

@@ -200,6 +200,9 @@ class RecommendationEvalConfig:
     batch_size: int = field(64, help="texts embedded per batch")
     ks: list[int] = field(default_factory=lambda: [10, 20], help="cut-offs k of NDCG@k, ERR@k and HR@k")
     g_max: float = field(DEFAULT_G_MAX, help="ERR's maximum grade: R(g) = (2^g - 1) / 2^g_max (5 for 1-5 stars)")
+    ndcg_ideal: Literal["target", "g_max"] = field(
+        "target", help="NDCG's ideal list: the target at rank 1 (the grade cancels: NDCG = 1/log2(rank+1)), or "
+                       "an item of grade g_max at rank 1 (the target's rating then counts)")
 
     def validate(self) -> list[str]:
         problems = []
@@ -898,7 +901,8 @@ def evaluate(rows: list[dict[str, Any]], config: RecommendationEvalConfig, *,
     grades = np.array([t[2] for t in targets])
     metric_values: dict[str, np.ndarray] = {}
     for k in config.ks:
-        metric_values[f"ndcg@{k}"] = target_ndcg(ranks, grades, k)
+        metric_values[f"ndcg@{k}"] = target_ndcg(ranks, grades, k,
+                                                 ideal_grade=config.g_max if config.ndcg_ideal == "g_max" else None)
         metric_values[f"err@{k}"] = target_err(ranks, grades, k, config.g_max)
         metric_values[f"hr@{k}"] = target_hit(ranks, k)
     metric_values["unparsable"] = np.array([0.0 if i in grounded else 1.0 for i in range(len(rows))])
