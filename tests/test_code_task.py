@@ -210,8 +210,14 @@ def test_generation_rows_that_do_not_fit_are_data_errors():
     rows[1]["sample"] = 0
     with pytest.raises(DataError, match="generations row 2: task 'two-sum' sample 0 repeats"):
         evaluate(rows, _config())
-    with pytest.raises(DataError, match="generations row 1: field 'completion'"):
-        evaluate([{"prompt_id": "two-sum", "sample": 0}], _config())
+    with pytest.raises(DataError, match="generations row 1: field 'sample'"):
+        evaluate([{"prompt_id": "two-sum", "completion": "x"}], _config())
+
+
+def test_a_completion_that_is_not_text_is_a_failed_item():
+    result = evaluate([{"prompt_id": "two-sum", "sample": 0, "completion": None}], _config())
+    assert result.items[0]["passed"] is False
+    assert result.metrics["pass@1"] == 0.0
 
 
 # -- sandboxed evaluation -------------------------------------------------------------------------
