@@ -158,6 +158,8 @@ def _ensure_converted(name: str, builtin: BuiltinModel, cache_dir: Path) -> Path
     with _exclusive_lock(cache_dir / f".{name}.lock"):
         if (target / "config.json").is_file():  # another process finished while we waited
             return target
+        for stale in cache_dir.glob(f".{name}.*.partial"):  # left by a killed conversion; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         print(f"gcsl: converting built-in model '{name}' from {gguf.name} into {target} (once; "
               "set GCSL_CACHE_DIR to change where)", file=sys.stderr, flush=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=cache_dir))
@@ -329,9 +331,11 @@ def _load_adapter_model(folder: Path, adapter_config: Path, device, cache_dir: P
     # The training output's tokenizer holds any goal tokens the trainer added.
     has_tokenizer = (folder / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(folder) if has_tokenizer else base_model, cache_dir)
-    model = load_causal_lm(base_model, device=None, dtype=choose_dtype(device), cache_dir=cache_dir)
+    model = load_causal_lm(base_model, device=device, cache_dir=cache_dir)
+    # Grow (never shrink: many models pad their embedding matrix beyond the tokenizer) to the size
+    # the trainer trained at, so the adapter's weights fit.
     rows = _saved_vocab_rows(folder) or len(tokenizer)
-    if rows != model.get_input_embeddings().weight.shape[0]:
+    if rows > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(rows)
     try:
         model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
@@ -339,8 +343,7 @@ def _load_adapter_model(folder: Path, adapter_config: Path, device, cache_dir: P
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StageError(f"{folder}: cannot load the adapter onto {base_model!r} ({first}); check that the "
                          "base model is the one it was trained on") from None
-    model = model.merge_and_unload()
-    return model.to(device), tokenizer, base_model
+    return model.merge_and_unload(), tokenizer, base_model
 
 
 def _saved_vocab_rows(folder: Path) -> int | None:
