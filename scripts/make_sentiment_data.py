@@ -4,7 +4,7 @@ Like the paper's offline logs, every training prompt gets sampled responses from
 (SmolLM2-135M-Instruct, offline), each scored by the task's scorer (VADER, in the steering
 direction). Train and test prompts never share a movie title.
 
-    python scripts/make_sentiment_data.py --out data/sentiment --train 300 --test 64 --samples 2
+    python scripts/make_sentiment_data.py --out src/gcsl/resources/sentiment --train 200 --test 64 --samples 2
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ def _chat(rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("data/sentiment"))
-    ap.add_argument("--train", type=int, default=300, help="training prompts")
+    ap.add_argument("--out", type=Path, default=Path("src/gcsl/resources/sentiment"))
+    ap.add_argument("--train", type=int, default=200, help="training prompts")
     ap.add_argument("--test", type=int, default=64, help="held-out prompts")
     ap.add_argument("--samples", type=int, default=2, help="base-model responses per training prompt")
     ap.add_argument("--direction", default="negative", choices=["positive", "negative"])
