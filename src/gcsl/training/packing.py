@@ -1,0 +1,458 @@
+"""Prefix-shared packing: all goal variants of a feedback row train in one sequence holding their prompt once.
+
+``gcsl prepare --method gcsl-bey-nl`` writes a response once per goal it satisfies. The variants
+share ``row_id`` and, with the goal placed after the prompt, agree token for token up to the
+goal. Trained as separate rows, the prompt (often most of the tokens) is paid for once per goal.
+Here each row's variants become one segment::
+
+    [shared prefix][goal_1 ... completion_1][goal_2 ... completion_2] ...
+
+and several segments are packed into one sequence of at most ``max_tokens`` tokens. The 4D
+attention mask lets a token see earlier tokens of its own block and the shared prefix of its
+own segment, nothing else; position ids continue from the prefix's end in every block. Each
+block therefore computes exactly the hidden states, logits, loss and gradients of its own
+unpacked sequence (up to float summation order). Three details make that exact:
+
+- Tokenization is TRL 1.16 ``SFTTrainer``'s own (:func:`tokenize_prompt_completion`, checked
+  against the trainer in the tests), and the shared prefix is the longest common prefix of the
+  token ids, so BPE merges across the prompt/goal boundary cannot make it wrong.
+- The prefix stops before the first position whose next-token target is a completion token
+  (:func:`shared_prefix_length`): its predictions would otherwise be scored once for several rows,
+  and a block's first token would be predicted from the previous block.
+- Every segment and block starts with label ``-100``, so the shifted next-token loss never
+  crosses a boundary. ``labels[..., 1:] != -100`` (what the Trainer counts as
+  ``num_items_in_batch``) is then exactly the completion tokens of the packed rows: the loss,
+  sum of token losses / completion tokens, equals the unpacked loss over the same rows.
+
+Attention implementations: ``eager`` and ``sdpa`` take a custom 4D mask (transformers passes a
+4D mask through unchanged); flash-attention kernels only take sequence boundaries and flex
+attention ignores tensor masks, so there :func:`supports_block_mask` is False and training
+falls back to ordinary sequences with the one-line :func:`prefix_sharing_notice`.
+
+    packed = pack_prefix_shared(dataset, tokenizer, max_tokens=1024, max_length=1024)
+    collator = PrefixSharingCollator.for_model(model, tokenizer.pad_token_id)
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gcsl.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset
+
+__all__ = [
+    "BLOCK_MASK_IMPLEMENTATIONS",
+    "PackedDataset",
+    "PrefixSharingCollator",
+    "block_attention_mask",
+    "is_packed_batch",
+    "pack_prefix_shared",
+    "packed_token_count",
+    "prefix_sharing_notice",
+    "shared_prefix_length",
+    "supports_block_mask",
+    "tokenize_prompt_completion",
+]
+
+# Attention implementations that apply an arbitrary 4D mask given as ``attention_mask``.
+BLOCK_MASK_IMPLEMENTATIONS = ("eager", "sdpa")
+IGNORE = -100
+
+
+# -- tokenization ----------------------------------------------------------------------------
+
+def tokenize_prompt_completion(prompt: str | list[dict[str, Any]], completion: str | list[dict[str, Any]],
+                               tokenizer, *, max_length: int | None = None) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of one prompt-completion row, exactly as TRL 1.16's SFTTrainer makes them.
+
+    Chat rows go through the chat template (the prompt alone with the generation prompt, then
+    prompt + completion); text rows get the EOS token appended to the completion. The completion
+    starts where the two tokenizations diverge; ``labels`` is ``-100`` before it
+    (``completion_only_loss``). With ``max_length`` the row keeps its first ``max_length`` tokens.
+
+    >>> ids, labels = tokenize_prompt_completion("2 + 2 =", " 4", tokenizer)  # doctest: +SKIP
+    >>> labels  # doctest: +SKIP
+    [-100, -100, -100, 339, 0]
+    """
+    from trl.data_utils import is_conversational
+
+    if is_conversational({"prompt": prompt}):
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=True,
+                                            return_dict=True)["input_ids"]
+    else:
+        eos = tokenizer.eos_token
+        if eos is not None and not completion.endswith(eos):
+            completion = completion + eos
+        prompt_ids = tokenizer(text=prompt)["input_ids"]
+        ids = tokenizer(text=prompt + completion)["input_ids"]
+    start = _common_prefix(prompt_ids, ids)
+    labels = [IGNORE] * start + list(ids[start:])
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return list(ids), labels
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _first_target(labels: Sequence[int]) -> int | None:
+    """Index of the first label that is a next-token target (position 0 never is)."""
+    for j in range(1, len(labels)):
+        if labels[j] != IGNORE:
+            return j
+    return None
+
+
+def shared_prefix_length(rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> int:
+    """How many leading tokens the ``(input_ids, labels)`` variants of one row can share exactly.
+
+    The longest common prefix of the token ids, cut so the prefix holds no position whose
+    next-token target is a completion token: those predictions belong to one variant each. A
+    single variant shares nothing.
+
+    >>> shared_prefix_length([([5, 6, 7, 8], [-100, -100, -100, 8]), ([5, 6, 9, 8], [-100, -100, -100, 8])])
+    2
+    >>> shared_prefix_length([([5, 6, 7], [-100, 6, 7]), ([5, 6, 7], [-100, 6, 7])])  # completion from token 1
+    0
+    """
+    if len(rows) < 2:
+        return 0
+    first = rows[0][0]
+    lcp = len(first)
+    for ids, _ in rows[1:]:
+        lcp = min(lcp, _common_prefix(first, ids))
+    targets = [_first_target(labels) for _, labels in rows]
+    if any(t is None for t in targets):
+        return 0
+    return max(0, min(lcp, min(targets) - 1))
+
+
+# -- packing ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PackedDataset:
+    """Packed training sequences plus the counts a run reports.
+
+    ``dataset`` has one packed sequence per row: ``input_ids``, ``labels``, ``position_ids``,
+    ``segment_ids`` (which packed feedback row a token belongs to), ``block_ids`` (0: shared
+    prefix, k >= 1: the k-th variant's block), ``n_examples`` and ``naive_tokens`` (the rows'
+    tokens as separate sequences).
+    """
+
+    dataset: Dataset
+    rows: int  # training rows (goal variants) packed
+    groups: int  # distinct feedback rows
+    naive_tokens: int  # tokens of the rows as separate sequences
+    packed_tokens: int  # tokens of the packed sequences (shared prefixes counted once per segment)
+    dropped: int  # rows with no completion token left after truncation (TRL's SFTTrainer drops them too)
+
+    @property
+    def sequences(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def token_ratio(self) -> float:
+        """Tokens as separate rows / tokens packed: the most prefix sharing can speed a step up."""
+        return self.naive_tokens / max(self.packed_tokens, 1)
+
+    def summary(self) -> str:
+        """One line for the run's log.
+
+        >>> packed.summary()  # doctest: +SKIP
+        'prefix sharing: 698 rows of 200 feedback rows in 91 sequences; 204,113 -> 73,870 tokens (2.76x)'
+        """
+        dropped = f"; {self.dropped} row(s) without completion tokens after truncation dropped" if self.dropped else ""
+        return (f"prefix sharing: {self.rows} rows of {self.groups} feedback rows in {self.sequences} sequences; "
+                f"{self.naive_tokens:,} -> {self.packed_tokens:,} tokens ({self.token_ratio:.2f}x){dropped}")
+
+
+@dataclass
+class _Segment:
+    prefix: list[int]
+    blocks: list[tuple[list[int], list[int]]]  # (input_ids, labels) after the prefix
+    naive_tokens: int
+
+    def __len__(self) -> int:
+        return len(self.prefix) + sum(len(ids) for ids, _ in self.blocks)
+
+
+def pack_prefix_shared(dataset: Dataset, tokenizer, *, max_tokens: int, max_length: int | None = None,
+                       group_column: str | None = "row_id", num_proc: int | None = None) -> PackedDataset:
+    """Tokenizes prompt-completion rows like TRL, shares each row group's prompt prefix, packs to ``max_tokens``.
+
+    Rows with the same ``group_column`` value (the goal variants of one feedback row) form one
+    segment with their shared prefix once; a group too long for one sequence is split into
+    several segments, each with its own copy of the prefix. Segments are packed best-fit
+    decreasing into sequences of at most ``max_tokens`` tokens. ``group_column=None`` packs every
+    row alone (ordinary packing, still exact).
+
+    >>> packed = pack_prefix_shared(Dataset.from_parquet("prep/train.parquet"), tok, max_tokens=1024,
+    ...                             max_length=1024)  # doctest: +SKIP
+    >>> print(packed.summary())  # doctest: +SKIP
+    prefix sharing: 698 rows of 200 feedback rows in 91 sequences; 204,113 -> 73,870 tokens (2.76x)
+    """
+    from datasets import Dataset
+
+    if not isinstance(max_tokens, int) or max_tokens < 2:
+        raise ConfigError(f"max_tokens: must be an integer >= 2, got {max_tokens!r}")
+    columns = set(dataset.column_names)
+    missing = [c for c in ("prompt", "completion") if c not in columns]
+    if missing:
+        raise DataError(f"training data: column(s) {', '.join(missing)} missing; prefix sharing needs TRL's "
+                        "prompt-completion form (run `gcsl prepare`)")
+    if group_column is not None and group_column not in columns:
+        raise DataError(f"training data: column {group_column!r} missing; it groups a feedback row's goal variants "
+                        "(re-run `gcsl prepare`, or pass group_column=None to pack rows without sharing)")
+
+    tokenized = dataset.map(
+        _tokenize_example, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "group_column": group_column},
+        with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="Tokenizing for packing")
+    all_ids, all_labels, groups = tokenized["input_ids"], tokenized["labels"], tokenized["group"]
+
+    members: dict[Any, list[int]] = {}
+    dropped = 0
+    for i, (ids, labels) in enumerate(zip(all_ids, all_labels)):
+        if _first_target(labels) is None:
+            dropped += 1
+            continue
+        if len(ids) > max_tokens:
+            raise ConfigError(f"max_tokens: {max_tokens} is less than training row {i}'s {len(ids)} tokens; "
+                              f"set max_tokens >= {len(ids)} or max_length <= {max_tokens}")
+        members.setdefault(groups[i], []).append(i)
+    if not members:
+        raise DataError("training data: no row has a completion token to train on (after truncation to "
+                        f"max_length={max_length}); raise max_length or check the prepared data")
+
+    segments: list[_Segment] = []
+    for rows in members.values():
+        variants = [(all_ids[i], all_labels[i]) for i in rows]
+        segments.extend(_segments_of_group(variants, max_tokens))
+    sequences = _best_fit_decreasing([len(s) for s in segments], max_tokens)
+    packed = Dataset.from_list([_layout([segments[j] for j in seq]) for seq in sequences])
+    return PackedDataset(dataset=packed, rows=sum(len(r) for r in members.values()), groups=len(members),
+                         naive_tokens=sum(s.naive_tokens for s in segments),
+                         packed_tokens=sum(len(s) for s in segments), dropped=dropped)
+
+
+def _tokenize_example(example: dict[str, Any], index: int, *, tokenizer, max_length: int | None,
+                      group_column: str | None) -> dict[str, Any]:
+    ids, labels = tokenize_prompt_completion(example["prompt"], example["completion"], tokenizer,
+                                             max_length=max_length)
+    # Without a group column each row is its own group; keys are compared, never mixed across the two.
+    group = index if group_column is None else example[group_column]
+    return {"input_ids": ids, "labels": labels, "group": group}
+
+
+def _segments_of_group(variants: list[tuple[list[int], list[int]]], max_tokens: int) -> list[_Segment]:
+    """The group as one segment, or several (each with its own prefix copy) when it exceeds ``max_tokens``."""
+    prefix_len = shared_prefix_length(variants)
+    prefix = list(variants[0][0][:prefix_len])
+    segments: list[_Segment] = []
+    blocks: list[tuple[list[int], list[int]]] = []
+    size = naive = 0
+    for ids, labels in variants:
+        block = (list(ids[prefix_len:]), list(labels[prefix_len:]))
+        if blocks and prefix_len + size + len(block[0]) > max_tokens:
+            segments.append(_Segment(prefix, blocks, naive))
+            blocks, size, naive = [], 0, 0
+        blocks.append(block)
+        size += len(block[0])
+        naive += len(ids)
+    segments.append(_Segment(prefix, blocks, naive))
+    return segments
+
+
+def _best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices: longest first, each into the fullest bin it still fits (a new one if none)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (remaining capacity, bin index), sorted
+    for i in order:
+        need = lengths[i]
+        k = bisect.bisect_left(free, (need, -1))
+        if k < len(free):
+            room, b = free.pop(k)
+        else:
+            room, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if room - need > 0:
+            bisect.insort(free, (room - need, b))
+    return bins
+
+
+def _layout(segments: list[_Segment]) -> dict[str, Any]:
+    """One packed sequence's columns; every segment and block starts with an ignored label."""
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    segment_ids: list[int] = []
+    block_ids: list[int] = []
+    for s, seg in enumerate(segments):
+        p = len(seg.prefix)
+        ids += seg.prefix
+        labels += [IGNORE] * p
+        positions += range(p)
+        segment_ids += [s] * p
+        block_ids += [0] * p
+        for b, (block_ids_, block_labels) in enumerate(seg.blocks, start=1):
+            ids += block_ids_
+            # The first token of a block is never a target: it follows the prefix (or a previous block) here.
+            labels += [IGNORE] + list(block_labels[1:])
+            positions += range(p, p + len(block_ids_))
+            segment_ids += [s] * len(block_ids_)
+            block_ids += [b] * len(block_ids_)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "segment_ids": segment_ids,
+            "block_ids": block_ids, "n_examples": sum(len(seg.blocks) for seg in segments),
+            "naive_tokens": sum(seg.naive_tokens for seg in segments)}
+
+
+# -- batches ---------------------------------------------------------------------------------
+
+def block_attention_mask(segment_ids: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean ``(batch, 1, L, L)`` mask, True where query token q may attend to key token k.
+
+    q sees k when both are in the same segment, k is not after q, and k is in the shared prefix
+    (block 0) or in q's own block. Padding (segment -1) sees earlier padding only, so no row of
+    the mask is empty (an empty row would give NaN attention weights).
+
+    >>> import torch
+    >>> m = block_attention_mask(torch.tensor([[0, 0, 0, 0]]), torch.tensor([[0, 1, 2, 2]]))[0, 0].int()
+    >>> m.tolist()
+    [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]]
+    """
+    import torch
+
+    length = segment_ids.shape[-1]
+    index = torch.arange(length, device=segment_ids.device)
+    causal = index[:, None] >= index[None, :]
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    key_block = block_ids[:, None, :]
+    visible = (key_block == 0) | (key_block == block_ids[:, :, None])
+    return (same_segment & visible & causal)[:, None]
+
+
+@dataclass
+class PrefixSharingCollator:
+    """Pads packed sequences and adds their block attention mask and position ids.
+
+    Returns ``input_ids``, ``labels`` (-100 on padding), ``position_ids`` and a 4D
+    ``attention_mask``: boolean for sdpa, additive float32 (0 / most negative) for eager, whose
+    attention adds the mask to the scores.
+
+    >>> collator = PrefixSharingCollator.for_model(model, tokenizer.pad_token_id)  # doctest: +SKIP
+    >>> batch = collator([packed.dataset[0], packed.dataset[1]])  # doctest: +SKIP
+    >>> batch["attention_mask"].shape  # doctest: +SKIP
+    torch.Size([2, 1, 1021, 1021])
+    """
+
+    pad_token_id: int
+    attn_implementation: str = "sdpa"
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self):
+        if self.attn_implementation not in BLOCK_MASK_IMPLEMENTATIONS:
+            raise ConfigError(f"attn_implementation: {self.attn_implementation!r} cannot take a block attention "
+                              f"mask; use one of {', '.join(BLOCK_MASK_IMPLEMENTATIONS)} or train without packing")
+
+    @classmethod
+    def for_model(cls, model, pad_token_id: int, **options: Any) -> PrefixSharingCollator:
+        """A collator whose mask format fits ``model``'s attention implementation."""
+        return cls(pad_token_id=pad_token_id, attn_implementation=_attn_implementation(model), **options)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        import torch
+
+        length = max(len(e["input_ids"]) for e in examples)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        shape = (len(examples), length)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        segment_ids = torch.full(shape, -1, dtype=torch.long)
+        block_ids = torch.zeros(shape, dtype=torch.long)
+        for row, e in enumerate(examples):
+            n = len(e["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(e["input_ids"])
+            labels[row, :n] = torch.as_tensor(e["labels"])
+            position_ids[row, :n] = torch.as_tensor(e["position_ids"])
+            segment_ids[row, :n] = torch.as_tensor(e["segment_ids"])
+            block_ids[row, :n] = torch.as_tensor(e["block_ids"])
+        mask = block_attention_mask(segment_ids, block_ids)
+        if self.attn_implementation == "eager":
+            additive = torch.zeros(mask.shape, dtype=torch.float32)
+            mask = additive.masked_fill_(~mask, torch.finfo(torch.float32).min)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask}
+
+
+def is_packed_batch(batch: dict[str, Any]) -> bool:
+    """Whether ``batch`` came from :class:`PrefixSharingCollator` (its attention mask is 4D).
+
+    >>> import torch
+    >>> is_packed_batch({"attention_mask": torch.ones(2, 5)})
+    False
+    """
+    mask = batch.get("attention_mask")
+    return mask is not None and getattr(mask, "ndim", 0) == 4
+
+
+def packed_token_count(batch: dict[str, Any]) -> torch.Tensor:
+    """Real (non-padding) tokens of a packed batch, as a 0-d tensor.
+
+    Padding sits at the right end with position 0, while every packed sequence ends on the last
+    token of a row with a completion, whose position is at least 1; so a row's real length is one
+    past its last non-zero position.
+
+    >>> import torch
+    >>> int(packed_token_count({"position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 0], [0, 1, 2, 3, 4, 5, 6]])}))
+    12
+    """
+    import torch
+
+    positions = batch["position_ids"]
+    index = torch.arange(1, positions.shape[-1] + 1, device=positions.device)
+    return (index * (positions > 0)).amax(dim=-1).sum()
+
+
+# -- attention support -----------------------------------------------------------------------
+
+def _attn_implementation(model) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+def supports_block_mask(model) -> bool:
+    """Whether ``model``'s attention applies a custom 4D mask (eager, sdpa), so packing is exact.
+
+    >>> supports_block_mask(AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa"))  # doctest: +SKIP
+    True
+    """
+    return _attn_implementation(model) in BLOCK_MASK_IMPLEMENTATIONS
+
+
+def prefix_sharing_notice(model) -> str | None:
+    """None when ``model`` can train packed sequences; else the one-line notice to print before falling back.
+
+    >>> prefix_sharing_notice(flash_model)  # doctest: +SKIP
+    "prefix sharing off: attention 'flash_attention_2' cannot take a block mask; ..."
+    """
+    if supports_block_mask(model):
+        return None
+    return (f"prefix sharing off: attention {_attn_implementation(model)!r} cannot take a block attention mask, "
+            "so each goal variant trains as its own sequence (load the model with attn_implementation='sdpa' "
+            "to share prompts)")

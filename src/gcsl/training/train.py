@@ -1,0 +1,573 @@
+"""`gcsl train`: LoRA fine-tuning on prepared data with transformers / TRL / PEFT / accelerate.
+
+One workflow, :func:`train`, read top to bottom. Every method of ``gcsl prepare`` goes through
+the same path: SFT, SFT-aug and all GCSL variants train with completion-only loss through
+:class:`~gcsl.training.trainer.GcslSFTTrainer` (TRL's ``SFTTrainer`` plus the KL penalty and the
+scalar-goal conditioner); DPO pairs train with TRL's ``DPOTrainer``, or its ``CPOTrainer`` with
+``loss_type="simpo"`` for ``--preference-loss simpo``.
+
+Outputs and resuming. Training runs in ``OUT.partial/`` (checkpoints in
+``OUT.partial/checkpoints/checkpoint-<step>``, TensorBoard logs in ``OUT.partial/logs``). Only a
+finished run is renamed to ``OUT``, so a folder named ``OUT`` is always complete. ``--resume``
+continues from the newest *complete* checkpoint in ``OUT.partial`` (one whose
+``trainer_state.json``, written last, exists; half-written newer ones are removed), restoring
+model, optimizer, scheduler and RNG states. Under a multi-process launcher only the main
+process writes anything beyond what the Trainer itself writes.
+
+Precision comes from the hardware (``--precision auto``): bf16 weights with bf16 autocast on
+Ampere or newer GPUs, fp32 weights with fp16 autocast on older GPUs, plain fp32 on CPUs, where
+gradient checkpointing is off too (TRL's own defaults, bf16 and checkpointing, make a CPU step
+more than ten times slower).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from pathlib import Path
+from typing import Any, Literal
+
+from gcsl.config import config_to_dict, field
+from gcsl.errors import ConfigError, DataError, StageError
+from gcsl.models import DEFAULT_MODEL
+from gcsl.runinfo import atomic_write_json, atomic_write_text, write_run_record
+
+__all__ = ["TrainConfig", "TrainResult", "train", "partial_dir", "last_complete_checkpoint"]
+
+EMBED_METHOD = "gcsl-noquant-embed"
+PREFERENCE_METHODS = ("dpo",)
+# Fields that change only how long or how verbosely a run goes; a resumed run may change them.
+_RESUMABLE_CHANGES = {"epochs", "max_steps", "logging_steps", "save_steps", "save_total_limit", "keep_checkpoints",
+                      "report_to", "resume", "overwrite"}
+
+
+@dataclass
+class TrainConfig:
+    data: Path = field(help="prepared data directory (train.parquet + goals.json from `gcsl prepare`)")
+    out: Path = field(help="output directory for the adapter, tokenizer, goals.json, run.json and model card")
+    model: str = field(DEFAULT_MODEL, help="base model: a built-in name, a local folder or a hub id")
+    lora_r: int = field(13, help="LoRA rank (paper: 13)")
+    lora_alpha: float = field(32, help="LoRA alpha (paper: 32)")
+    lora_dropout: float = field(0.05, help="LoRA dropout (paper: 0.05)")
+    lora_target_modules: str = field("all-linear", help="modules that get LoRA: all-linear or a comma-separated "
+                                                        "list such as q_proj,v_proj")
+    learning_rate: float = field(1e-4, help="peak learning rate; the paper tuned 1e-7..1e-5 on a 4B model, 1e-4 "
+                                            "lets a LoRA adapter move in short CPU runs")
+    optimizer: Literal["adamw", "adafactor", "sgd"] = field("adamw", help="optimizer (adamw with weight decay 0 "
+                                                                          "is the paper's Adam)")
+    weight_decay: float = field(0.0, help="decoupled weight decay")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = field(
+        "linear", help="learning-rate schedule")
+    warmup_ratio: float = field(0.0, help="fraction of steps spent warming up the learning rate")
+    epochs: float = field(1.0, help="passes over the training data")
+    max_steps: int = field(-1, help="optimizer steps to run; > 0 overrides --epochs")
+    per_device_batch_size: int = field(8, help="sequences per device per step")
+    gradient_accumulation_steps: int = field(1, help="micro-batches accumulated per optimizer step")
+    max_length: int = field(1024, help="longest tokenized prompt + completion; longer ones are cut at the end")
+    kl_coef: float = field(0.0, help="weight of the KL penalty to the base model (adapter disabled); the paper "
+                                     "uses 0.05 for non-toxic generation")
+    preference_loss: Literal["dpo", "simpo"] = field("dpo", help="loss for DPO-prepared pairs: dpo (DPOTrainer) "
+                                                                 "or simpo (CPOTrainer, loss_type=simpo)")
+    beta: float | None = field(None, help="preference loss beta (default: 0.1 for DPO, 2.0 for SimPO)")
+    simpo_gamma: float = field(0.5, help="SimPO target reward margin")
+    goal_embedding_layers: int = field(2, help="gcsl-noquant-embed: 1 = Linear(1, hidden), 2 = two-layer MLP")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field("auto", help="auto: bf16 on Ampere+ GPUs, fp16 "
+                                                                            "autocast on older GPUs, fp32 on CPU")
+    gradient_checkpointing: bool | None = field(None, help="recompute activations to save memory (default: on "
+                                                           "GPUs, off on CPUs)")
+    seed: int = field(0, help="random seed (adapter init, data order, dropout)")
+    deterministic: bool = field(False, help="use deterministic algorithms (slower; for bit-for-bit reruns)")
+    logging_steps: int = field(10, help="log loss and metrics every N steps")
+    save_steps: int = field(100, help="write a resumable checkpoint every N steps")
+    save_total_limit: int = field(2, help="checkpoints kept during training")
+    keep_checkpoints: bool = field(False, help="keep OUT/checkpoints after training finishes")
+    report_to: str = field("tensorboard", help="loggers: tensorboard (into OUT/logs), none, or a comma-separated "
+                                               "list of transformers integrations")
+    resume: bool = field(False, help="continue an interrupted run from the last complete checkpoint in OUT.partial")
+    overwrite: bool = field(False, help="replace an existing OUT (or discard an unfinished OUT.partial)")
+
+    def validate(self) -> list[str]:
+        problems = []
+        positive = ("lora_r", "lora_alpha", "learning_rate", "epochs", "per_device_batch_size",
+                    "gradient_accumulation_steps", "max_length", "logging_steps", "save_steps", "save_total_limit")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                problems.append(f"{name}: must be positive, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("kl_coef", "weight_decay", "simpo_gamma"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            problems.append(f"max_steps: must be positive (or -1 to use --epochs), got {self.max_steps}")
+        if self.beta is not None and self.beta <= 0:
+            problems.append(f"beta: must be positive, got {self.beta}")
+        if self.goal_embedding_layers not in (1, 2):
+            problems.append(f"goal_embedding_layers: must be 1 or 2, got {self.goal_embedding_layers}")
+        if not self.lora_target_modules.strip():
+            problems.append("lora_target_modules: give all-linear or module names such as q_proj,v_proj")
+        if self.resume and self.overwrite:
+            problems.append("resume/overwrite: choose one (--resume continues OUT.partial, --overwrite discards it)")
+        if Path(self.out).name.endswith(".partial"):
+            problems.append(f"out: {self.out} ends in .partial, which names unfinished runs; choose another name")
+        return problems
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced: the output folder and its headline numbers."""
+
+    out: Path
+    method: str
+    global_step: int
+    train_loss: float  # the last logged training loss
+    log_history: list[dict[str, Any]] = dc_field(default_factory=list)
+    model: Any = dc_field(default=None, repr=False)  # the trained PeftModel, for in-process use
+    tokenizer: Any = dc_field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    data_dir: Path
+    goals: dict[str, Any]
+    method: str
+    columns: tuple[str, ...]
+    rows: int
+
+
+@dataclass(frozen=True)
+class _Precision:
+    name: str
+    dtype: Any
+    bf16: bool
+    fp16: bool
+    gradient_checkpointing: bool
+
+
+def partial_dir(out: Path) -> Path:
+    """Where a run into ``out`` lives until it finishes: ``OUT.partial`` beside it.
+
+    >>> partial_dir(Path("runs/a"))
+    PosixPath('runs/a.partial')
+    """
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest ``checkpoint-<step>`` folder whose trainer_state.json (written last) is whole.
+
+    >>> last_complete_checkpoint(Path("runs/a.partial/checkpoints"))  # doctest: +SKIP
+    PosixPath('runs/a.partial/checkpoints/checkpoint-200')
+    """
+    if not Path(checkpoints).is_dir():
+        return None
+    found = []
+    for child in Path(checkpoints).iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", child.name)
+        state = child / "trainer_state.json"
+        if match and state.is_file():
+            try:
+                json.loads(state.read_text(encoding="utf-8"))
+            except ValueError:  # killed while writing it
+                continue
+            found.append((int(match.group(1)), child))
+    return max(found)[1] if found else None
+
+
+def train(cfg: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
+    """Fine-tunes ``cfg.model`` with LoRA on the prepared data in ``cfg.data``; writes ``cfg.out``.
+
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects (progress, timing) for callers
+    that run training in-process.
+
+    >>> train(TrainConfig(data=Path("prep/gcsl-bey-nl"), out=Path("runs/gcsl-bey-nl")))  # doctest: +SKIP
+    TrainResult(out=PosixPath('runs/gcsl-bey-nl'), method='gcsl-bey-nl', global_step=..., ...)
+    """
+    from accelerate import PartialState
+    from peft import LoraConfig
+    from transformers import set_seed
+
+    from gcsl.models import load_causal_lm, load_tokenizer, resolve_model_path
+
+    # 1. Validate everything before any process writes anything.
+    # Under accelerate/torchrun this joins the process group; CPU-only ranks need cpu=True to get gloo.
+    state = PartialState(cpu=_cpu_only())
+    prepared = _read_prepared(Path(cfg.data))
+    method = prepared.method
+    _check_method_options(cfg, method, state)
+    work = partial_dir(cfg.out)
+    checkpoint = _check_outputs(cfg, work)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _prepare_work_dir(cfg, work, checkpoint, prepared)
+    state.wait_for_everyone()
+
+    # 2. Trainer arguments first: under DeepSpeed ZeRO-3 they make from_pretrained shard at load.
+    precision = _resolve_precision(cfg)
+    args = _trainer_config(cfg, method, _trainer_arguments(cfg, work, precision))
+
+    # 3. Tokenizer (plus reward tokens), model at the hardware's precision, LoRA config.
+    set_seed(cfg.seed)
+    base_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
+    goal_token_ids = _add_goal_tokens(tokenizer, prepared.goals.get("special_tokens") or [])
+    model = load_causal_lm(cfg.model, dtype=precision.dtype)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    modules_to_save = None
+    if method == EMBED_METHOD:
+        from gcsl.training.goal_embedding import GOAL_EMBEDDING_MODULE, attach_goal_embedding
+
+        attach_goal_embedding(model, _goal_embedding_config(cfg, model, prepared))
+        modules_to_save = [GOAL_EMBEDDING_MODULE]
+    targets = cfg.lora_target_modules.strip()
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
+        # Reward tokens train as embedding rows of their own while every other row stays frozen.
+        trainable_token_indices={"embed_tokens": goal_token_ids} if goal_token_ids else None,
+        modules_to_save=modules_to_save,
+    )
+
+    # 4. Data and trainer. The batch layout (collator) is chosen in one place: _collator.
+    dataset = _load_dataset(prepared)
+    callbacks = _callbacks(cfg, work) + list(callbacks or [])
+    if method in PREFERENCE_METHODS:
+        trainer_cls = _preference_trainer_class(cfg)
+        trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                              peft_config=lora, callbacks=callbacks)
+    else:
+        from gcsl.training.trainer import GcslSFTTrainer
+
+        trainer = GcslSFTTrainer(model=model, args=args, data_collator=_collator(method, tokenizer),
+                                 train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
+                                 callbacks=callbacks, kl_coef=cfg.kl_coef)
+
+    # 5. Train (resuming restores model, optimizer, scheduler and RNG states).
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer.save_model(str(work))  # every rank takes part (FSDP/DeepSpeed gather); the main one writes
+
+    # 6. The main process completes the folder and renames it into place.
+    metrics = {"global_step": trainer.state.global_step, "train_loss": _final_loss(trainer, output)}
+    if state.is_main_process:
+        _finish(cfg, work, prepared, trainer, metrics, precision, base_path, checkpoint, state.num_processes)
+    state.wait_for_everyone()
+    return TrainResult(out=Path(cfg.out), method=method, global_step=metrics["global_step"],
+                       train_loss=metrics["train_loss"], log_history=list(trainer.state.log_history),
+                       model=trainer.model, tokenizer=tokenizer)
+
+
+# -- validation ------------------------------------------------------------------------------
+
+def _read_prepared(data_dir: Path) -> _Prepared:
+    import pyarrow.parquet as pq
+
+    from gcsl.goals import METHODS
+
+    parquet, goals_file = data_dir / "train.parquet", data_dir / "goals.json"
+    for path in (parquet, goals_file):
+        if not path.is_file():
+            raise DataError(f"{data_dir}: not a prepared data directory ({path.name} is missing); "
+                            f"run `gcsl prepare --out {data_dir}` first")
+    try:
+        goals = json.loads(goals_file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise DataError(f"{goals_file}: not valid JSON ({exc}); re-run `gcsl prepare`") from None
+    method = goals.get("method") if isinstance(goals, dict) else None
+    if method not in METHODS:
+        raise DataError(f"{goals_file}: method {method!r} is not one of {', '.join(METHODS)}; re-run `gcsl prepare`")
+    try:
+        handle = pq.ParquetFile(parquet)
+    except Exception as exc:  # pyarrow raises several types for damaged files
+        raise DataError(f"{parquet}: cannot read it as Parquet ({exc}); re-run `gcsl prepare`") from None
+    columns = tuple(handle.schema_arrow.names)
+    rows = handle.metadata.num_rows
+    needed = ("prompt", "chosen", "rejected") if method in PREFERENCE_METHODS else ("prompt", "completion")
+    if method == EMBED_METHOD:
+        needed = (*needed, "goal_value")
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise DataError(f"{parquet}: column(s) {', '.join(missing)} missing for method {method}; "
+                        "re-run `gcsl prepare` with this method")
+    if rows == 0:
+        raise DataError(f"{parquet}: no training rows; check the feedback log and `gcsl prepare`'s report")
+    table = handle.read(columns=list(needed))
+    for name in needed:
+        nulls = table.column(name).null_count
+        if nulls:
+            raise DataError(f"{parquet}: column {name} has {nulls} empty value(s); re-run `gcsl prepare`")
+    if method == EMBED_METHOD:
+        import numpy as np
+
+        values = table.column("goal_value").to_numpy()
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            raise DataError(f"{parquet}: row {int(bad[0])}: goal_value is not a finite number; re-run `gcsl prepare`")
+    return _Prepared(data_dir=data_dir, goals=goals, method=method, columns=needed, rows=rows)
+
+
+def _check_method_options(cfg: TrainConfig, method: str, state) -> None:
+    from accelerate.utils import DistributedType
+
+    problems = []
+    sharded = state.distributed_type == DistributedType.FSDP or (
+        state.distributed_type == DistributedType.DEEPSPEED and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
+    if method == EMBED_METHOD and sharded:
+        problems.append("method: gcsl-noquant-embed computes its goal embedding outside the sharded forward; "
+                        "launch it with DDP (configs/accelerate/multi_gpu_ddp.yaml) or ZeRO-2")
+    if method in PREFERENCE_METHODS and cfg.kl_coef:
+        problems.append("kl_coef: preference losses carry their own reference term; leave --kl-coef at 0 for DPO data")
+    if method not in PREFERENCE_METHODS and cfg.preference_loss != "dpo":
+        problems.append(f"preference_loss: {cfg.preference_loss} needs DPO pairs, but {cfg.data} was prepared "
+                        f"for {method}; run `gcsl prepare --method dpo`")
+    if problems:
+        raise ConfigError("invalid TrainConfig: " + "; ".join(problems))
+
+
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in _RESUMABLE_CHANGES}
+
+
+def _check_outputs(cfg: TrainConfig, work: Path) -> Path | None:
+    """Read-only checks of OUT and OUT.partial; the checkpoint to resume from, if any."""
+    out = Path(cfg.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
+        if cfg.resume:
+            raise StageError(f"{out}: holds a finished run, so there is nothing to resume; drop --resume and pass "
+                             "--overwrite to train again, or choose another --out")
+        raise StageError(f"{out}: output directory exists and is not empty; pass --overwrite or choose another --out")
+    if not cfg.resume:
+        if work.exists() and not cfg.overwrite:
+            raise StageError(f"{work}: an unfinished run is here; pass --resume to continue it or --overwrite to "
+                             "start over")
+        return None
+    checkpoint = last_complete_checkpoint(work / "checkpoints")
+    if checkpoint is None:
+        raise StageError(f"{work}: no complete checkpoint to resume from; run again without --resume")
+    record = work / "run.json"
+    if record.is_file():
+        try:
+            before = _identity(json.loads(record.read_text(encoding="utf-8")).get("config", {}))
+        except ValueError:
+            before = None
+        now = _identity(config_to_dict(cfg))
+        if before is not None:
+            changed = sorted(k for k in now if before.get(k) != now[k])
+            if changed:
+                raise ConfigError(f"{record}: --resume needs the interrupted run's settings, but {', '.join(changed)} "
+                                  f"differ (was: {', '.join(f'{k}={before.get(k)!r}' for k in changed)})")
+    return checkpoint
+
+
+def _prepare_work_dir(cfg: TrainConfig, work: Path, checkpoint: Path | None, prepared: _Prepared) -> None:
+    if checkpoint is None:
+        if work.exists():
+            shutil.rmtree(work)
+        (work / "checkpoints").mkdir(parents=True)
+    else:
+        # Half-written checkpoints newer than the resume point would confuse checkpoint rotation.
+        step = int(checkpoint.name.split("-")[1])
+        for child in (work / "checkpoints").iterdir():
+            match = re.fullmatch(r"checkpoint-(\d+)", child.name)
+            if match and int(match.group(1)) > step:
+                shutil.rmtree(child)
+    write_run_record(work, stage="train", config=cfg, seed=cfg.seed, goals=prepared.goals,
+                     extra={"status": "running", "method": prepared.method})
+
+
+# -- model and data --------------------------------------------------------------------------
+
+def _cpu_only() -> bool:
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return not (torch.cuda.is_available() or (xpu is not None and xpu.is_available())
+                or torch.backends.mps.is_available())
+
+
+def _resolve_precision(cfg: TrainConfig) -> _Precision:
+    import torch
+
+    from gcsl.models import choose_dtype
+
+    on_gpu = torch.cuda.is_available()
+    name = cfg.precision
+    if name == "auto":
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
+            choose_dtype("cuda" if on_gpu else "cpu")]
+    checkpointing = on_gpu if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
+    # fp16 keeps fp32 weights under fp16 autocast: trainable rows stored in fp16 cannot be unscaled.
+    dtype = torch.bfloat16 if name == "bf16" else torch.float32
+    return _Precision(name=name, dtype=dtype, bf16=name == "bf16", fp16=name == "fp16",
+                      gradient_checkpointing=checkpointing)
+
+
+def _add_goal_tokens(tokenizer, tokens: list[str]) -> list[int]:
+    """Adds the reward tokens as special tokens (never split); returns their ids."""
+    if not tokens:
+        return []
+    tokenizer.add_tokens(list(tokens), special_tokens=True)
+    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    for token, token_id in zip(tokens, ids):
+        if tokenizer.encode(token, add_special_tokens=False) != [token_id]:
+            raise StageError(f"goal token {token!r} does not tokenize to a single token; use other special_tokens")
+    return list(ids)
+
+
+def _goal_embedding_config(cfg: TrainConfig, model, prepared: _Prepared):
+    import pyarrow.parquet as pq
+
+    from gcsl.training.goal_embedding import GoalEmbeddingConfig
+
+    metric = prepared.goals.get("metric") or {}
+    low, high = metric.get("low"), metric.get("high")
+    if low is None or high is None or not high > low:
+        values = pq.read_table(prepared.data_dir / "train.parquet", columns=["goal_value"]).column("goal_value")
+        low, high = float(values.to_numpy().min()), float(values.to_numpy().max())
+        if not high > low:
+            high = low + 1.0  # a single distinct value: any non-empty range maps it to -1
+    return GoalEmbeddingConfig(hidden_size=model.get_input_embeddings().weight.shape[1], low=float(low),
+                               high=float(high), layers=cfg.goal_embedding_layers)
+
+
+def _load_dataset(prepared: _Prepared):
+    from datasets import Dataset
+
+    return Dataset.from_parquet(str(prepared.data_dir / "train.parquet"), columns=list(prepared.columns))
+
+
+def _collator(method: str, tokenizer):
+    """How a batch is laid out: TRL's right-padding collator (+ goal values for scalar goals)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from gcsl.training.trainer import GoalValueCollator
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    pad = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
+    return GoalValueCollator(pad) if method == EMBED_METHOD else pad
+
+
+def _trainer_arguments(cfg: TrainConfig, work: Path, precision: _Precision) -> dict[str, Any]:
+    """TrainingArguments shared by the SFT and preference trainers (every TRL default set on purpose)."""
+    report_to = [r.strip() for r in cfg.report_to.split(",") if r.strip() and r.strip() not in ("none", "tensorboard")]
+    return dict(
+        output_dir=str(work / "checkpoints"),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a fraction of all steps
+        optim={"adamw": "adamw_torch", "adafactor": "adafactor", "sgd": "sgd"}[cfg.optimizer],
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        activation_checkpointing=precision.gradient_checkpointing,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        full_determinism=cfg.deterministic,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        report_to=report_to,
+        # Every trainable tensor is used on every step (LoRA, reward rows, goal embedding).
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        use_cpu=_cpu_only(),
+    )
+
+
+def _callbacks(cfg: TrainConfig, work: Path) -> list:
+    if "tensorboard" not in [r.strip() for r in cfg.report_to.split(",")]:
+        return []
+    from transformers.integrations import TensorBoardCallback
+
+    board = TensorBoardCallback()
+    board.logging_dir = str(work / "logs")  # survives the final rename as OUT/logs
+    return [board]
+
+
+def _trainer_config(cfg: TrainConfig, method: str, arguments: dict[str, Any]):
+    """SFTConfig for SFT/GCSL methods, DPOConfig or CPOConfig (SimPO) for preference pairs."""
+    if method not in PREFERENCE_METHODS:
+        from trl import SFTConfig
+
+        return SFTConfig(**arguments, max_length=cfg.max_length, completion_only_loss=True,
+                         # goal_value must reach the collator; other runs drop unused columns as usual
+                         remove_unused_columns=method != EMBED_METHOD)
+    if cfg.preference_loss == "simpo":
+        # SimPO (Meng et al. 2024): reference-free and length-normalised; CPO's BC term off (cpo_alpha=0).
+        from trl.experimental.cpo import CPOConfig
+
+        return CPOConfig(**arguments, max_length=cfg.max_length, loss_type="simpo", cpo_alpha=0.0,
+                         beta=2.0 if cfg.beta is None else cfg.beta, simpo_gamma=cfg.simpo_gamma)
+    from trl import DPOConfig
+
+    return DPOConfig(**arguments, max_length=cfg.max_length, beta=0.1 if cfg.beta is None else cfg.beta)
+
+
+def _preference_trainer_class(cfg: TrainConfig):
+    # With a LoRA adapter, DPOTrainer's reference is the same model with the adapter disabled.
+    if cfg.preference_loss == "simpo":
+        from trl.experimental.cpo import CPOTrainer
+
+        return CPOTrainer
+    from trl import DPOTrainer
+
+    return DPOTrainer
+
+
+# -- finishing -------------------------------------------------------------------------------
+
+def _final_loss(trainer, output) -> float:
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if losses:
+        return float(losses[-1])
+    return float(getattr(output, "training_loss", math.nan))
+
+
+def _finish(cfg: TrainConfig, work: Path, prepared: _Prepared, trainer, metrics: dict[str, Any],
+            precision: _Precision, base_path: str, checkpoint: Path | None, world_size: int) -> None:
+    from gcsl.training.card import render_model_card
+
+    shutil.copyfile(prepared.data_dir / "goals.json", work / "goals.json")
+    # Name the base model as the user did (a built-in name resolves on any machine), not by this
+    # machine's cache path; local folders are made absolute.
+    adapter_config = work / "adapter_config.json"
+    if adapter_config.is_file():
+        local = Path(cfg.model).expanduser()
+        record = json.loads(adapter_config.read_text(encoding="utf-8"))
+        record["base_model_name_or_path"] = str(local.resolve()) if local.exists() else cfg.model
+        atomic_write_json(adapter_config, record)
+    if prepared.method == EMBED_METHOD:
+        from gcsl.training.goal_embedding import save_goal_embedding
+
+        save_goal_embedding(trainer.model, work, weights=False)  # the weights are in the adapter
+    trainer.state.save_to_json(str(work / "trainer_state.json"))
+    method = "simpo" if prepared.method in PREFERENCE_METHODS and cfg.preference_loss == "simpo" else prepared.method
+    write_run_record(work, stage="train", config=cfg, seed=cfg.seed, goals=prepared.goals, extra={
+        "status": "finished", "method": method, "base_model": cfg.model, "base_model_path": base_path,
+        "precision": precision.name, "world_size": world_size, "rows": prepared.rows,
+        "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else None, **metrics})
+    atomic_write_text(work / "README.md", render_model_card(
+        out_dir=Path(cfg.out), method=method, base_model=cfg.model, data_dir=prepared.data_dir, goals=prepared.goals,
+        config=config_to_dict(cfg), metrics=metrics, rows=prepared.rows))
+    atomic_write_json(work / "train_metrics.json", metrics)
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    out = Path(cfg.out)
+    if out.exists():  # only reachable with --overwrite (checked before training)
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(work, out)

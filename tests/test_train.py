@@ -1,0 +1,381 @@
+"""`gcsl train` / `gcsl merge` on a tiny random Llama with the real SmolLM2 tokenizer (CPU, seconds each)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from gcsl.cli import main as cli_main
+from gcsl.config import resolve_config
+from gcsl.errors import ConfigError, DataError, StageError
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # These models are tiny, and on a machine whose cores are shared, intra-op threads spend
+    # more time waiting for each other than computing.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def feedback_log(tmp_path_factory) -> Path:
+    """8 prompts x 4 responses with scores in [1, 5] (several responses per prompt, for DPO pairs)."""
+    rng = random.Random(0)
+    words = ["fine", "great", "poor", "superb"]
+    rows = [{"prompt": f"Describe item {p}.", "response": f"Item {p} is {words[r]}.", "score": round(rng.uniform(1, 5), 2)}
+            for p in range(8) for r in range(4)]
+    path = tmp_path_factory.mktemp("log") / "log.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(feedback_log, tmp_path_factory):
+    from gcsl.data.prepare import PrepareConfig, prepare
+
+    cache: dict[str, Path] = {}
+
+    def get(method: str) -> Path:
+        if method not in cache:
+            out = tmp_path_factory.mktemp("prep") / method
+            prepare(PrepareConfig(data=str(feedback_log), out=out, method=method, score_range=[1.0, 5.0],
+                                  metric_name="rating", quiet=True))
+            cache[method] = out
+        return cache[method]
+
+    return get
+
+
+def _config(data: Path, out: Path, model: Path, **overrides):
+    from gcsl.training.train import TrainConfig
+
+    values = dict(data=data, out=out, model=str(model), max_steps=3, per_device_batch_size=4, logging_steps=1,
+                  save_steps=50, report_to="none", learning_rate=1e-2)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _train(data: Path, out: Path, model: Path, **overrides):
+    from gcsl.training.train import train
+
+    return train(_config(data, out, model, **overrides))
+
+
+@pytest.fixture(scope="module")
+def bey_run(prepared, tiny_llama_dir, tmp_path_factory):
+    """GCSL-bey-NL (text goals, TRL's fused loss path) with TensorBoard logging on."""
+    return _train(prepared("gcsl-bey-nl"), tmp_path_factory.mktemp("runs") / "bey", tiny_llama_dir,
+                  report_to="tensorboard")
+
+
+@pytest.fixture(scope="module")
+def token_run(prepared, tiny_llama_dir, tmp_path_factory):
+    """Classic GCSL: reward tokens [R_k] added to the tokenizer."""
+    return _train(prepared("gcsl"), tmp_path_factory.mktemp("runs") / "token", tiny_llama_dir)
+
+
+def _base_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).state_dict()
+
+
+def _base_name(peft_name: str) -> str:
+    return peft_name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+def test_lora_weights_change_and_base_weights_do_not(bey_run, tiny_llama_dir):
+    base = _base_state(tiny_llama_dir)
+    lora_b = 0
+    for name, param in bey_run.model.named_parameters():
+        if "lora_B" in name:
+            lora_b += 1
+            assert param.abs().max() > 0, f"{name} stayed at its zero init"
+        elif "lora_" not in name:
+            assert not param.requires_grad, name
+            assert torch.equal(param.detach(), base[_base_name(name)]), f"base weight {name} changed"
+    assert lora_b == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    assert bey_run.global_step == 3
+
+
+def test_outputs_are_complete(bey_run, prepared, tiny_llama_dir):
+    out = bey_run.out
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "goals.json", "run.json",
+                 "trainer_state.json", "README.md"):
+        assert (out / name).is_file(), name
+    assert not Path(str(out) + ".partial").exists()
+    assert not (out / "checkpoints").exists()
+    assert list((out / "logs").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert (out / "goals.json").read_text() == (prepared("gcsl-bey-nl") / "goals.json").read_text()
+    record = json.loads((out / "run.json").read_text())
+    assert record["stage"] == "train" and record["status"] == "finished" and record["seed"] == 0
+    assert record["method"] == "gcsl-bey-nl" and record["global_step"] == 3 and record["world_size"] == 1
+    assert record["config"]["lora_r"] == 13 and record["config"]["lora_alpha"] == 32
+    assert record["goals"]["method"] == "gcsl-bey-nl" and "torch" in record["versions"]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
+    card = (out / "README.md").read_text()
+    goal_text = json.loads((out / "goals.json").read_text())["inference_goal"]["text"]
+    assert "gcsl-bey-nl" in card and goal_text in card
+    assert f"gcsl generate --model {out} --prompts prompts.jsonl --goal top" in card
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 13 and adapter["lora_dropout"] == 0.05
+    assert adapter["base_model_name_or_path"] == str(Path(tiny_llama_dir).resolve())
+
+
+def test_reward_token_rows_train_and_nothing_else_in_the_embedding(token_run, tiny_llama_dir):
+    model, tokenizer = token_run.model, token_run.tokenizer
+    tokens = [f"[R_{k}]" for k in range(1, 6)]
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    base = _base_state(tiny_llama_dir)["model.embed_tokens.weight"]
+    assert min(ids) >= base.shape[0]  # new rows beyond the original vocabulary
+    wrapper = model.get_input_embeddings()
+    adapter = wrapper.token_adapter
+    trained = adapter.trainable_tokens_delta["default"].detach()
+    original = adapter.trainable_tokens_original["default"]
+    assert adapter.token_indices["default"] == ids
+    assert (trained - original).abs().amax(dim=1).min() > 0, "a reward-token row did not train"
+    frozen = wrapper.token_adapter.base_layer.weight
+    assert not frozen.requires_grad
+    assert torch.equal(frozen[: base.shape[0]].detach(), base), "original vocabulary rows changed"
+    assert torch.equal(frozen[ids].detach(), original), "the stored rows under the reward tokens changed"
+    # The KL reference (adapter disabled) sees the untrained rows; the policy sees the trained ones.
+    ids_t = torch.tensor([ids])
+    with torch.no_grad():
+        assert torch.equal(wrapper(ids_t)[0], trained)
+        with model.disable_adapter():
+            assert torch.equal(wrapper(ids_t)[0], original)
+
+
+def test_trained_reward_tokens_survive_reload(token_run):
+    from gcsl.models import load_for_inference
+
+    loaded = load_for_inference(str(token_run.out), device="cpu")
+    ids = loaded.tokenizer.convert_tokens_to_ids([f"[R_{k}]" for k in range(1, 6)])
+    assert ids == token_run.tokenizer.convert_tokens_to_ids([f"[R_{k}]" for k in range(1, 6)])
+    trained = token_run.model.get_input_embeddings().token_adapter.trainable_tokens_delta["default"].detach()
+    assert torch.allclose(loaded.model.get_input_embeddings().weight[ids], trained)
+    assert loaded.tokenizer.tokenize("x [R_5]")[-1] == "[R_5]"
+
+
+def test_kl_is_zero_at_step_zero_positive_after_and_uses_no_second_model(prepared, tiny_llama_dir, tmp_path,
+                                                                         monkeypatch):
+    from transformers import PreTrainedModel
+
+    from gcsl.models import load_causal_lm
+
+    created = []
+    original_init = PreTrainedModel.__init__
+
+    def counting_init(self, *args, **kwargs):
+        created.append(type(self).__name__)
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "__init__", counting_init)
+    load_causal_lm(str(tiny_llama_dir))
+    per_model = list(created)
+    created.clear()
+    result = _train(prepared("gcsl-bey-nl"), tmp_path / "kl", tiny_llama_dir, kl_coef=0.05, max_steps=4)
+    assert created == per_model, f"training with KL built extra models: {created}"
+
+    logs = [h for h in result.log_history if "kl" in h]
+    assert [h["step"] for h in logs] == [1, 2, 3, 4]
+    assert logs[0]["kl"] == pytest.approx(0.0, abs=1e-9)  # LoRA B starts at zero: policy == base
+    assert all(h["kl"] > 1e-6 for h in logs[1:])
+    for h in logs:
+        assert h["loss"] == pytest.approx(h["nll"] + 0.05 * h["kl"], rel=1e-5)
+
+    # The reference really is the base model: with the adapter disabled, logits match a fresh load.
+    ids = torch.tensor([[1, 42, 77, 3000, 12]])
+    fresh = load_causal_lm(str(tiny_llama_dir))
+    with torch.no_grad(), result.model.disable_adapter():
+        assert torch.allclose(result.model(input_ids=ids).logits, fresh(input_ids=ids).logits, atol=1e-6)
+    with torch.no_grad():
+        assert not torch.allclose(result.model(input_ids=ids).logits, fresh(input_ids=ids).logits, atol=1e-4)
+
+
+def test_scalar_goal_embedding_trains_saves_and_reloads_for_generation(prepared, tiny_llama_dir, tmp_path):
+    from gcsl.models import load_for_inference
+    from gcsl.training.goal_embedding import (
+        CONFIG_NAME,
+        GOAL_EMBEDDING_MODULE,
+        apply_goal_embedding,
+        get_goal_embedding,
+        load_goal_embedding,
+    )
+
+    result = _train(prepared("gcsl-noquant-embed"), tmp_path / "embed", tiny_llama_dir, kl_coef=0.05)
+    wrapper = get_goal_embedding(result.model)
+    trained = wrapper.modules_to_save["default"]
+    untouched = wrapper.original_module
+    values = torch.tensor([1.0, 3.0, 5.0])
+    with torch.no_grad():
+        assert not torch.allclose(trained(values), untouched(values)), "the goal embedding did not train"
+    assert json.loads((result.out / CONFIG_NAME).read_text()) == {"hidden_size": 64, "low": 1.0, "high": 5.0,
+                                                                  "layers": 2}
+    logs = [h for h in result.log_history if "kl" in h]
+    assert logs[0]["kl"] == pytest.approx(0.0, abs=1e-9) and logs[-1]["kl"] > 0
+
+    loaded = load_for_inference(str(result.out), device="cpu")
+    assert get_goal_embedding(loaded.model) is None
+    reloaded = load_goal_embedding(loaded.model, result.out)
+    assert getattr(loaded.model, GOAL_EMBEDDING_MODULE) is reloaded
+    with torch.no_grad():
+        assert torch.allclose(reloaded(values), trained(values), atol=1e-6)
+
+    tok = loaded.tokenizer
+    tok.padding_side = "left"
+    batch = tok(["Describe item 1.", "Describe item 2 in a few words."], return_tensors="pt", padding=True)
+    embeds, mask = apply_goal_embedding(loaded.model, batch.input_ids, batch.attention_mask, 4.5)
+    assert embeds.shape[:2] == (2, batch.input_ids.shape[1] + 1) and mask.sum() == batch.attention_mask.sum() + 2
+    out = loaded.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                pad_token_id=tok.pad_token_id)
+    assert out.shape == (2, 3)
+
+    # A merged model keeps the conditioner beside the transformer weights.
+    from transformers import AutoModelForCausalLM
+
+    from gcsl.training.goal_embedding import WEIGHTS_NAME
+    from gcsl.training.merge import MergeConfig, merge
+
+    merged_dir = merge(MergeConfig(model=result.out, out=tmp_path / "merged", device="cpu"))
+    assert (merged_dir / WEIGHTS_NAME).is_file() and (merged_dir / CONFIG_NAME).is_file()
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
+    assert not any(GOAL_EMBEDDING_MODULE in k for k in merged.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(load_goal_embedding(merged, merged_dir)(values), trained(values), atol=1e-6)
+
+
+@pytest.mark.parametrize("scalar_goal", [False, True], ids=["text", "scalar-goal"])
+def test_logits_loss_matches_trl_fused_loss(tiny_llama_dir, tmp_path, scalar_goal):
+    """CPUs take the logits path; GPUs TRL's fused LM head. Both give the same completion-only NLL."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from gcsl.training.goal_embedding import GOAL_EMBEDDING_MODULE, GoalEmbeddingConfig, attach_goal_embedding
+    from gcsl.training.trainer import GcslSFTTrainer, GoalValueCollator
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    data = {"prompt": [f"Describe item {i}{'!' * i}" for i in range(4)], "completion": [f" It is fine {i}." for i in range(4)]}
+    collator = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    if scalar_goal:
+        data["goal_value"] = [1.0, 2.0, 4.0, 5.0]
+        attach_goal_embedding(model, GoalEmbeddingConfig(hidden_size=64, low=1.0, high=5.0))
+        lora.modules_to_save = [GOAL_EMBEDDING_MODULE]
+        collator = GoalValueCollator(collator)
+    args = SFTConfig(output_dir=str(tmp_path), bf16=False, activation_checkpointing=False, use_cpu=True, report_to=[],
+                     per_device_train_batch_size=4, remove_unused_columns=not scalar_goal)
+    trainer = GcslSFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(data), processing_class=tok,
+                             data_collator=collator, peft_config=lora)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["attention_mask"].min() == 0  # rows of different lengths: padding is in play
+    assert not trainer._fused_head
+    logits_loss = trainer.compute_loss(trainer.model, dict(batch))
+    trainer._fused_head = True
+    fused_loss = trainer.compute_loss(trainer.model, dict(batch))
+    assert logits_loss.item() == pytest.approx(fused_loss.item(), rel=1e-5)
+    assert trainer._metrics["train"]["nll"][0] == pytest.approx(logits_loss.item(), rel=1e-6)
+
+
+def test_insert_before_first_token_handles_left_and_right_padding():
+    from gcsl.training.goal_embedding import insert_before_first_token
+
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 0]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]])
+    assert insert_before_first_token(ids, mask, -1).tolist() == [[0, 0, -1, 5, 6], [-1, 7, 8, 9, 0]]
+    assert insert_before_first_token(mask, mask, 1).tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]]
+    embeds = torch.arange(16, dtype=torch.float32).reshape(2, 4, 2)
+    goal = torch.tensor([[100.0, 101.0], [200.0, 201.0]])
+    out = insert_before_first_token(embeds, mask, goal)
+    assert out[0, 2].tolist() == [100.0, 101.0] and out[1, 0].tolist() == [200.0, 201.0]
+    assert torch.equal(out[0, 3:], embeds[0, 2:]) and torch.equal(out[1, 1:], embeds[1])
+
+
+@pytest.mark.parametrize("loss", ["dpo", "simpo"])
+def test_preference_baselines_train_on_pairs(prepared, tiny_llama_dir, tmp_path, loss):
+    from gcsl.training.train import TrainConfig
+
+    result = _train(prepared("dpo"), tmp_path / loss, tiny_llama_dir, max_steps=2, preference_loss=loss,
+                    learning_rate=1e-3)
+    assert result.global_step == 2 and result.method == "dpo"
+    assert any("rewards/margins" in h for h in result.log_history)
+    record = json.loads((result.out / "run.json").read_text())
+    assert record["method"] == loss
+    assert (result.out / "adapter_model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="kl_coef"):
+        _train(prepared("dpo"), tmp_path / "kl", tiny_llama_dir, kl_coef=0.05)
+    assert TrainConfig.__dataclass_fields__["preference_loss"].default == "dpo"
+
+
+def test_merge_writes_a_standalone_model(token_run, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gcsl.models import load_for_inference
+    from gcsl.training.merge import MergeConfig, merge
+
+    out = tmp_path / "merged"
+    assert cli_main(["merge", "--model", str(token_run.out), "--out", str(out), "--device", "cpu"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert (out / "goals.json").read_text() == (token_run.out / "goals.json").read_text()
+    assert json.loads((out / "run.json").read_text())["stage"] == "merge"
+    assert not (out / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    ids = tokenizer("Describe item 3.\n\n[R_5]", return_tensors="pt").input_ids
+    assert tokenizer.convert_tokens_to_ids("[R_5]") in ids[0].tolist()
+    reference = load_for_inference(str(token_run.out), device="cpu").model
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
+    with pytest.raises(StageError, match="exists"):
+        merge(MergeConfig(model=token_run.out, out=out, device="cpu"))
+
+
+def test_bad_options_fail_with_one_line(tmp_path, capsys, prepared, tiny_llama_dir, token_run):
+    from gcsl.training.train import TrainConfig
+
+    with pytest.raises(ConfigError) as err:
+        resolve_config(TrainConfig, overrides={"data": "d", "out": "o", "lora_r": 0, "lora_dropout": 1.5,
+                                               "resume": True, "overwrite": True})
+    message = str(err.value)
+    assert "\n" not in message and "lora_r" in message and "lora_dropout" in message and "resume" in message
+
+    assert cli_main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    printed = capsys.readouterr().err.strip()
+    assert printed.count("\n") == 0 and "not a prepared data directory" in printed
+
+    with pytest.raises(DataError, match="chosen"):  # DPO options on SFT data: the data says which method
+        (tmp_path / "fake").mkdir()
+        goals = json.loads((prepared("gcsl") / "goals.json").read_text())
+        (tmp_path / "fake" / "goals.json").write_text(json.dumps({**goals, "method": "dpo"}))
+        (tmp_path / "fake" / "train.parquet").write_bytes((prepared("gcsl") / "train.parquet").read_bytes())
+        _train(tmp_path / "fake", tmp_path / "x", tiny_llama_dir)
+    with pytest.raises(ConfigError, match="preference_loss"):
+        _train(prepared("gcsl"), tmp_path / "y", tiny_llama_dir, preference_loss="simpo")
+    with pytest.raises(StageError, match="exists and is not empty"):
+        _train(prepared("gcsl"), token_run.out, tiny_llama_dir)
+    with pytest.raises(StageError, match="no complete checkpoint"):
+        _train(prepared("gcsl"), tmp_path / "never-started", tiny_llama_dir, resume=True)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.slow
+def test_real_smollm2_trains_a_few_steps(prepared, tmp_path):
+    result = _train(prepared("gcsl-bey-nl"), tmp_path / "smollm2", "smollm2-135m-instruct", max_steps=3,
+                    per_device_batch_size=2, learning_rate=1e-4)
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+    assert (result.out / "adapter_model.safetensors").is_file()
+    assert json.loads((result.out / "run.json").read_text())["precision"] in ("fp32", "bf16", "fp16")
