@@ -10,8 +10,9 @@ Outputs and resuming. Training runs in ``OUT.partial/`` (checkpoints in
 ``OUT.partial/checkpoints/checkpoint-<step>``, TensorBoard logs in ``OUT.partial/logs``). Only a
 finished run is renamed to ``OUT``, so a folder named ``OUT`` is always complete. ``--resume``
 continues from the newest *complete* checkpoint in ``OUT.partial`` (one whose
-``trainer_state.json``, written last, exists; half-written newer ones are removed), restoring
-model, optimizer, scheduler and RNG states. Under a multi-process launcher only the main
+``trainer_state.json``, written last, is whole; half-written newer ones are removed), restoring
+model, optimizer, scheduler and RNG states, and refuses settings that differ from the
+interrupted run's (run length and logging may change). Under a multi-process launcher only the main
 process writes anything beyond what the Trainer itself writes.
 
 Precision comes from the hardware (``--precision auto``): bf16 weights with bf16 autocast on
