@@ -177,35 +177,37 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     atomic_write_json(root / "experiment.json", {"config": config_to_dict(cfg), "versions": package_versions(),
                                                  "variants": [v.__dict__ for v in variants]})
     todo = [v for v in variants if not cfg.only or v.name in cfg.only]
-    for i, v in enumerate(todo, 1):
-        for seed in v.seeds:
-            _say(f"({i}/{len(todo)}) {v.name}, seed {seed}")
-            paths = stage_paths(root, v.name, seed)
-            model = cfg.model
-            if v.method != "base":
-                if not (paths["prepared"] / "goals.json").exists():
-                    _say(f"  prepare {v.method} -> {paths['prepared']}")
-                    prepare(resolve_config(PrepareConfig, overrides={
-                        **cfg.prepare, **v.prepare, "data": cfg.data, "method": v.method,
-                        "out": paths["prepared"], "overwrite": True}))
-                if not (paths["model"] / "run.json").exists():
-                    _say(f"  train -> {paths['model']}")
-                    partial = paths["model"].with_name(paths["model"].name + ".partial")
-                    train(resolve_config(TrainConfig, overrides={
-                        **cfg.train, **v.train, "data": paths["prepared"], "model": cfg.model, "seed": seed,
-                        "out": paths["model"], "resume": partial.exists()}))
-                model = str(paths["model"])
-            for goal in v.goals:
-                p = stage_paths(root, v.name, seed, goal)
-                if not p["metrics"].exists():
-                    _say(f"  generate at goal {goal} -> {p['gens'].name}")
-                    generate(resolve_config(GenerateConfig, overrides={
-                        **cfg.generate, **v.generate, "model": model, "prompts": cfg.eval_prompts,
-                        "goal": goal, "seed": seed, "out": p["gens"]}))
-                    _say(f"  evaluate -> {p['metrics'].name}")
-                    evaluate(resolve_config(EvaluateConfig, overrides={
-                        "task": cfg.task, "generations": p["gens"], "out": p["metrics"],
-                        "task_options": cfg.evaluate, "ci_samples": cfg.ci_samples, "overwrite": True}))
+    # Seed-major order: every variant's first seed finishes before any second seed starts, so a
+    # run cut short still has a complete comparison.
+    jobs = sorted(((seed, i, v) for i, v in enumerate(todo) for seed in v.seeds), key=lambda j: (j[0], j[1]))
+    for n, (seed, _, v) in enumerate(jobs, 1):
+        _say(f"({n}/{len(jobs)}) {v.name}, seed {seed}")
+        paths = stage_paths(root, v.name, seed)
+        model = cfg.model
+        if v.method != "base":
+            if not (paths["prepared"] / "goals.json").exists():
+                _say(f"  prepare {v.method} -> {paths['prepared']}")
+                prepare(resolve_config(PrepareConfig, overrides={
+                    **cfg.prepare, **v.prepare, "data": cfg.data, "method": v.method,
+                    "out": paths["prepared"], "overwrite": True}))
+            if not (paths["model"] / "run.json").exists():
+                _say(f"  train -> {paths['model']}")
+                partial = paths["model"].with_name(paths["model"].name + ".partial")
+                train(resolve_config(TrainConfig, overrides={
+                    **cfg.train, **v.train, "data": paths["prepared"], "model": cfg.model, "seed": seed,
+                    "out": paths["model"], "resume": partial.exists()}))
+            model = str(paths["model"])
+        for goal in v.goals:
+            p = stage_paths(root, v.name, seed, goal)
+            if not p["metrics"].exists():
+                _say(f"  generate at goal {goal} -> {p['gens'].name}")
+                generate(resolve_config(GenerateConfig, overrides={
+                    **cfg.generate, **v.generate, "model": model, "prompts": cfg.eval_prompts,
+                    "goal": goal, "seed": seed, "out": p["gens"]}))
+                _say(f"  evaluate -> {p['metrics'].name}")
+                evaluate(resolve_config(EvaluateConfig, overrides={
+                    "task": cfg.task, "generations": p["gens"], "out": p["metrics"],
+                    "task_options": cfg.evaluate, "ci_samples": cfg.ci_samples, "overwrite": True}))
     report = write_report(cfg, variants)
     _say(f"report: {report}")
     return report
