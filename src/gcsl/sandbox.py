@@ -156,7 +156,9 @@ class Sandbox:
         hide_paths: Sequence[str] = DEFAULT_HIDDEN_PATHS,
     ) -> None:
         self.limits = limits or SandboxLimits()
-        self.python = python or sys.executable
+        # The interpreter itself, not a virtual environment's link to it: a venv may live under a
+        # path the sandbox hides (/tmp, /home), and candidate code needs only the standard library.
+        self.python = python or os.path.realpath(sys.executable)
         self.hide_paths = tuple(hide_paths)
         self._prlimit = shutil.which("prlimit")
         if self._prlimit is None:
