@@ -74,7 +74,9 @@ def _gcsl_run(data: Path, out: Path, steps: int, warmup: int, batch_size: int, l
     cfg = TrainConfig(data=data, out=out, max_steps=warmup + steps, per_device_batch_size=batch_size,
                       learning_rate=lr, max_length=512,
                       # the bare loop does not checkpoint activations either (a 135M model needs no saving)
-                      gradient_checkpointing=False)
+                      gradient_checkpointing=False,
+                      # ordinary batches: this measures the loop's overhead; packing's gain is prefix_sharing.py's
+                      prefix_sharing=False)
     train(cfg, callbacks=[clock, recorder])
     tokens = sum(int(b["attention_mask"].sum()) for b in recorder.batches[warmup:warmup + steps])
     seconds = clock.ends[warmup + steps - 1] - clock.ends[warmup - 1]

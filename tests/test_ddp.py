@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def test_two_cpu_processes_train_and_write_exactly_one_adapter(tmp_path, tiny_ll
     log = tmp_path / "log.jsonl"
     log.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     data = tmp_path / "prep"
-    prepare(PrepareConfig(data=str(log), out=data, method="gcsl", score_range=[1.0, 5.0], quiet=True))
+    prepare(PrepareConfig(data=str(log), out=data, method="gcsl-bey-nl", score_range=[1.0, 5.0], quiet=True))
     rows_prepared = pq.read_metadata(data / "train.parquet").num_rows
 
     runs = tmp_path / "runs"
@@ -61,7 +62,9 @@ def test_two_cpu_processes_train_and_write_exactly_one_adapter(tmp_path, tiny_ll
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc_gloo.yaml"),
             "--main_process_port", str(_free_port()), "-m", "gcsl.cli", "train", "--data", str(data),
             "--out", str(out), "--model", str(tiny_llama_dir), "--max-steps", "3", "--per-device-batch-size", "2",
-            "--logging-steps", "1", "--save-steps", "2", "--report-to", "none"]
+            "--logging-steps", "1", "--save-steps", "2", "--report-to", "none",
+            # a small token budget, so the prefix-shared sequences outnumber one step's 2 x 2
+            "--max-length", "96", "--pack-tokens", "96"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -73,5 +76,11 @@ def test_two_cpu_processes_train_and_write_exactly_one_adapter(tmp_path, tiny_ll
     assert record["world_size"] == 2 and record["status"] == "finished" and record["global_step"] == 3
     state = json.loads((out / "trainer_state.json").read_text())
     first = next(h for h in state["log_history"] if h.get("step") == 1 and "loss" in h)
-    # Each optimizer step consumed 2 processes x 2 rows: the processes split the data.
-    assert first["epoch"] == pytest.approx(4 / rows_prepared)
+    # Every process packed the same sequences (printed once), and each optimizer step consumed
+    # 2 processes x 2 of them: the processes split the data.
+    summaries = re.findall(r"prefix sharing: (\d+) rows of \d+ feedback rows in (\d+) sequences", proc.stdout)
+    assert len(summaries) == 1 and int(summaries[0][0]) == rows_prepared
+    sequences = int(summaries[0][1])
+    assert sequences > 4
+    per_process = -(-sequences // 2)  # the distributed sampler pads to an even split
+    assert first["epoch"] == pytest.approx(1 / -(-per_process // 2))

@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from gcsl.cli import main as cli_main
@@ -129,6 +130,29 @@ def test_outputs_are_complete(bey_run, prepared, tiny_llama_dir):
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 13 and adapter["lora_dropout"] == 0.05
     assert adapter["base_model_name_or_path"] == str(Path(tiny_llama_dir).resolve())
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.05])
+def test_prefix_sharing_is_the_default_and_matches_rows(prepared, tiny_llama_dir, tmp_path, capsys, kl_coef):
+    """One full-batch step: packed prefix-shared sequences and one row per sequence give the same loss,
+    KL and gradient norm (dropout off, so both layouts compute the same function)."""
+    data = prepared("gcsl-bey-nl")
+    logs = {}
+    for sharing in (True, False):
+        result = _train(data, tmp_path / f"sharing-{sharing}", tiny_llama_dir, max_steps=1, per_device_batch_size=64,
+                        lora_dropout=0.0, kl_coef=kl_coef, prefix_sharing=sharing)
+        logs[sharing] = result.log_history[0]
+    printed = capsys.readouterr().out
+    row_ids = pq.read_table(data / "train.parquet", columns=["row_id"]).column("row_id").to_pylist()
+    assert len(set(row_ids)) < len(row_ids)  # some feedback rows carry several goals
+    assert f"prefix sharing: {len(row_ids)} rows of {len(set(row_ids))} feedback rows in 1 sequences" in printed
+    packed, plain = logs[True], logs[False]
+    assert packed["loss"] == pytest.approx(plain["loss"], abs=1e-4)
+    assert packed["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-3)
+    if kl_coef:
+        assert packed["kl"] == pytest.approx(plain["kl"], abs=1e-5)
+    run = json.loads((tmp_path / "sharing-True" / "run.json").read_text(encoding="utf-8"))
+    assert run["config"]["prefix_sharing"] is True
 
 
 def test_reward_token_rows_train_and_nothing_else_in_the_embedding(token_run, tiny_llama_dir):

@@ -70,6 +70,11 @@ class TrainConfig:
     per_device_batch_size: int = field(8, help="sequences per device per step")
     gradient_accumulation_steps: int = field(1, help="micro-batches accumulated per optimizer step")
     max_length: int = field(1024, help="longest tokenized prompt + completion; longer ones are cut at the end")
+    prefix_sharing: bool = field(True, help="pack each feedback row's goal variants into one sequence holding the "
+                                            "prompt once, several rows per sequence (exact; needs eager or sdpa "
+                                            "attention, else each row trains alone with a notice); a batch is "
+                                            "then per_device_batch_size packed sequences")
+    pack_tokens: int | None = field(None, help="token budget of a packed sequence (default: max_length)")
     kl_coef: float = field(0.0, help="weight of the KL penalty to the base model (adapter disabled); the paper "
                                      "uses 0.05 for non-toxic generation")
     preference_loss: Literal["dpo", "simpo"] = field("dpo", help="loss for DPO-prepared pairs: dpo (DPOTrainer) "
@@ -114,6 +119,9 @@ class TrainConfig:
             problems.append(f"goal_embedding_layers: must be 1 or 2, got {self.goal_embedding_layers}")
         if not self.lora_target_modules.strip():
             problems.append("lora_target_modules: give all-linear or module names such as q_proj,v_proj")
+        if self.pack_tokens is not None and self.pack_tokens < self.max_length:
+            problems.append(f"pack_tokens: must be >= max_length ({self.max_length}) so every row fits, "
+                            f"got {self.pack_tokens}")
         if self.resume and self.overwrite:
             problems.append("resume/overwrite: choose one (--resume continues OUT.partial, --overwrite discards it)")
         if Path(self.out).name.endswith(".partial"):
@@ -238,8 +246,10 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
         modules_to_save=modules_to_save,
     )
 
-    # 4. Data and trainer. The batch layout (collator) is chosen in one place: _collator.
+    # 4. Data and trainer. The batch layout (packed or one row per sequence) is chosen in one place: _batches.
     dataset = _load_dataset(prepared)
+    with state.main_process_first():  # the main process fills the datasets cache, the others read it
+        dataset, collator = _batches(cfg, method, dataset, model, tokenizer, args, state)
     callbacks = _callbacks(cfg, work) + list(callbacks or [])
     if method in PREFERENCE_METHODS:
         trainer_cls = _preference_trainer_class(cfg)
@@ -248,7 +258,7 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
     else:
         from gcsl.training.trainer import GcslSFTTrainer
 
-        trainer = GcslSFTTrainer(model=model, args=args, data_collator=_collator(method, tokenizer),
+        trainer = GcslSFTTrainer(model=model, args=args, data_collator=collator,
                                  train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
                                  callbacks=callbacks, kl_coef=cfg.kl_coef)
 
@@ -312,7 +322,9 @@ def _read_prepared(data_dir: Path) -> _Prepared:
         bad = np.flatnonzero(~np.isfinite(values))
         if len(bad):
             raise DataError(f"{parquet}: row {int(bad[0])}: goal_value is not a finite number; re-run `gcsl prepare`")
-    return _Prepared(data_dir=data_dir, goals=goals, method=method, columns=needed, rows=rows)
+    # row_id groups a feedback row's goal variants for prefix sharing (older prepared data lacks it).
+    columns = (*needed, "row_id") if "row_id" in columns and method not in PREFERENCE_METHODS else needed
+    return _Prepared(data_dir=data_dir, goals=goals, method=method, columns=columns, rows=rows)
 
 
 def _check_method_options(cfg: TrainConfig, method: str, state) -> None:
@@ -445,16 +457,39 @@ def _load_dataset(prepared: _Prepared):
     return Dataset.from_parquet(str(prepared.data_dir / "train.parquet"), columns=list(prepared.columns))
 
 
-def _collator(method: str, tokenizer):
-    """How a batch is laid out: TRL's right-padding collator (+ goal values for scalar goals)."""
+def _batches(cfg: TrainConfig, method: str, dataset, model, tokenizer, args, state):
+    """The training rows and collator: prefix-shared packed sequences where they apply, else TRL's rows.
+
+    Packing applies to prompt-completion methods (not DPO pairs, not scalar goals, whose soft
+    token goes before each row) when the model's attention takes a block mask. The packed rows
+    are tokenized here exactly as TRL would, so TRL's own preparation is skipped.
+    """
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+    from gcsl.training.packing import PrefixSharingCollator, pack_prefix_shared, prefix_sharing_notice
     from gcsl.training.trainer import GoalValueCollator
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if method in PREFERENCE_METHODS:
+        return dataset, None  # the preference trainers bring their own collators
+    if cfg.prefix_sharing and method != EMBED_METHOD:
+        notice = prefix_sharing_notice(model)
+        if notice is None:
+            packed = pack_prefix_shared(dataset, tokenizer, max_tokens=cfg.pack_tokens or cfg.max_length,
+                                        max_length=cfg.max_length,
+                                        group_column="row_id" if "row_id" in dataset.column_names else None)
+            if state.is_main_process:
+                print(packed.summary(), flush=True)
+            args.remove_unused_columns = False  # the collator needs position, segment and block ids
+            args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+            return packed.dataset, PrefixSharingCollator.for_model(model, tokenizer.pad_token_id)
+        if state.is_main_process:
+            print(notice, flush=True)
+    if "row_id" in dataset.column_names:
+        dataset = dataset.remove_columns("row_id")
     pad = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
-    return GoalValueCollator(pad) if method == EMBED_METHOD else pad
+    return dataset, (GoalValueCollator(pad) if method == EMBED_METHOD else pad)
 
 
 def _trainer_arguments(cfg: TrainConfig, work: Path, precision: _Precision) -> dict[str, Any]:

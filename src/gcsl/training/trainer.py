@@ -5,6 +5,8 @@
   no second copy of the model is loaded. The penalty is the token-level KL(policy || base) over
   the full vocabulary, averaged over completion tokens, added as ``kl_coef * KL`` and logged as
   ``kl`` (the data term is logged as ``nll``).
+- Packed batches (:mod:`gcsl.training.packing`) go through either loss unchanged; only the
+  token count TRL logs is taken from their position ids, not their 4D mask.
 - Scalar goals (``gcsl-noquant-embed``): a batch that carries ``goal_value`` gets the goal's
   soft token inserted into its input embeddings (:mod:`gcsl.training.goal_embedding`).
 
@@ -24,6 +26,7 @@ from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from gcsl.training.goal_embedding import apply_goal_embedding, insert_before_first_token
+from gcsl.training.packing import is_packed_batch, packed_token_count
 
 __all__ = ["GcslSFTTrainer", "GoalValueCollator"]
 
@@ -73,8 +76,15 @@ class GcslSFTTrainer(SFTTrainer):
         if goal_value is not None:
             inputs = self._with_goal(model, raw, goal_value)
         if self.kl_coef == 0 and self._fused_head:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            tokens_before = self._total_train_tokens
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+            if is_packed_batch(inputs) and self.model.training:
+                # SFTTrainer counts attention-mask entries, which for a 4D block mask are token pairs.
+                tokens = self.accelerator.gather_for_metrics(packed_token_count(inputs)).sum().item()
+                self._total_train_tokens = tokens_before + tokens
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return result
 
         labels = inputs["labels"]
         forward = {k: v for k, v in inputs.items() if k != "labels"}
