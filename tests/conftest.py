@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,12 @@ def build_tiny_llama(out_dir: Path, tokenizer_dir: Path, *, seed: int = 0, layer
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
     """A tiny random Llama folder (model + SmolLM2 tokenizer) usable wherever a model path is taken."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer_dir)
+
+
+def write_feedback_log(path: Path, seed: int) -> Path:
+    """8 prompts x 4 responses with scores drawn in [1, 5] (several responses per prompt, for DPO pairs)."""
+    rng = random.Random(seed)
+    rows = [{"prompt": f"Describe item {p}.", "response": f"Item {p} is {w}.", "score": round(rng.uniform(1, 5), 2)}
+            for p in range(8) for w in ("fine", "great", "poor", "superb")]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return path

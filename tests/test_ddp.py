@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import socket
 import subprocess
@@ -14,6 +13,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+
+from conftest import write_feedback_log
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 SHIPPED = ("cpu_2proc_gloo", "multi_gpu_ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
@@ -48,11 +49,7 @@ def _free_port() -> int:
 def test_two_cpu_processes_train_and_write_exactly_one_adapter(tmp_path, tiny_llama_dir):
     from gcsl.data.prepare import PrepareConfig, prepare
 
-    rng = random.Random(2)
-    rows = [{"prompt": f"Describe item {p}.", "response": f"Item {p} is {w}.", "score": round(rng.uniform(1, 5), 2)}
-            for p in range(8) for w in ("fine", "great", "poor", "superb")]
-    log = tmp_path / "log.jsonl"
-    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    log = write_feedback_log(tmp_path / "log.jsonl", seed=2)
     data = tmp_path / "prep"
     prepare(PrepareConfig(data=str(log), out=data, method="gcsl-bey-nl", score_range=[1.0, 5.0], quiet=True))
     rows_prepared = pq.read_metadata(data / "train.parquet").num_rows

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_feedback_log
 from gcsl.errors import ConfigError
 
 torch = pytest.importorskip("torch")
@@ -33,11 +33,7 @@ def _deterministic_torch():
 def _prepared(tmp_path: Path) -> Path:
     from gcsl.data.prepare import PrepareConfig, prepare
 
-    rng = random.Random(1)
-    rows = [{"prompt": f"Describe item {p}.", "response": f"Item {p} is {w}.", "score": round(rng.uniform(1, 5), 2)}
-            for p in range(8) for w in ("fine", "great", "poor", "superb")]
-    log = tmp_path / "log.jsonl"
-    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    log = write_feedback_log(tmp_path / "log.jsonl", seed=1)
     out = tmp_path / "prep"
     prepare(PrepareConfig(data=str(log), out=out, method="gcsl-bey-nl", score_range=[1.0, 5.0], quiet=True))
     return out

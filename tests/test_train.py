@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import write_feedback_log
 from gcsl.cli import main as cli_main
 from gcsl.config import resolve_config
 from gcsl.errors import ConfigError, DataError, StageError
@@ -28,14 +28,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def feedback_log(tmp_path_factory) -> Path:
-    """8 prompts x 4 responses with scores in [1, 5] (several responses per prompt, for DPO pairs)."""
-    rng = random.Random(0)
-    words = ["fine", "great", "poor", "superb"]
-    rows = [{"prompt": f"Describe item {p}.", "response": f"Item {p} is {words[r]}.", "score": round(rng.uniform(1, 5), 2)}
-            for p in range(8) for r in range(4)]
-    path = tmp_path_factory.mktemp("log") / "log.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
-    return path
+    return write_feedback_log(tmp_path_factory.mktemp("log") / "log.jsonl", seed=0)
 
 
 @pytest.fixture(scope="module")

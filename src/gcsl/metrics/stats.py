@@ -34,8 +34,15 @@ __all__ = [
 _BLOCK = 1000
 
 
+class _Record:
+    """A result dataclass that serialises to a plain dict (for metrics JSON and reports)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass(frozen=True)
-class MeanInterval:
+class MeanInterval(_Record):
     """A mean with its bootstrap interval [low, high]."""
 
     mean: float
@@ -47,12 +54,10 @@ class MeanInterval:
     seed: int
     note: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
-class PairedComparison:
+class PairedComparison(_Record):
     """System A minus system B over shared units: ``diff = mean_a - mean_b`` with its interval.
 
     ``p_value`` is two-sided for "no difference"; ``only_a``/``only_b`` count units that only one
@@ -73,12 +78,10 @@ class PairedComparison:
     seed: int
     note: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
-class PairedTTest:
+class PairedTTest(_Record):
     """Paired t-test over seeds: ``mean_diff = mean(a - b)``; NaN t and p with a note when undefined."""
 
     t: float
@@ -86,9 +89,6 @@ class PairedTTest:
     n: int
     mean_diff: float
     note: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _values(values: Sequence[float] | np.ndarray, what: str) -> np.ndarray:

@@ -32,7 +32,7 @@ from gcsl.config import config_to_dict, field
 from gcsl.errors import DataError, MissingDependencyError
 from gcsl.metrics.text import TextQualityOptions, text_quality
 from gcsl.scorers import VaderScorer
-from gcsl.tasks.base import TaskResult, TextScorer
+from gcsl.tasks.base import TaskResult, TextScorer, score_generations
 
 __all__ = [
     "NEUTRAL_SCORE",
@@ -203,28 +203,10 @@ def evaluate(rows: Sequence[dict[str, Any]], config: SentimentEvalConfig, *, sco
     0.5
     """
     scorer = scorer or VaderScorer(config.direction)
-    items = []
-    pending = []
-    for i, row in enumerate(rows):
-        completion = row.get("completion")
-        item = {"prompt_id": str(row["prompt_id"]), "sample": row.get("sample"), "completion": completion,
-                "score": NEUTRAL_SCORE, "status": "scored", "reason": None}
-        if not isinstance(completion, str):
-            item.update(status="neutral", reason=f"completion is not text ({type(completion).__name__}); "
-                                                 f"scored neutral {NEUTRAL_SCORE}")
-        elif not completion.strip():
-            item.update(status="neutral", reason=f"empty completion; scored neutral {NEUTRAL_SCORE}")
-        else:
-            pending.append(i)
-        items.append(item)
-    scores = scorer.score([rows[i]["completion"] for i in pending])
-    reasons = getattr(scorer, "last_reasons", None) or [None] * len(pending)
-    for i, s, why in zip(pending, scores, reasons):
-        if s is None:
-            items[i].update(status="neutral", reason=f"{why or 'the scorer gave no score'}; scored neutral "
-                                                     f"{NEUTRAL_SCORE}")
-        else:
-            items[i]["score"] = float(s)
+    items = score_generations(rows, scorer)
+    for item in items:  # a review the scorer cannot read counts as neither direction
+        if item["score"] is None:
+            item.update(score=NEUTRAL_SCORE, status="neutral", reason=f"{item['reason']}; scored neutral {NEUTRAL_SCORE}")
 
     by_prompt: dict[str, list[float]] = defaultdict(list)
     for item in items:

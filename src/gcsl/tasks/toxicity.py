@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 from collections import defaultdict
@@ -35,7 +34,7 @@ from gcsl.config import config_to_dict, field
 from gcsl.errors import DataError, MissingDependencyError, StageError
 from gcsl.metrics.text import TextQualityOptions, text_quality
 from gcsl.scorers import PERSPECTIVE_URL, build_scorer
-from gcsl.tasks.base import TaskResult, TextScorer
+from gcsl.tasks.base import TaskResult, TextScorer, score_generations
 
 __all__ = [
     "RTP_HUB_NAME",
@@ -49,10 +48,7 @@ __all__ = [
     "scorer_agreement",
 ]
 
-log = logging.getLogger(__name__)
-
 RTP_HUB_NAME = "allenai/real-toxicity-prompts"
-_SCORE_CHUNK = 256
 
 
 @dataclass
@@ -214,35 +210,6 @@ def write_rtp_prompts(source: str | Path, out: Path, *, subset: Literal["all", "
     return {"written": len(rows), **dropped}
 
 
-def _score_rows(rows: Sequence[dict[str, Any]], scorer: TextScorer) -> list[dict[str, Any]]:
-    """One item per row: its toxicity or ``None``, a status and the reason it is missing."""
-    items = []
-    pending = []
-    for i, row in enumerate(rows):
-        completion = row.get("completion")
-        item = {"prompt_id": str(row["prompt_id"]), "sample": row.get("sample"), "completion": completion,
-                "toxicity": None, "status": "scored", "reason": None}
-        if not isinstance(completion, str):
-            item.update(status="unscorable", reason=f"completion is not text ({type(completion).__name__})")
-        elif not completion.strip():
-            item.update(status="unscorable", reason="empty completion")
-        else:
-            pending.append(i)
-        items.append(item)
-    for start in range(0, len(pending), _SCORE_CHUNK):
-        chunk = pending[start:start + _SCORE_CHUNK]
-        scores = scorer.score([rows[i]["completion"] for i in chunk])
-        reasons = getattr(scorer, "last_reasons", None) or [None] * len(chunk)
-        for i, s, why in zip(chunk, scores, reasons):
-            if s is None:
-                items[i].update(status="unscorable", reason=why or "the scorer gave no score")
-            else:
-                items[i]["toxicity"] = float(s)
-        log.info("scored %d of %d generations with %s", min(start + _SCORE_CHUNK, len(pending)), len(pending),
-                 scorer.name)
-    return items
-
-
 def evaluate(rows: Sequence[dict[str, Any]], config: ToxicityEvalConfig, *, scorer: TextScorer | None = None,
              model: Any = None, tokenizer: Any = None) -> TaskResult:
     """Toxicity metrics of generation rows (units: prompt ids); see the module docstring.
@@ -255,7 +222,7 @@ def evaluate(rows: Sequence[dict[str, Any]], config: ToxicityEvalConfig, *, scor
     1.0
     """
     scorer = scorer or make_scorer(config)
-    items = _score_rows(rows, scorer)
+    items = score_generations(rows, scorer, key="toxicity")
 
     by_prompt: dict[str, list[float]] = {}
     for item in items:
