@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import yaml
 
 from gcsl.config import resolve_config
+from gcsl.experiments.report import write_report
 from gcsl.experiments.runner import ExperimentConfig, expand_variants, run_experiment
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,6 +60,11 @@ def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir):
     (run / "metrics-top.json").unlink()
     run_experiment(cfg)
     assert (run / "metrics-top.json").exists()
+    # The beyond check only compares like with like: a share above a threshold is not the feedback's scale.
+    other = dataclasses.replace(cfg, primary_metric="above_threshold")
+    text = write_report(other, expand_variants(other)).read_text()
+    assert "## Beyond" not in text and "not applicable here; `above_threshold`" in text
+    assert json.loads((tmp_path / "exp" / "results.json").read_text())["beyond_check"] == []
 
 
 def test_sweeps_and_variants_expand():

@@ -82,6 +82,11 @@ def test_paper_wordings():
                         best_meaning="the highest rating")
     assert render_goal(rating, "snl", default_templates(rating), threshold=4) == (
         "Generate a recommendation with a rating equal or greater than 4.")
+    # The article goes by sound: "a user ...", "an efficiency ..."
+    for name, article in (("user preference rating", "a"), ("efficiency score", "an"), ("upvote share", "an")):
+        spec = MetricSpec(name=name, low=1, high=5, kind="ordinal", subject="a recommendation")
+        assert render_goal(spec, "snl", default_templates(spec), threshold=4).startswith(
+            f"Generate a recommendation with {article} {name} equal or greater than 4")
     assert render_goal(SCALAR, "range", default_templates(SCALAR), range_bounds=(0.8, 0.9)).startswith(
         "Generate a response with a quality score between 0.80 and 0.90.")
     assert render_goal(SCALAR, "token", {}, level=3) == "[R_3]"

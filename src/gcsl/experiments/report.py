@@ -16,6 +16,10 @@ from gcsl.runinfo import atomic_path, atomic_write_json, atomic_write_text
 __all__ = ["write_report", "collect_results"]
 
 
+# (task, metric) pairs whose metric is the mean of the training feedback's own score, higher = better.
+_FEEDBACK_SCALE_METRICS = {("sentiment", "mean_score")}
+
+
 def _load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -86,8 +90,12 @@ def write_report(cfg, variants) -> Path:
         rows.append(row)
 
     # The paper's "beyond" check: does the top goal beat the mean score of the top training bin?
+    # It needs the evaluation to score generations as the feedback did (higher = better).
     beyond = []
+    beyond_applies = (cfg.task, metric) in _FEEDBACK_SCALE_METRICS
     for name, r in results.items():
+        if not beyond_applies:
+            break
         goals_file = out / "runs" / name / "prepared" / "goals.json"
         g = _load(goals_file) if goals_file.exists() else None
         top = r["goals"].get("top")
@@ -136,6 +144,9 @@ def write_report(cfg, variants) -> Path:
                   f"{_fmt(b['top_training_bin_mean'])} | {'yes' if b['exceeds'] else 'no'} |" for b in beyond]
         lines += ["", "The top training bin's mean is over the training feedback log's responses (other prompts), "
                   "as in the paper's comparison."]
+    elif not beyond_applies:
+        lines += ["", f"Beyond the top training bin: not applicable here; `{metric}` does not score generations on "
+                  "the training feedback's scale."]
     curves = {n: r for n, r in results.items() if len(r["goals"]) > 1}
     if curves:
         lines += ["", "## Goal following", "", "| variant | goal | n | mean [95% CI] |", "|---|---|---|---|"]

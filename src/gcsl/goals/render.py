@@ -76,8 +76,20 @@ def reward_token(level: int, *, beyond: bool) -> str:
     return f"[R_{level}+]" if beyond else f"[R_{level}]"
 
 
+# Words spelled with a leading vowel letter but said with a consonant sound ("a user", "a one-star").
+_CONSONANT_SOUND = ("eu", "one", "once", "ubi", "uni", "usa", "use", "usu", "uti")
+
+
 def _article(word: str) -> str:
-    return "an" if word[:1].lower() in "aeiou" else "a"
+    """``a`` or ``an`` for ``word``, by its (English) sound where the spelling misleads.
+
+    >>> [_article(w) for w in ("toxicity", "efficiency", "user rating", "unique score", "upvote", "ultimate")]
+    ['a', 'an', 'a', 'a', 'an', 'an']
+    """
+    low = word.lower()
+    if low.startswith(_CONSONANT_SOUND):
+        return "a"
+    return "an" if low[:1] in "aeiou" else "a"
 
 
 def _endpoint(spec: MetricSpec, value: float | None) -> str:
