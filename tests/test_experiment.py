@@ -38,6 +38,7 @@ def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir):
         "name": "tiny", "out": tmp_path / "exp", "task": "sentiment", "data": str(_feedback(tmp_path / "fb.jsonl")),
         "eval_prompts": str(_prompts(tmp_path / "p.jsonl")), "model": str(tiny_llama_dir),
         "methods": ["base", "sft", "gcsl-bey-nl"], "seeds": [0, 1], "baseline": "sft",
+        "method_seeds": {"base": [1]},
         "goal_curve": ["scale:1.1"], "prepare": {"score_range": [0, 1], "bins": 4},
         "train": {"max_steps": 2, "per_device_batch_size": 4, "report_to": "none", "save_steps": 1},
         "generate": {"max_new_tokens": 4, "batch_size": 4}, "ci_samples": 200,
@@ -47,6 +48,10 @@ def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir):
     assert "| gcsl-bey-nl | 0 1 | 4 |" in text and "(baseline)" in text
     results = json.loads((tmp_path / "exp" / "results.json").read_text())
     assert {r["variant"] for r in results["rows"]} == {"base", "sft", "gcsl-bey-nl"}
+    # A one-seed variant is compared with the baseline's same seed only.
+    rows = {r["variant"]: r for r in results["rows"]}
+    assert rows["base"]["compared_seeds"] == "1" and rows["gcsl-bey-nl"]["compared_seeds"] == "0 1"
+    assert "diff_vs_baseline" in rows["base"]
     assert results["beyond_check"] and "top_training_bin_mean" in results["beyond_check"][0]
     for png in ("methods.png", "goal_curve.png", "training_scores.png"):
         assert (tmp_path / "exp" / png).stat().st_size > 1000

@@ -42,20 +42,20 @@ def collect_results(cfg, variants) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for v in variants:
         for goal in v.goals:
-            seeds, per_seed_value, per_seed_units = [], {}, []
+            seeds, per_seed_value, per_seed_units = [], {}, {}
             for seed in v.seeds:
                 m = _load(stage_paths(cfg.out, v.name, seed, goal)["metrics"])
                 if m is None or metric not in m["metrics"]:
                     continue
                 seeds.append(seed)
                 per_seed_value[seed] = float(m["metrics"][metric])
-                per_seed_units.append(m.get("unit_scores", {}).get(metric, {}))
+                per_seed_units[seed] = m.get("unit_scores", {}).get(metric, {})
             if not seeds:
                 continue
-            units = _unit_means(per_seed_units)
+            units = _unit_means(list(per_seed_units.values()))
             ci = mean_ci(list(units.values()), n_boot=cfg.ci_samples, seed=0) if units else None
             results.setdefault(v.name, {"method": v.method, "goals": {}})["goals"][goal] = {
-                "seeds": seeds, "per_seed": per_seed_value, "units": units,
+                "seeds": seeds, "per_seed": per_seed_value, "units": units, "per_seed_units": per_seed_units,
                 "mean": ci.mean if ci else float(np.mean(list(per_seed_value.values()))),
                 "low": ci.low if ci else None, "high": ci.high if ci else None, "n_units": len(units),
             }
@@ -82,11 +82,16 @@ def write_report(cfg, variants) -> Path:
                "ci_high": top["high"], "n_units": top["n_units"], "seeds": " ".join(map(str, top["seeds"])),
                "per_seed": " ".join(_fmt(top["per_seed"][s]) for s in top["seeds"])}
         if base is not None and name != cfg.baseline:
-            pb = paired_bootstrap(top["units"], base["units"], n_boot=cfg.ci_samples, seed=0)
-            tt = paired_ttest({s: top["per_seed"][s] for s in top["seeds"]},
-                              {s: base["per_seed"][s] for s in base["seeds"]})
-            row |= {"diff_vs_baseline": pb.diff, "diff_low": pb.low, "diff_high": pb.high,
-                    "bootstrap_p": pb.p_value, "ttest_p": tt.p_value, "ttest_n_seeds": tt.n}
+            # Paired over the seeds both runs have: a one-seed variant meets the baseline's same seed.
+            shared = [seed for seed in top["seeds"] if seed in base["per_seed"]]
+            if shared:
+                pb = paired_bootstrap(_unit_means([top["per_seed_units"][seed] for seed in shared]),
+                                      _unit_means([base["per_seed_units"][seed] for seed in shared]),
+                                      n_boot=cfg.ci_samples, seed=0)
+                tt = paired_ttest({seed: top["per_seed"][seed] for seed in shared},
+                                  {seed: base["per_seed"][seed] for seed in shared})
+                row |= {"diff_vs_baseline": pb.diff, "diff_low": pb.low, "diff_high": pb.high,
+                        "bootstrap_p": pb.p_value, "ttest_p": tt.p_value, "compared_seeds": " ".join(map(str, shared))}
         rows.append(row)
 
     # The paper's "beyond" check: does the top goal beat the mean score of the top training bin?
@@ -113,7 +118,7 @@ def write_report(cfg, variants) -> Path:
     atomic_write_text(out / "results.csv", buf.getvalue())
     atomic_write_json(out / "results.json", {"metric": metric, "baseline": cfg.baseline, "rows": rows,
                                              "beyond_check": beyond,
-                                             "goal_curves": {n: {g: {k: v for k, v in d.items() if k != "units"}
+                                             "goal_curves": {n: {g: {k: v for k, v in d.items() if k not in ("units", "per_seed_units")}
                                                                  for g, d in r["goals"].items()}
                                                              for n, r in results.items()}})
     plots = []
@@ -127,13 +132,15 @@ def write_report(cfg, variants) -> Path:
              f"training feedback `{cfg.data}`.",
              f"Metric `{metric}` at the top goal: mean over evaluation units (prompts) of each unit's score "
              f"averaged over seeds, with a 95% bootstrap interval ({cfg.ci_samples} resamples); n = units. "
-             f"Differences vs `{cfg.baseline}`: paired bootstrap over shared units, and a paired t-test over "
-             "seeds (NaN where fewer than 2 shared seeds).", "",
+             f"Differences vs `{cfg.baseline}`, over the seeds both have (marked where fewer than the variant's): "
+             "paired bootstrap over shared units, and a paired t-test over those seeds (NaN where fewer than 2).", "",
              "| variant | seeds | n | mean | 95% CI | per seed | diff vs baseline [95% CI] | bootstrap p | t-test p |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         diff = (f"{_fmt(r['diff_vs_baseline'])} [{_fmt(r['diff_low'])}, {_fmt(r['diff_high'])}]"
                 if "diff_vs_baseline" in r else "(baseline)" if r["variant"] == cfg.baseline else "—")
+        if "compared_seeds" in r and r["compared_seeds"] != r["seeds"]:
+            diff += f" (seeds {r['compared_seeds']})"
         lines.append(f"| {r['variant']} | {r['seeds']} | {r['n_units']} | {_fmt(r['mean'])} | "
                      f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] | {r['per_seed']} | {diff} | "
                      f"{_fmt(r.get('bootstrap_p'))} | {_fmt(r.get('ttest_p'))} |")
