@@ -18,6 +18,8 @@ __all__ = ["write_report", "collect_results"]
 
 # (task, metric) pairs whose metric is the mean of the training feedback's own score, higher = better.
 _FEEDBACK_SCALE_METRICS = {("sentiment", "mean_score")}
+# Per-unit scores stay out of results.json's goal curves (one value per prompt each).
+_UNIT_KEYS = ("units", "per_seed_units")
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -98,9 +100,7 @@ def write_report(cfg, variants) -> Path:
     # It needs the evaluation to score generations as the feedback did (higher = better).
     beyond = []
     beyond_applies = (cfg.task, metric) in _FEEDBACK_SCALE_METRICS
-    for name, r in results.items():
-        if not beyond_applies:
-            break
+    for name, r in results.items() if beyond_applies else ():
         goals_file = out / "runs" / name / "prepared" / "goals.json"
         g = _load(goals_file) if goals_file.exists() else None
         top = r["goals"].get("top")
@@ -118,7 +118,7 @@ def write_report(cfg, variants) -> Path:
     atomic_write_text(out / "results.csv", buf.getvalue())
     atomic_write_json(out / "results.json", {"metric": metric, "baseline": cfg.baseline, "rows": rows,
                                              "beyond_check": beyond,
-                                             "goal_curves": {n: {g: {k: v for k, v in d.items() if k not in ("units", "per_seed_units")}
+                                             "goal_curves": {n: {g: {k: v for k, v in d.items() if k not in _UNIT_KEYS}
                                                                  for g, d in r["goals"].items()}
                                                              for n, r in results.items()}})
     plots = []

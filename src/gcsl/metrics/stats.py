@@ -55,7 +55,6 @@ class MeanInterval(_Record):
     note: str | None = None
 
 
-
 @dataclass(frozen=True)
 class PairedComparison(_Record):
     """System A minus system B over shared units: ``diff = mean_a - mean_b`` with its interval.
@@ -77,7 +76,6 @@ class PairedComparison(_Record):
     n_boot: int
     seed: int
     note: str | None = None
-
 
 
 @dataclass(frozen=True)

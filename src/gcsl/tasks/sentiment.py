@@ -206,7 +206,8 @@ def evaluate(rows: Sequence[dict[str, Any]], config: SentimentEvalConfig, *, sco
     items = score_generations(rows, scorer)
     for item in items:  # a review the scorer cannot read counts as neither direction
         if item["score"] is None:
-            item.update(score=NEUTRAL_SCORE, status="neutral", reason=f"{item['reason']}; scored neutral {NEUTRAL_SCORE}")
+            item.update(score=NEUTRAL_SCORE, status="neutral",
+                        reason=f"{item['reason']}; scored neutral {NEUTRAL_SCORE}")
 
     by_prompt: dict[str, list[float]] = defaultdict(list)
     for item in items:

@@ -469,10 +469,10 @@ def _batches(cfg: TrainConfig, method: str, dataset, model, tokenizer, args, sta
     from gcsl.training.packing import PrefixSharingCollator, pack_prefix_shared, prefix_sharing_notice
     from gcsl.training.trainer import GoalValueCollator
 
+    if method in PREFERENCE_METHODS:
+        return dataset, None  # the preference trainers bring their own collators and padding
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if method in PREFERENCE_METHODS:
-        return dataset, None  # the preference trainers bring their own collators
     if cfg.prefix_sharing and method != EMBED_METHOD:
         notice = prefix_sharing_notice(model)
         if notice is None:
