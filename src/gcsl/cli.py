@@ -17,6 +17,7 @@ _COMMANDS = {
     "train": "LoRA fine-tune a causal LM on prepared data",
     "merge": "merge a trained adapter into a full model",
     "generate": "sample from a trained model at a chosen goal",
+    "probe": "measure whether the goal steers a trained model (log-probabilities, no generation)",
     "evaluate": "score generations for a task and write metrics",
     "experiment": "run methods x seeds: prepare, train, generate, evaluate, report",
     "quickstart": "offline demo: train GCSL-bey-NL on shipped data and compare with the base model",

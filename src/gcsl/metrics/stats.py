@@ -4,6 +4,7 @@ Every result carries n, the means and an interval, so a number is never reported
 resampling uses ``numpy.random.default_rng(seed)``: the same inputs and seed give the same result.
 
 - :func:`mean_ci`: percentile bootstrap interval of a mean.
+- :func:`difference_ci`: mean(A) - mean(B) for two independent groups (each resampled on its own).
 - :func:`paired_bootstrap`: two systems scored on the same units (prompts, tasks, users); the
   shared units are resampled jointly, so each resample keeps every unit's pair together.
 - :func:`paired_ttest`: per-seed aggregates of two methods, paired by seed (scipy's ``ttest_rel``).
@@ -25,6 +26,7 @@ __all__ = [
     "MeanInterval",
     "PairedComparison",
     "PairedTTest",
+    "difference_ci",
     "mean_ci",
     "paired_bootstrap",
     "paired_ttest",
@@ -139,6 +141,33 @@ def mean_ci(values: Sequence[float] | np.ndarray, confidence: float = 0.95, n_bo
     low, high = _percentile_interval(boot, confidence)
     note = "a single value: the interval is degenerate" if v.size == 1 else None
     return MeanInterval(float(v.mean()), low, high, int(v.size), confidence, int(n_boot), seed, note)
+
+
+def difference_ci(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, confidence: float = 0.95,
+                  n_boot: int = 10_000, seed: int = 0) -> MeanInterval:
+    """mean(a) - mean(b) for two independent groups, with a percentile bootstrap interval.
+
+    Each group is resampled on its own (the groups share no units, unlike :func:`paired_bootstrap`);
+    ``mean`` is the observed difference and ``n`` the two groups' sizes together. An empty group
+    gives NaN with a note.
+
+    >>> r = difference_ci([3.0, 3.0], [1.0, 1.0, 1.0], n_boot=100)
+    >>> (r.mean, r.low, r.high, r.n)
+    (2.0, 2.0, 2.0, 5)
+    """
+    _check_settings(confidence, n_boot)
+    va, vb = _values(a, "difference_ci A"), _values(b, "difference_ci B")
+    if va.size == 0 or vb.size == 0:
+        nan = math.nan
+        return MeanInterval(nan, nan, nan, int(va.size + vb.size), confidence, int(n_boot), seed,
+                            note="a group has no values")
+    rng = np.random.default_rng(seed)
+    boot = _bootstrap_means(va, int(n_boot), rng) - _bootstrap_means(vb, int(n_boot), rng)
+    low, high = _percentile_interval(boot, confidence)
+    note = "a group has a single value: its share of the interval is degenerate" if min(va.size, vb.size) == 1 \
+        else None
+    return MeanInterval(float(va.mean() - vb.mean()), low, high, int(va.size + vb.size), confidence, int(n_boot),
+                        seed, note)
 
 
 def paired_bootstrap(a_by_unit: Mapping[Hashable, float], b_by_unit: Mapping[Hashable, float],
