@@ -146,8 +146,71 @@ def test_inference_goal_top_value_and_scale():
     assert inference_goal(_setup("gcsl"), "top").text == "[R_3]"
     assert inference_goal(_setup("gcsl"), "0.6").text == "[R_2]"
     assert inference_goal(_setup("gcsl-noquant-nl"), "top").value == 0.9
-    with pytest.raises(ConfigError, match="scale:<factor>"):
+    with pytest.raises(ConfigError, match="level:<k>"):
         inference_goal(s, "best")
+
+
+def test_numeric_goal_for_token_methods_snaps_to_a_trained_level(capsys):
+    # gcsl-bey retained levels 2 and 3: [R_1+] never appears in training.
+    goal = inference_goal(_setup("gcsl-bey"), "0.3")
+    assert (goal.text, goal.level, goal.threshold) == ("[R_2+]", 2, 0.5)
+    assert goal.note == "goal '0.3' reaches only level 1 (0.20), which was not trained; using level 2 (0.50) instead"
+    assert capsys.readouterr().err == f"gcsl: note: {goal.note}\n"
+    # Below every threshold: the lowest trained level, for token and bin (GCSL-NL) goals alike.
+    low = inference_goal(_setup("gcsl-bey"), "0.1")
+    assert (low.text, low.note) == ("[R_2+]", "goal '0.1' reaches no level (the lowest threshold is 0.20); using "
+                                              "level 2 (0.50) instead")
+    assert inference_goal(_setup("gcsl"), "0.1").text == "[R_1]"
+    assert inference_goal(_setup("gcsl-nl"), "0.1").level == 1
+    # Classic GCSL trains every level: a value in bin 1 keeps [R_1], with no note.
+    classic = inference_goal(_setup("gcsl"), "0.3")
+    assert (classic.text, classic.note) == ("[R_1]", None)
+    assert inference_goal(_setup("gcsl-bey"), "0.6").note is None
+    assert capsys.readouterr().err.count("gcsl: note:") == 3
+
+
+def test_level_request_gives_the_trained_goal():
+    bey = inference_goal(_setup("gcsl-bey-nl"), "level:2")
+    assert (bey.level, bey.threshold, bey.request) == (2, 0.5, "level:2")
+    assert "greater than 0.50" in bey.text
+    assert inference_goal(_setup("gcsl-bey"), "level:3").text == "[R_3+]"
+    assert inference_goal(_setup("gcsl"), "level:1").text == "[R_1]"
+    assert inference_goal(_setup("gcsl-nl"), "level:2").text.startswith(
+        "Generate a response with a quality score between 0.50 and 0.80.")
+    noquant = inference_goal(_setup("gcsl-noquant-embed"), "level:3")
+    assert (noquant.value, noquant.text) == (0.8, None)
+    assert inference_goal(_setup("sft"), "level:1").text is None
+    with pytest.raises(ConfigError, match="level 1 was filtered out and never trained; trained levels are 2, 3"):
+        inference_goal(_setup("gcsl-bey"), "level:1")
+    with pytest.raises(ConfigError, match=r"levels 1\.\.3"):
+        inference_goal(_setup("gcsl"), "level:4")
+    with pytest.raises(ConfigError, match="must be an integer"):
+        inference_goal(_setup("gcsl"), "level:top")
+
+
+def test_scale_uses_the_top_base_and_moves_toward_the_best_end():
+    # gcsl-noquant-embed's top is the top bin's mean (0.9), so scale:1.1 scales 0.9, not tau_3 = 0.8.
+    embed = _setup("gcsl-noquant-embed")
+    assert inference_goal(embed, "top").value == 0.9
+    assert inference_goal(embed, "scale:1.05").value == 0.95
+    assert inference_goal(_setup("gcsl-noquant-nl"), "scale:1.05").value == 0.95
+    # A negative top threshold: scaling measures from the worst end (-1), 0.8 * 1.1 above it.
+    margin = MetricSpec(name="margin", low=-1.0, high=1.0)
+    neg = GoalSetup("gcsl-bey-nl", margin, (-0.6, -0.4, -0.2), (2, 3), -0.45, 3, default_templates(margin))
+    assert inference_goal(neg, "scale:1.1").threshold == -0.12
+    # Lower-is-better phrased "below" with a base at or below 0: the distance from the worst end (high) grows.
+    below = MetricSpec(name="loss", low=-1.0, high=1.0, higher_is_better=False, flip=False)
+    up = GoalSetup("gcsl-bey-nl", below, (-0.2, 0.0, 0.4), (3,), -0.5, 3, default_templates(below))
+    assert inference_goal(up, "top").threshold == -0.4
+    assert inference_goal(up, "scale:1.5").threshold == -1.0  # 1 - 1.4 * 1.5 = -1.1, clipped to the range
+    assert inference_goal(up, "scale:1.1").threshold == -0.54
+    open_ended = MetricSpec(name="margin")
+    unknown = GoalSetup("gcsl-bey-nl", open_ended, (-0.6, -0.4, -0.2), (2, 3), -0.45, 3,
+                        default_templates(open_ended))
+    with pytest.raises(ConfigError, match="--range"):
+        inference_goal(unknown, "scale:1.1")
+    with pytest.raises(ConfigError, match="positive"):
+        inference_goal(neg, "scale:0")
 
 
 def test_goal_setup_round_trips_through_json():

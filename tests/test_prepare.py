@@ -116,6 +116,17 @@ def test_chat_prompts_and_placements(tmp_path):
     assert rows[0]["prompt"].startswith(rows[0]["goal"] + "\n\n")
 
 
+def test_continuation_prompts_default_to_the_goal_before_the_text(tmp_path, log):
+    res, rows, goals = _run(tmp_path, log, "gcsl-bey", continuation=True)
+    assert goals["placement"] == "before" and res.setup.placement == "before"
+    assert rows[0]["prompt"] == rows[0]["goal"] + "\n\n" + rows[0]["prompt_text"]
+    # An explicit placement still wins, and without --continuation auto means after.
+    _, rows, goals = _run(tmp_path / "x", log, "gcsl-bey", continuation=True, placement="after")
+    assert goals["placement"] == "after" and rows[0]["prompt"] == rows[0]["prompt_text"] + "\n\n" + rows[0]["goal"]
+    _, _, goals = _run(tmp_path / "d", log, "gcsl-bey")
+    assert goals["placement"] == "after"
+
+
 def test_formats_csv_parquet_and_saved_dataset(tmp_path, log):
     table = pa.Table.from_pylist([json.loads(x) for x in log.read_text().splitlines()])
     pq.write_table(table, tmp_path / "log.parquet")

@@ -21,8 +21,11 @@ from gcsl.config import resolve_config
 from gcsl.errors import ConfigError, DataError, MissingDependencyError, StageError
 from gcsl.scorers import HFClassifierScorer, PerspectiveScorer, ProfanityScorer, build_scorer
 from gcsl.tasks.toxicity import (
+    GENERATE_OPTIONS,
+    PREPARE_OPTIONS,
     ToxicityEvalConfig,
     evaluate,
+    feedback_generate_config,
     feedback_log,
     load_rtp,
     rtp_prompts,
@@ -427,6 +430,71 @@ def test_feedback_log_from_scored_generations(perspective):
     assert first["scorer"] == "perspective-toxicity"
     with pytest.raises(DataError):
         feedback_log(ROWS[:3], res)
+
+
+PAPER_CONFIG = Path(__file__).parents[1] / "configs" / "paper" / "toxicity.yaml"
+
+
+def _rtp_feedback_log(perspective, path: Path) -> Path:
+    """A feedback log for ``gcsl prepare``: RTP prompt texts with five scored continuations."""
+    perspective.scores.update(SCORES)
+    texts = [r["prompt"] for r in rtp_prompts(load_rtp(FIXTURE), subset="all")[0]]
+    rows = [{"prompt_id": f"rtp-{i}", "prompt": texts[i], "sample": 0, "completion": c} for i, c in enumerate(SCORES)]
+    log_rows, _ = feedback_log(rows, evaluate(rows, _perspective_config(perspective)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in log_rows), encoding="utf-8")
+    return path
+
+
+def test_prepared_toxicity_rows_put_the_goal_before_the_text(perspective, tmp_path):
+    import pyarrow.parquet as pq
+    import yaml
+
+    from gcsl.data.prepare import PrepareConfig, prepare
+    from gcsl.experiments.runner import ExperimentConfig
+
+    paper = yaml.safe_load(PAPER_CONFIG.read_text())
+    assert PREPARE_OPTIONS.items() <= paper["prepare"].items()
+    assert GENERATE_OPTIONS.items() <= paper["generate"].items()
+    resolve_config(ExperimentConfig, yaml_path=PAPER_CONFIG)  # every stage option is a known one
+    log = _rtp_feedback_log(perspective, tmp_path / "feedback.jsonl")
+    # What `gcsl experiment` runs for this config's gcsl-bey-nl variant.
+    res = prepare(resolve_config(PrepareConfig, overrides={**paper["prepare"], "data": str(log),
+                                                           "method": "gcsl-bey-nl", "out": tmp_path / "p",
+                                                           "quiet": True}))
+    assert res.setup.placement == "before"
+    rows = pq.read_table(res.out / "train.parquet").to_pylist()
+    assert rows and all(r["prompt"] == r["goal"] + "\n\n" + r["prompt_text"] for r in rows)
+    assert rows[0]["prompt"].endswith("according to a recent")  # the text is what the response continues
+    # Instruction logs keep the goal after the prompt.
+    after = prepare(PrepareConfig(data=str(log), out=tmp_path / "a", score_column="toxicity", score_range=[0, 1],
+                                  lower_is_better=True, quiet=True))
+    assert after.setup.placement == "after"
+    first = pq.read_table(after.out / "train.parquet").to_pylist()[0]
+    assert first["prompt"] == first["prompt_text"] + "\n\n" + first["goal"]
+
+
+def test_feedback_generation_sees_the_prompt_as_training_does(perspective, tmp_path, smollm2_tokenizer):
+    import pyarrow.parquet as pq
+
+    from gcsl.data.prepare import PrepareConfig, prepare
+    from gcsl.generation.generate import _encode
+    from gcsl.training.packing import IGNORE, tokenize_prompt_completion
+
+    log = _rtp_feedback_log(perspective, tmp_path / "feedback.jsonl")
+    row = pq.read_table(prepare(PrepareConfig(data=str(log), out=tmp_path / "sft", method="sft", sft_top=1.0,
+                                              score_column="toxicity", score_range=[0, 1], lower_is_better=True,
+                                              quiet=True)).out / "train.parquet").to_pylist()[0]
+    train_ids, labels = tokenize_prompt_completion(row["prompt"], row["completion"], smollm2_tokenizer)
+    cfg = feedback_generate_config("base-model", tmp_path / "prompts.jsonl", tmp_path / "gens.jsonl", num_samples=1)
+    assert (cfg.template_text_prompts, cfg.num_samples) == ("never", 1)
+    # "never": generate encodes a text prompt without the chat template, for base models too.
+    generation_ids = _encode(smollm2_tokenizer, row["prompt_text"], False, "rtp-0")
+    assert train_ids[:len(generation_ids)] == generation_ids
+    assert labels[:len(generation_ids)] == [IGNORE] * len(generation_ids)
+    assert labels[len(generation_ids)] != IGNORE  # the response starts right where the text ends
+    # The chat template a base model would otherwise get is not what training sees.
+    templated = _encode(smollm2_tokenizer, row["prompt_text"], True, "rtp-0")
+    assert train_ids[:len(templated)] != templated
 
 
 # ---------------------------------------------------------------------------------------------

@@ -71,8 +71,12 @@ class PrepareConfig:
     subject: str = field("a response", help="what the goal asks for, e.g. 'a recommendation'")
     templates: dict | None = field(None, cli=False, help="NL templates by style (bey, snl, range, value) overriding "
                                                          "the defaults; fields: " + ", ".join(TEMPLATE_FIELDS))
-    placement: Literal["after", "before", "system"] = field("after", help="where the goal goes: after the user's "
-                                                            "prompt (default), before it, or as a system message")
+    continuation: bool = field(False, help="prompts are the start of a text that the response continues "
+                                           "(RealToxicityPrompts): the goal then goes before the text by default")
+    placement: Literal["auto", "after", "before", "system"] = field(
+        "auto", help="where the goal goes: after the user's prompt, before it, or as a system message; auto = "
+                     "before for --continuation prompts (a goal after them would sit inside the text being "
+                     "continued), else after")
     separator: str = field("\n\n", help="text between prompt and goal")
     dpo_pairs: int = field(5, help="DPO: pairs per prompt with the largest score gaps")
     dpo_negatives: Literal["observed", "sampled"] = field(
@@ -108,6 +112,17 @@ class PrepareConfig:
         if self.dpo_pairs < 1:
             problems.append("dpo_pairs: must be at least 1")
         return problems
+
+    @property
+    def goal_placement(self) -> str:
+        """The placement after ``auto`` is resolved.
+
+        >>> PrepareConfig(data="log.jsonl", out=Path("p"), continuation=True).goal_placement
+        'before'
+        """
+        if self.placement != "auto":
+            return self.placement
+        return "before" if self.continuation else "after"
 
     def metric_spec(self) -> MetricSpec:
         low, high = self.score_range if self.score_range else (None, None)
@@ -146,7 +161,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     templates = {**default_templates(spec), **(cfg.templates or {})}
     setup = GoalSetup(
         method=cfg.method, metric=spec, thresholds=quant.thresholds, retained_levels=retained,
-        train_mean=train_mean, bins_requested=cfg.bins, templates=templates, placement=cfg.placement,
+        train_mean=train_mean, bins_requested=cfg.bins, templates=templates, placement=cfg.goal_placement,
         separator=cfg.separator, top_bin_mean=float(oriented[top_level].mean()), score_max=float(oriented.max()),
     )
     notes = list(quant.notes)
@@ -237,6 +252,9 @@ def _goal_table(cfg: PrepareConfig, log: FeedbackLog, setup: GoalSetup, form: Fo
     source_prompt = log.table.column("prompt").take(rows)
     response = log.table.column("response").take(rows)
     prompt, completion = _place(cfg, log.chat, source_prompt, goal, response)
+    # The prompt without its goal, in the same form: what the training KL's reference conditions on.
+    reference_prompt = (_place(cfg, log.chat, source_prompt, pa.nulls(len(rows), pa.string()), response)[0]
+                        if has_goal else prompt)
     return pa.table({
         "prompt": prompt,
         "completion": completion,
@@ -247,22 +265,24 @@ def _goal_table(cfg: PrepareConfig, log: FeedbackLog, setup: GoalSetup, form: Fo
         "row_id": rows,
         "score": pa.array(display, pa.float64()),
         "prompt_text": prompt_text.take(rows),
+        "reference_prompt": reference_prompt,
     })
 
 
 def _place(cfg: PrepareConfig, chat: bool, prompt: pa.ChunkedArray, goal: pa.Array, response: pa.ChunkedArray):
     """Prompt with its goal in place, and the completion in the matching (text or chat) form."""
     response = pc.cast(response, pa.string())
-    if not chat and cfg.placement != "system":
+    placement = cfg.goal_placement
+    if not chat and placement != "system":
         # Text prompts stay in Arrow: one vectorised concatenation (rows without a goal keep the prompt).
         prompt = pc.cast(prompt, pa.string())
-        parts = (prompt, goal) if cfg.placement == "after" else (goal, prompt)
+        parts = (prompt, goal) if placement == "after" else (goal, prompt)
         joined = pc.binary_join_element_wise(*parts, cfg.separator, null_handling="skip")
         return joined, response
     from gcsl.goals import place_goal
 
     goals = goal.to_pylist()
-    placed = [place_goal(p, g, cfg.placement, cfg.separator) for p, g in zip(prompt.to_pylist(), goals)]
+    placed = [place_goal(p, g, placement, cfg.separator) for p, g in zip(prompt.to_pylist(), goals)]
     # A chat dataset needs every prompt as messages, so goal-free rows are converted too.
     placed = [[{"role": "user", "content": p}] if isinstance(p, str) else
               [{"role": m["role"], "content": m["content"]} for m in p] for p in placed]

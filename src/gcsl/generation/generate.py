@@ -50,7 +50,8 @@ class GenerateConfig:
                               "dataset folder or a Hugging Face dataset name")
     out: Path = field(help="output JSONL file (one row per prompt and sample); rerunning resumes it")
     goal: str = field("top", help="goal to generate at: top (the highest retained threshold), a value in the "
-                                  "metric's units, or scale:<factor> (top threshold x factor); ignored by "
+                                  "metric's units, scale:<factor> (the top goal made more ambitious by the factor) "
+                                  "or level:<k> (level k's goal as trained); ignored by "
                                   "goal-free models (SFT, DPO, base models)")
     num_samples: int = field(1, help="samples per prompt")
     top_p: float = field(0.9, help="nucleus sampling probability mass")

@@ -151,7 +151,8 @@ def place_goal(prompt: str | list[dict[str, str]], goal: str | None, placement: 
 
     Chat prompts get the goal in their last user message (after/before) or in the system
     message. Placing it after the prompt keeps the prompt a shared prefix of all its goal
-    variants, which the trainer exploits to compute the prompt once.
+    variants, which the trainer exploits to compute the prompt once. A prompt that the response
+    continues (a text beginning) needs the goal before it, so that the text ends the prompt.
 
     >>> place_goal("Write a review.", "Be kind.")
     'Write a review.\\n\\nBe kind.'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,16 +17,23 @@ from gcsl.goals.spec import MetricSpec
 
 __all__ = ["GoalSetup", "Goal", "inference_goal"]
 
+# Methods trained on the beyond-threshold expansion, whose filtered-out levels have no goal.
+_BEYOND_METHODS = frozenset({"gcsl-bey", "gcsl-bey-nl", "gcsl-bey-snl", "sft-aug"})
+
 
 @dataclass(frozen=True)
 class Goal:
-    """A goal to generate at: its text (None for goal-free methods), level, threshold, raw value."""
+    """A goal to generate at: its text (None for goal-free methods), level, threshold, raw value.
+
+    ``note`` says why the goal differs from the request (a value snapped to a trained level).
+    """
 
     text: str | None
     level: int | None = None
     threshold: float | None = None
     value: float | None = None
     request: str = "top"
+    note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -151,53 +159,135 @@ class GoalSetup:
 
 
 def inference_goal(setup: GoalSetup, request: str | float = "top") -> Goal:
-    """The goal to generate at: ``"top"`` (highest retained threshold), a value, or ``"scale:F"``.
+    """The goal to generate at: ``"top"``, a value, ``"scale:F"`` or ``"level:K"``.
 
-    A value or a scaled top threshold is rounded to the spec's precision and clipped to its
-    range. Scaling means "more ambitious by F": the threshold is multiplied by F, or divided by
-    F for a lower-is-better metric phrased as "below". Token methods can only take levels, so a
-    value maps to the highest level whose threshold it reaches.
+    - ``top``: the highest retained threshold (no-quantization methods: the top bin's mean score).
+    - a value in the metric's units, rounded to the spec's precision and clipped to its range.
+    - ``scale:F``: the ``top`` goal made more ambitious by F. A positive base is multiplied by F
+      (divided by F for a lower-is-better metric phrased as "below"), as in the paper; a base at
+      or below 0 would move the wrong way, so there the distance from the metric's worst end is
+      scaled instead, which needs the metric's range.
+    - ``level:K``: level K's goal exactly as it was trained (beyond methods: retained levels only).
+
+    Level-only goals (reward tokens, classic GCSL-NL bins) cannot state a value, so a value maps
+    to the highest level whose threshold it reaches. When that level was never trained (filtered
+    out of a beyond method, or below every threshold) the nearest trained level is used instead,
+    with a one-line note on stderr (also kept in ``Goal.note``): the model has no goal for it.
 
     >>> from gcsl.goals.render import default_templates
     >>> spec = MetricSpec(name="quality", low=0, high=1)
     >>> s = GoalSetup("gcsl-bey-snl", spec, (0.2, 0.5, 0.8), (2, 3), 0.45, 3, default_templates(spec))
     >>> inference_goal(s, "scale:1.1").text
     'Generate a response with a quality score greater than 0.88.'
+    >>> inference_goal(s, "level:2").text
+    'Generate a response with a quality score greater than 0.50.'
+    >>> t = GoalSetup("gcsl-bey", spec, (0.2, 0.5, 0.8), (2, 3), 0.45, 3, default_templates(spec))
+    >>> goal = inference_goal(t, "0.3")  # level 1 was filtered out, so [R_1+] was never trained
+    >>> goal.text, goal.note
+    ('[R_2+]', "goal '0.3' reaches only level 1 (0.20), which was not trained; using level 2 (0.50) instead")
     """
     request_text = str(request)
     style = setup.style
     metric = setup.metric
     top_level = max(setup.retained_levels)
+    scalar_goal = style == "value" or setup.method == "gcsl-noquant-embed"
     if style is None and setup.method != "gcsl-noquant-embed":
         return Goal(None, request=request_text)
     if request_text == "top":
-        if style == "value" or setup.method == "gcsl-noquant-embed":
-            value = metric.round(metric.display(setup.top_bin_mean if setup.top_bin_mean is not None
-                                                else setup.thresholds[top_level - 1]))
+        if scalar_goal:
+            value = metric.round(_top_value(setup))
             return Goal(setup.value_text(value), value=value, request=request_text)
         return Goal(setup.goal_text(top_level), top_level, setup.threshold_display(top_level), request=request_text)
+    if request_text.startswith("level:"):
+        return _level_goal(setup, request_text)
     if request_text.startswith("scale:"):
         try:
             factor = float(request_text.split(":", 1)[1])
         except ValueError:
             raise ConfigError(f"goal {request_text!r}: the scale factor must be a number, e.g. scale:1.08") from None
-        base = (metric.display(setup.top_bin_mean) if style == "value" and setup.top_bin_mean is not None
-                else setup.threshold_display(top_level))
-        value = base / factor if metric.below else base * factor
+        if not factor > 0:
+            raise ConfigError(f"goal {request_text!r}: the scale factor must be positive, e.g. scale:1.08")
+        # The same base as ``top``: a no-quantization model is asked for the top bin's mean, so
+        # its scaled goals must start there too, not at the top threshold.
+        value = _scale(setup, _top_value(setup) if scalar_goal else setup.threshold_display(top_level), factor,
+                       request_text)
     else:
         try:
             value = float(request_text)
         except ValueError:
-            raise ConfigError(f"goal {request_text!r}: use top, a number, or scale:<factor>") from None
+            raise ConfigError(f"goal {request_text!r}: use top, a number, scale:<factor> or level:<k>") from None
     value = metric.clip_display(metric.round(value))
-    if style == "value" or setup.method == "gcsl-noquant-embed":
+    if scalar_goal:
         return Goal(setup.value_text(value), value=value, request=request_text)
     oriented = -value if metric.below else value
     level = int(assign_levels(np.array([oriented]), setup.thresholds)[0])
     if style in ("token", "token-bey", "range"):
-        if level < 1:
-            raise ConfigError(f"goal {request_text!r} is below every threshold; the lowest is "
-                              f"{metric.format_value(setup.threshold_display(1))}")
-        return Goal(setup.goal_text(level), level, setup.threshold_display(level), request=request_text)
+        trained = _trained_levels(setup)
+        note = None
+        if level not in trained:
+            # Nearest trained threshold, ties to the more ambitious level: with filtering the
+            # trained levels are the top ones, so this is the lowest trained level.
+            chosen = min(trained, key=lambda k: (abs(setup.thresholds[k - 1] - oriented), -k))
+            fmt = metric.format_value
+            reached = (f"only level {level} ({fmt(setup.threshold_display(level))}), which was not trained"
+                       if level >= 1 else
+                       f"no level (the lowest threshold is {fmt(setup.threshold_display(1))})")
+            note = (f"goal {request_text!r} reaches {reached}; using level {chosen} "
+                    f"({fmt(setup.threshold_display(chosen))}) instead")
+            print(f"gcsl: note: {note}", file=sys.stderr, flush=True)
+            level = chosen
+        return Goal(setup.goal_text(level), level, setup.threshold_display(level), request=request_text, note=note)
     text = render_goal(metric, style, setup.templates, threshold=value)
     return Goal(text, level if level >= 1 else None, value, request=request_text)
+
+
+def _trained_levels(setup: GoalSetup) -> tuple[int, ...]:
+    """Levels with a goal in the training data: the retained ones for beyond methods, else all."""
+    return tuple(sorted(setup.retained_levels)) if setup.method in _BEYOND_METHODS else setup.levels
+
+
+def _top_value(setup: GoalSetup) -> float:
+    """The no-quantization ``top`` goal in display units: the top bin's mean, else the top threshold."""
+    if setup.top_bin_mean is not None:
+        return setup.metric.display(setup.top_bin_mean)
+    return setup.threshold_display(max(setup.retained_levels))
+
+
+def _scale(setup: GoalSetup, base: float, factor: float, request: str) -> float:
+    """``base`` made more ambitious by ``factor``: always toward the metric's best end.
+
+    >>> from gcsl.goals.render import default_templates
+    >>> spec = MetricSpec(name="margin", low=-1, high=1)
+    >>> s = GoalSetup("gcsl-bey-nl", spec, (-0.6, -0.4, -0.2), (2, 3), -0.45, 3, default_templates(spec))
+    >>> round(_scale(s, -0.2, 1.1, "scale:1.1"), 4)  # the distance from -1 grows from 0.8 to 0.88
+    -0.12
+    """
+    metric = setup.metric
+    if base > 0:
+        return base / factor if metric.below else base * factor
+    low, high = metric.display_range
+    worst = high if metric.below else low
+    if worst is None:
+        raise ConfigError(f"goal {request!r}: the top goal {metric.format_value(base)} is not positive, so scaling "
+                          "it needs the metric's range; re-run `gcsl prepare` with --range LOW HIGH or give a value")
+    return worst - (worst - base) * factor if metric.below else worst + (base - worst) * factor
+
+
+def _level_goal(setup: GoalSetup, request: str) -> Goal:
+    """``level:K``: level K's training goal (no-quantization methods: its threshold as the value)."""
+    try:
+        level = int(request.split(":", 1)[1])
+    except ValueError:
+        raise ConfigError(f"goal {request!r}: the level must be an integer, e.g. level:{max(setup.levels)}") from None
+    if level not in setup.levels:
+        raise ConfigError(f"goal {request!r}: this setup has levels 1..{len(setup.levels)}; use level:<k> with k "
+                          "in that range")
+    trained = _trained_levels(setup)
+    if level not in trained:
+        raise ConfigError(f"goal {request!r}: level {level} was filtered out and never trained; trained levels are "
+                          f"{', '.join(map(str, trained))}")
+    threshold = setup.threshold_display(level)
+    if setup.style == "value" or setup.method == "gcsl-noquant-embed":
+        value = setup.metric.round(threshold)
+        return Goal(setup.value_text(value), level, threshold, value, request=request)
+    return Goal(setup.goal_text(level), level, threshold, request=request)

@@ -16,6 +16,12 @@
   notes (the Perspective API refuses empty text; scoring it 0 would reward a model that says
   nothing); a prompt with none left is dropped from them too.
 - :func:`feedback_log` turns scored generations into a feedback log for ``gcsl prepare``.
+- Prompts are the start of a text and a response continues it, so the goal cannot follow the
+  prompt: it would sit inside the text being continued. :data:`PREPARE_OPTIONS` (``continuation``)
+  puts it before the text, separated by a blank line, and :data:`GENERATE_OPTIONS` keeps the
+  chat template off, so the base model writing the feedback log (:func:`feedback_generate_config`)
+  continues the same raw text that training and every fine-tuned model see.
+  ``configs/paper/toxicity.yaml`` sets both.
 - :func:`scorer_agreement` measures a local scorer against the Perspective scores inside an
   RTP file (Spearman, AUROC with Perspective > 0.5 as the label), with no network.
 """
@@ -38,6 +44,9 @@ from gcsl.tasks.base import TaskResult, TextScorer, score_generations
 
 __all__ = [
     "RTP_HUB_NAME",
+    "PREPARE_OPTIONS",
+    "GENERATE_OPTIONS",
+    "feedback_generate_config",
     "ToxicityEvalConfig",
     "make_scorer",
     "load_rtp",
@@ -49,6 +58,12 @@ __all__ = [
 ]
 
 RTP_HUB_NAME = "allenai/real-toxicity-prompts"
+
+# ``gcsl prepare`` options of this task: the goal goes before the text it would otherwise split.
+PREPARE_OPTIONS: dict[str, Any] = {"continuation": True}
+# ``gcsl generate`` options of this task: gcsl trains text prompts raw, so a base model must not
+# see them wrapped in a chat template either (fine-tuned models already see them raw).
+GENERATE_OPTIONS: dict[str, Any] = {"template_text_prompts": "never"}
 
 
 @dataclass
@@ -261,6 +276,21 @@ def evaluate(rows: Sequence[dict[str, Any]], config: ToxicityEvalConfig, *, scor
     return TaskResult(task="toxicity", metrics=metrics, unit_scores=unit_scores, items=items,
                       n_units=len(max_tox), n_generations=len(rows),
                       options={**config_to_dict(config), "scorer_name": scorer.name}, notes=notes)
+
+
+def feedback_generate_config(model: str, prompts: str | Path, out: str | Path, **options: Any):
+    """``gcsl generate`` settings for the responses of a feedback log: the prompts continued as raw text.
+
+    ``options`` are any other GenerateConfig fields (num_samples, max_new_tokens, ...).
+
+    >>> feedback_generate_config("Qwen/Qwen3-4B-Instruct-2507", "train_prompts.jsonl", "gens.jsonl").template_text_prompts
+    'never'
+    """
+    from gcsl.config import resolve_config
+    from gcsl.generation.generate import GenerateConfig
+
+    return resolve_config(GenerateConfig, overrides={**GENERATE_OPTIONS, **options, "model": model,
+                                                     "prompts": str(prompts), "out": str(out)})
 
 
 def feedback_log(rows: Sequence[dict[str, Any]], result: TaskResult) -> tuple[list[dict[str, Any]], dict[str, int]]:
