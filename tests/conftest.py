@@ -48,6 +48,18 @@ def smollm2_tokenizer(smollm2_tokenizer_dir: Path):
     return AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny-model tests: on shared cores, threads wait on each other
+    more than they compute."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build_tiny_llama(out_dir: Path, tokenizer_dir: Path, *, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
     """Saves a randomly initialised 2-layer Llama (a few M parameters) with the SmolLM2 tokenizer."""
     import torch

@@ -16,14 +16,7 @@ from gcsl.errors import ConfigError, DataError, StageError
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These models are tiny, and on a machine whose cores are shared, intra-op threads spend
-    # more time waiting for each other than computing.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +193,8 @@ def test_kl_is_zero_at_step_zero_positive_after_and_uses_no_second_model(prepare
     load_causal_lm(str(tiny_llama_dir))
     per_model = list(created)
     created.clear()
-    result = _train(prepared("gcsl-bey-nl"), tmp_path / "kl", tiny_llama_dir, kl_coef=0.05, max_steps=4)
+    # SFT prompts carry no goal, so the reference (base model, goal-free prompt) starts equal to the policy.
+    result = _train(prepared("sft"), tmp_path / "kl", tiny_llama_dir, kl_coef=0.05, max_steps=4)
     assert created == per_model, f"training with KL built extra models: {created}"
 
     logs = [h for h in result.log_history if "kl" in h]
@@ -239,7 +233,7 @@ def test_scalar_goal_embedding_trains_saves_and_reloads_for_generation(prepared,
     assert json.loads((result.out / CONFIG_NAME).read_text()) == {"hidden_size": 64, "low": 1.0, "high": 5.0,
                                                                   "layers": 2}
     logs = [h for h in result.log_history if "kl" in h]
-    assert logs[0]["kl"] == pytest.approx(0.0, abs=1e-9) and logs[-1]["kl"] > 0
+    assert all(h["kl"] > 0 for h in logs)  # the reference never gets the soft goal token, the policy always does
 
     loaded = load_for_inference(str(result.out), device="cpu")
     assert get_goal_embedding(loaded.model) is None

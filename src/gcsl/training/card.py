@@ -30,6 +30,19 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _rows_per_step(metrics: dict[str, Any]) -> list[str]:
+    """The effective batch: with prefix sharing a sequence holds several rows, a method-dependent number.
+
+    >>> _rows_per_step({"rows_per_step": 81.5, "rows_per_sequence": 10.1875, "train_rows": 163, "epochs": 1.0})
+    ['- Rows per optimizer step: 81.5 (10.19 training rows per sequence); 163 training rows, 1 epochs']
+    """
+    if metrics.get("rows_per_step") is None:
+        return []
+    return [f"- Rows per optimizer step: {_fmt(metrics['rows_per_step'])} "
+            f"({metrics.get('rows_per_sequence', 1):.2f} training rows per sequence); "
+            f"{_fmt(metrics.get('train_rows'))} training rows, {_fmt(metrics.get('epochs'))} epochs"]
+
+
 def render_model_card(*, out_dir: Path, method: str, base_model: str, data_dir: Path, goals: dict[str, Any],
                       config: dict[str, Any], metrics: dict[str, Any], rows: int) -> str:
     """Markdown describing what was trained on what, with the goal to use and the command to run.
@@ -56,11 +69,13 @@ def render_model_card(*, out_dir: Path, method: str, base_model: str, data_dir: 
         f"- Method: `{method}`",
         f"- LoRA: r={_fmt(config.get('lora_r'))}, alpha={_fmt(config.get('lora_alpha'))}, "
         f"dropout={_fmt(config.get('lora_dropout'))}, target modules `{config.get('lora_target_modules')}`",
-        f"- Optimiser: {config.get('optimizer')} at learning rate {_fmt(config.get('learning_rate'))}, "
-        f"batch {config.get('per_device_batch_size')} x {config.get('gradient_accumulation_steps')} accumulation "
+        f"- Optimiser: {config.get('optimizer')} at learning rate {_fmt(config.get('learning_rate'))}"
+        + (f" (reward-token rows at {_fmt(config['goal_token_lr'])})" if config.get("goal_token_lr") else "")
+        + f", batch {config.get('per_device_batch_size')} x {config.get('gradient_accumulation_steps')} accumulation "
         f"per device, seed {config.get('seed')}",
         f"- KL coefficient to the base model: {_fmt(config.get('kl_coef'))}",
         f"- Steps: {_fmt(metrics.get('global_step'))}, final training loss {_fmt(metrics.get('train_loss'))}",
+        *_rows_per_step(metrics),
         "",
         "## Goals",
         "",
@@ -92,7 +107,8 @@ def render_model_card(*, out_dir: Path, method: str, base_model: str, data_dir: 
         f"gcsl merge --model {out} --out {shlex.quote(str(out_dir) + '-merged')}   # optional: a standalone model",
         "```",
         "",
-        "`--goal` also takes a value in the metric's units or `scale:<factor>` (the top threshold times the factor).",
+        "`--goal` also takes a value in the metric's units, `scale:<factor>` (the top goal made more ambitious by the "
+        "factor) or `level:<k>` (level k's goal exactly as trained).",
         "",
     ]
     return "\n".join(lines)

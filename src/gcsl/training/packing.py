@@ -29,6 +29,11 @@ Attention implementations: ``eager`` and ``sdpa`` take a custom 4D mask (transfo
 attention ignores tensor masks, so there :func:`supports_block_mask` is False and training
 falls back to ordinary sequences with the one-line :func:`prefix_sharing_notice`.
 
+The KL penalty's reference (the base model given the goal-free prompt) is laid out the same
+way when asked for (``reference_column``): per variant the goal-free prompt's ids followed by the
+variant's completion ids (:func:`reference_row`), the shared prompt once per segment, so its
+completion tokens come in the policy's order. Unpacked rows get it from :func:`tokenize_rows`.
+
     packed = pack_prefix_shared(dataset, tokenizer, max_tokens=1024, max_length=1024)
     collator = PrefixSharingCollator.for_model(model, tokenizer.pad_token_id)
 """
@@ -55,9 +60,12 @@ __all__ = [
     "pack_prefix_shared",
     "packed_token_count",
     "prefix_sharing_notice",
+    "reference_row",
     "shared_prefix_length",
     "supports_block_mask",
+    "tokenize_prompt",
     "tokenize_prompt_completion",
+    "tokenize_rows",
 ]
 
 # Attention implementations that apply an arbitrary 4D mask given as ``attention_mask``.
@@ -82,22 +90,57 @@ def tokenize_prompt_completion(prompt: str | list[dict[str, Any]], completion: s
     """
     from trl.data_utils import is_conversational
 
+    prompt_ids = tokenize_prompt(prompt, tokenizer)
     if is_conversational({"prompt": prompt}):
-        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True)["input_ids"]
         ids = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=True,
                                             return_dict=True)["input_ids"]
     else:
         eos = tokenizer.eos_token
         if eos is not None and not completion.endswith(eos):
             completion = completion + eos
-        prompt_ids = tokenizer(text=prompt)["input_ids"]
         ids = tokenizer(text=prompt + completion)["input_ids"]
     start = _common_prefix(prompt_ids, ids)
     labels = [IGNORE] * start + list(ids[start:])
     if max_length is not None:
         ids, labels = ids[:max_length], labels[:max_length]
     return list(ids), labels
+
+
+def tokenize_prompt(prompt: str | list[dict[str, Any]], tokenizer) -> list[int]:
+    """A prompt's ids as TRL 1.16 tokenizes it alone: chat messages with the generation prompt, text as is.
+
+    >>> tokenize_prompt([{"role": "user", "content": "Hi"}], tokenizer)[-3:]  # doctest: +SKIP
+    [1, 520, 9531]
+    """
+    from trl.data_utils import is_conversational
+
+    if is_conversational({"prompt": prompt}):
+        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"])
+    return list(tokenizer(text=prompt)["input_ids"])
+
+
+def reference_row(reference_prompt: str | list[dict[str, Any]], ids: Sequence[int], completion_start: int,
+                  tokenizer) -> tuple[list[int], int]:
+    """The KL reference's input for one training row, and the index of its first scored token.
+
+    The reference is the base model on the goal-free prompt (Quark's reference sees no control
+    token): ``reference_prompt`` tokenized as TRL tokenizes prompts, followed by exactly the
+    completion ids of the (possibly truncated) training row ``ids`` from ``completion_start`` on.
+    The tokens it scores are then the ones the training row scores (``ids[max(completion_start, 1):]``),
+    in the same order.
+
+    >>> reference_row("Hi", [5, 6, 7, 8, 9], 3, tokenizer)  # doctest: +SKIP
+    ([13225, 8, 9], 1)
+    """
+    prompt_ids = tokenize_prompt(reference_prompt, tokenizer)
+    completion = list(ids[completion_start:])
+    # Position 0 is never a next-token target: a row whose completion starts there scores from 1.
+    first = len(prompt_ids) + max(completion_start, 1) - completion_start
+    if first == 0:
+        raise DataError("training data: a goal-free reference_prompt tokenizes to no tokens, so the KL reference "
+                        "cannot score the completion's first token; check the prompts")
+    return prompt_ids + completion, first
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -152,6 +195,38 @@ def _shared_prefix(ids: Sequence[Any], targets: Sequence[int]) -> int:
     return max(0, min(lcp, min(targets) - 1))
 
 
+def tokenize_rows(dataset: Dataset, tokenizer, *, max_length: int | None, reference_column: str,
+                  num_proc: int | None = None) -> Dataset:
+    """One sequence per row, as TRL's SFTTrainer prepares them, plus the KL reference's inputs.
+
+    Columns ``input_ids`` and ``labels`` (:func:`tokenize_prompt_completion`), and ``ref_input_ids``
+    and ``ref_labels``: the goal-free prompt in ``reference_column`` followed by the row's
+    completion ids (:func:`reference_row`), labelled from the first token the row scores. Rows
+    left without a completion token by truncation are dropped, as TRL drops them.
+
+    >>> rows = tokenize_rows(ds, tok, max_length=1024, reference_column="reference_prompt")  # doctest: +SKIP
+    >>> rows.column_names  # doctest: +SKIP
+    ['input_ids', 'labels', 'ref_input_ids', 'ref_labels']
+    """
+    if reference_column not in dataset.column_names:
+        raise DataError(f"training data: column {reference_column!r} missing; it holds the goal-free prompts the "
+                        "KL reference conditions on (re-run `gcsl prepare`)")
+    rows = dataset.map(_tokenize_row, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
+                                                  "reference_column": reference_column},
+                       remove_columns=dataset.column_names, num_proc=num_proc, desc="Tokenizing")
+    return rows.filter(lambda labels: any(x != IGNORE for x in labels), input_columns="labels", num_proc=num_proc)
+
+
+def _tokenize_row(example: dict[str, Any], *, tokenizer, max_length: int | None,
+                  reference_column: str) -> dict[str, Any]:
+    ids, labels = tokenize_prompt_completion(example["prompt"], example["completion"], tokenizer,
+                                             max_length=max_length)
+    start = next((j for j, label in enumerate(labels) if label != IGNORE), len(labels))
+    ref_ids, first = reference_row(example[reference_column], ids, start, tokenizer)
+    return {"input_ids": ids, "labels": labels, "ref_input_ids": ref_ids,
+            "ref_labels": [IGNORE] * first + ref_ids[first:]}
+
+
 # -- packing ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -161,7 +236,10 @@ class PackedDataset:
     ``dataset`` has one packed sequence per row: ``input_ids``, ``labels``, ``position_ids``,
     ``segment_ids`` (which packed feedback row a token belongs to), ``block_ids`` (0: shared
     prefix, k >= 1: the k-th variant's block), ``n_examples`` and ``naive_tokens`` (the rows'
-    tokens as separate sequences).
+    tokens as separate sequences). Packed with a ``reference_column``, each sequence also holds
+    the KL reference's inputs in the same layout, as ``ref_input_ids``, ``ref_labels``,
+    ``ref_position_ids``, ``ref_segment_ids`` and ``ref_block_ids``: every block is the goal-free
+    prompt's continuation by the same completion tokens, in the same order (:func:`reference_row`).
     """
 
     dataset: Dataset
@@ -202,6 +280,7 @@ class _Segment:
     prefix: Any  # np.ndarray
     blocks: list[tuple[Any, int]]  # (ids after the prefix, index of the completion start within them)
     naive_tokens: int
+    reference: tuple[Any, list[tuple[Any, int]]] | None = None  # the KL reference's (prefix, blocks), same order
 
     def __len__(self) -> int:
         return len(self.prefix) + sum(len(ids) for ids, _ in self.blocks)
@@ -211,14 +290,17 @@ _CHUNK = 4096  # rows read, and packed sequences written, per Arrow batch
 
 
 def pack_prefix_shared(dataset: Dataset, tokenizer, *, max_tokens: int, max_length: int | None = None,
-                       group_column: str | None = "row_id", num_proc: int | None = None) -> PackedDataset:
+                       group_column: str | None = "row_id", reference_column: str | None = None,
+                       num_proc: int | None = None) -> PackedDataset:
     """Tokenizes prompt-completion rows like TRL, shares each row group's prompt prefix, packs to ``max_tokens``.
 
     Rows with the same ``group_column`` value (the goal variants of one feedback row) form one
     segment with their shared prefix once; a group too long for one sequence is split into
     several segments, each with its own copy of the prefix. Segments are packed best-fit
     decreasing into sequences of at most ``max_tokens`` tokens. ``group_column=None`` packs every
-    row alone (ordinary packing, still exact).
+    row alone (ordinary packing, still exact). ``reference_column`` names the goal-free prompts:
+    the sequences then carry the KL reference's inputs too (see :class:`PackedDataset`); only the
+    training tokens count against ``max_tokens``.
 
     >>> packed = pack_prefix_shared(Dataset.from_parquet("prep/train.parquet"), tok, max_tokens=1024,
     ...                             max_length=1024)  # doctest: +SKIP
@@ -231,7 +313,7 @@ def pack_prefix_shared(dataset: Dataset, tokenizer, *, max_tokens: int, max_leng
     if not isinstance(max_tokens, int) or max_tokens < 2:
         raise ConfigError(f"max_tokens: must be an integer >= 2, got {max_tokens!r}")
     columns = set(dataset.column_names)
-    missing = [c for c in ("prompt", "completion") if c not in columns]
+    missing = [c for c in ("prompt", "completion", reference_column) if c is not None and c not in columns]
     if missing:
         raise DataError(f"training data: column(s) {', '.join(missing)} missing; prefix sharing needs TRL's "
                         "prompt-completion form (run `gcsl prepare`)")
@@ -240,15 +322,19 @@ def pack_prefix_shared(dataset: Dataset, tokenizer, *, max_tokens: int, max_leng
                         "(re-run `gcsl prepare`, or pass group_column=None to pack rows without sharing)")
 
     tokenized = dataset.map(
-        _tokenize_example, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "group_column": group_column},
+        _tokenize_example, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "group_column": group_column,
+                                      "reference_column": reference_column},
         with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="Tokenizing for packing")
 
-    rows: list[tuple[Any, int]] = []  # (ids, first target) of every kept row
+    rows: list[tuple[Any, ...]] = []  # (ids, first target[, reference ids, reference first target]) of kept rows
     members: dict[Any, list[int]] = {}
     dropped = 0
     index = 0
     for batch in tokenized.iter(batch_size=_CHUNK):
-        for ids, start, group in zip(batch["input_ids"], batch["completion_start"], batch["group"]):
+        references = (zip(batch["ref_input_ids"], batch["ref_first"]) if reference_column is not None
+                      else [()] * len(batch["input_ids"]))
+        for ids, start, group, reference in zip(batch["input_ids"], batch["completion_start"], batch["group"],
+                                                references):
             target = max(start, 1)
             if target >= len(ids):  # nothing left to predict (truncated inside the prompt)
                 dropped += 1
@@ -257,7 +343,9 @@ def pack_prefix_shared(dataset: Dataset, tokenizer, *, max_tokens: int, max_leng
                                   f"set max_tokens >= {len(ids)} or max_length <= {max_tokens}")
             else:
                 members.setdefault(group, []).append(len(rows))
-                rows.append((np.asarray(ids, dtype=np.int32), target))
+                if reference:
+                    reference = (np.asarray(reference[0], dtype=np.int32), reference[1])
+                rows.append((np.asarray(ids, dtype=np.int32), target, *reference))
             index += 1
     if not members:
         raise DataError("training data: no row has a completion token to train on (after truncation to "
@@ -268,7 +356,7 @@ def pack_prefix_shared(dataset: Dataset, tokenizer, *, max_tokens: int, max_leng
         segments.extend(_segments_of_group([rows[i] for i in group_rows], max_tokens))
     sequences = _best_fit_decreasing([len(s) for s in segments], max_tokens)
     parts = [Dataset.from_list([_layout([segments[j] for j in seq]) for seq in sequences[k:k + _CHUNK]],
-                               features=_features())
+                               features=_features(reference=reference_column is not None))
              for k in range(0, len(sequences), _CHUNK)]
     packed = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
     return PackedDataset(dataset=packed, rows=len(rows), groups=len(members),
@@ -276,41 +364,64 @@ def pack_prefix_shared(dataset: Dataset, tokenizer, *, max_tokens: int, max_leng
                          packed_tokens=sum(len(s) for s in segments), dropped=dropped)
 
 
-def _features():
+def _features(reference: bool = False):
     from datasets import Features, Sequence, Value
 
     tokens = Sequence(Value("int32"))
-    return Features({"input_ids": tokens, "labels": tokens, "position_ids": tokens, "segment_ids": tokens,
-                     "block_ids": tokens, "n_examples": Value("int32"), "naive_tokens": Value("int64")})
+    names = ("input_ids", "labels", "position_ids", "segment_ids", "block_ids")
+    columns = {name: tokens for name in names}
+    if reference:
+        columns.update({f"ref_{name}": tokens for name in names})
+    return Features({**columns, "n_examples": Value("int32"), "naive_tokens": Value("int64")})
 
 
 def _tokenize_example(example: dict[str, Any], index: int, *, tokenizer, max_length: int | None,
-                      group_column: str | None) -> dict[str, Any]:
+                      group_column: str | None, reference_column: str | None = None) -> dict[str, Any]:
     ids, labels = tokenize_prompt_completion(example["prompt"], example["completion"], tokenizer,
                                              max_length=max_length)
     # TRL's labels are the ids from the completion's start on, -100 before: the start says it all.
     start = next((j for j, label in enumerate(labels) if label != IGNORE), len(labels))
     # Without a group column each row is its own group.
     group = index if group_column is None else example[group_column]
-    return {"input_ids": ids, "completion_start": start, "group": group}
+    row = {"input_ids": ids, "completion_start": start, "group": group}
+    if reference_column is not None:
+        row["ref_input_ids"], row["ref_first"] = reference_row(example[reference_column], ids, start, tokenizer)
+    return row
 
 
-def _segments_of_group(variants: list[tuple[Any, int]], max_tokens: int) -> list[_Segment]:
-    """The group as one segment, or several (each with its own prefix copy) when it exceeds ``max_tokens``."""
-    prefix_len = _shared_prefix([ids for ids, _ in variants], [target for _, target in variants])
+def _segments_of_group(variants: list[tuple[Any, ...]], max_tokens: int) -> list[_Segment]:
+    """The group as one segment, or several (each with its own prefix copy) when it exceeds ``max_tokens``.
+
+    A variant is ``(ids, first target)``, or with the KL reference's ``(reference ids, first
+    target)`` after it; the reference blocks follow the training blocks one for one.
+    """
+    prefix_len = _shared_prefix([v[0] for v in variants], [v[1] for v in variants])
     prefix = variants[0][0][:prefix_len]
+    with_reference = len(variants[0]) == 4
+    if with_reference:
+        # The variants' goal-free prompts are one prompt, so most of the reference is shared.
+        ref_len = _shared_prefix([v[2] for v in variants], [v[3] for v in variants])
+        ref_prefix = variants[0][2][:ref_len]
     segments: list[_Segment] = []
     blocks: list[tuple[Any, int]] = []
+    ref_blocks: list[tuple[Any, int]] = []
     size = naive = 0
-    for ids, target in variants:
+
+    def close() -> None:
+        segments.append(_Segment(prefix, blocks, naive, (ref_prefix, ref_blocks) if with_reference else None))
+
+    for variant in variants:
+        ids, target = variant[0], variant[1]
         block = ids[prefix_len:]
         if blocks and prefix_len + size + len(block) > max_tokens:
-            segments.append(_Segment(prefix, blocks, naive))
-            blocks, size, naive = [], 0, 0
+            close()
+            blocks, ref_blocks, size, naive = [], [], 0, 0
         blocks.append((block, target - prefix_len))
+        if with_reference:
+            ref_blocks.append((variant[2][ref_len:], variant[3] - ref_len))
         size += len(block)
         naive += len(ids)
-    segments.append(_Segment(prefix, blocks, naive))
+    close()
     return segments
 
 
@@ -334,7 +445,17 @@ def _best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def _layout(segments: list[_Segment]) -> dict[str, Any]:
-    """One packed sequence's columns.
+    """One packed sequence's columns (and its KL reference's, prefixed ``ref_``, when the segments carry one)."""
+    row = {**_columns([(seg.prefix, seg.blocks) for seg in segments]),
+           "n_examples": sum(len(seg.blocks) for seg in segments),
+           "naive_tokens": sum(seg.naive_tokens for seg in segments)}
+    if segments[0].reference is not None:
+        row.update({f"ref_{k}": v for k, v in _columns([seg.reference for seg in segments]).items()})
+    return row
+
+
+def _columns(segments: list[tuple[Any, list[tuple[Any, int]]]]) -> dict[str, Any]:
+    """Token columns of ``(prefix, blocks)`` segments laid out one after another.
 
     A block's labels are its ids from the completion start on; its first token is never a
     target (here it follows the prefix or a previous block), nor is a segment's first token.
@@ -342,14 +463,14 @@ def _layout(segments: list[_Segment]) -> dict[str, Any]:
     import numpy as np
 
     ids, labels, positions, segment_ids, block_ids = [], [], [], [], []
-    for s, seg in enumerate(segments):
-        p = len(seg.prefix)
-        ids.append(seg.prefix)
+    for s, (prefix, blocks) in enumerate(segments):
+        p = len(prefix)
+        ids.append(prefix)
         labels.append(np.full(p, IGNORE, dtype=np.int32))
         positions.append(np.arange(p, dtype=np.int32))
         segment_ids.append(np.full(p, s, dtype=np.int32))
         block_ids.append(np.zeros(p, dtype=np.int32))
-        for b, (block, start) in enumerate(seg.blocks, start=1):
+        for b, (block, start) in enumerate(blocks, start=1):
             n = len(block)
             block_labels = block.copy()
             block_labels[:max(start, 1)] = IGNORE
@@ -360,8 +481,7 @@ def _layout(segments: list[_Segment]) -> dict[str, Any]:
             block_ids.append(np.full(n, b, dtype=np.int32))
     return {"input_ids": np.concatenate(ids), "labels": np.concatenate(labels),
             "position_ids": np.concatenate(positions), "segment_ids": np.concatenate(segment_ids),
-            "block_ids": np.concatenate(block_ids), "n_examples": sum(len(seg.blocks) for seg in segments),
-            "naive_tokens": sum(seg.naive_tokens for seg in segments)}
+            "block_ids": np.concatenate(block_ids)}
 
 
 # -- batches ---------------------------------------------------------------------------------
@@ -395,7 +515,8 @@ class PrefixSharingCollator:
 
     Returns ``input_ids``, ``labels`` (-100 on padding), ``position_ids`` and a 4D
     ``attention_mask``: boolean for sdpa, additive float32 (0 / most negative) for eager, whose
-    attention adds the mask to the scores.
+    attention adds the mask to the scores. Sequences packed with the KL reference's inputs give
+    the same four for the reference, prefixed ``ref_``.
 
     >>> collator = PrefixSharingCollator.for_model(model, tokenizer.pad_token_id)  # doctest: +SKIP
     >>> batch = collator([packed.dataset[0], packed.dataset[1]])  # doctest: +SKIP
@@ -418,9 +539,15 @@ class PrefixSharingCollator:
         return cls(pad_token_id=pad_token_id, attn_implementation=_attn_implementation(model), **options)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self._pad(examples)
+        if "ref_input_ids" in examples[0]:
+            batch.update({f"ref_{k}": v for k, v in self._pad(examples, "ref_").items()})
+        return batch
+
+    def _pad(self, examples: list[dict[str, Any]], prefix: str = "") -> dict[str, torch.Tensor]:
         import torch
 
-        length = max(len(e["input_ids"]) for e in examples)
+        length = max(len(e[f"{prefix}input_ids"]) for e in examples)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         shape = (len(examples), length)
@@ -430,12 +557,12 @@ class PrefixSharingCollator:
         segment_ids = torch.full(shape, -1, dtype=torch.long)
         block_ids = torch.zeros(shape, dtype=torch.long)
         for row, e in enumerate(examples):
-            n = len(e["input_ids"])
-            input_ids[row, :n] = torch.as_tensor(e["input_ids"])
-            labels[row, :n] = torch.as_tensor(e["labels"])
-            position_ids[row, :n] = torch.as_tensor(e["position_ids"])
-            segment_ids[row, :n] = torch.as_tensor(e["segment_ids"])
-            block_ids[row, :n] = torch.as_tensor(e["block_ids"])
+            n = len(e[f"{prefix}input_ids"])
+            input_ids[row, :n] = torch.as_tensor(e[f"{prefix}input_ids"])
+            labels[row, :n] = torch.as_tensor(e[f"{prefix}labels"])
+            position_ids[row, :n] = torch.as_tensor(e[f"{prefix}position_ids"])
+            segment_ids[row, :n] = torch.as_tensor(e[f"{prefix}segment_ids"])
+            block_ids[row, :n] = torch.as_tensor(e[f"{prefix}block_ids"])
         mask = block_attention_mask(segment_ids, block_ids)
         if self.attn_implementation == "eager":
             additive = torch.zeros(mask.shape, dtype=torch.float32)

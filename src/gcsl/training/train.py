@@ -23,11 +23,13 @@ more than ten times slower).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
@@ -42,6 +44,9 @@ __all__ = ["TrainConfig", "TrainResult", "train", "partial_dir", "last_complete_
 
 EMBED_METHOD = "gcsl-noquant-embed"
 PREFERENCE_METHODS = ("dpo",)
+TOKEN_METHODS = ("gcsl", "gcsl-bey")  # goals rendered as reward tokens added to the tokenizer
+# The prepared goal-free prompt, in the form of ``prompt``: what the KL reference conditions on.
+REFERENCE_COLUMN = "reference_prompt"
 # Fields that change only how long or how verbosely a run goes; a resumed run may change them.
 _RESUMABLE_CHANGES = {"epochs", "max_steps", "logging_steps", "save_steps", "save_total_limit", "keep_checkpoints",
                       "report_to", "resume", "overwrite"}
@@ -75,8 +80,11 @@ class TrainConfig:
                                             "attention, else each row trains alone with a notice); a batch is "
                                             "then per_device_batch_size packed sequences")
     pack_tokens: int | None = field(None, help="token budget of a packed sequence (default: max_length)")
-    kl_coef: float = field(0.0, help="weight of the KL penalty to the base model (adapter disabled); the paper "
-                                     "uses 0.05 for non-toxic generation")
+    kl_coef: float = field(0.0, help="weight of the KL penalty to the base model (adapter disabled) given the "
+                                     "goal-free prompt; the paper uses 0.05 for non-toxic generation")
+    goal_token_lr: float | None = field(None, help="gcsl / gcsl-bey: learning rate of the reward-token embedding "
+                                                   "rows (default: --learning-rate); they start from the embedding "
+                                                   "of their level's name and may need a larger step to separate")
     preference_loss: Literal["dpo", "simpo"] = field("dpo", help="loss for DPO-prepared pairs: dpo (DPOTrainer) "
                                                                  "or simpo (CPOTrainer, loss_type=simpo)")
     beta: float | None = field(None, help="preference loss beta (default: 0.1 for DPO, 2.0 for SimPO)")
@@ -115,6 +123,8 @@ class TrainConfig:
             problems.append(f"max_steps: must be positive (or -1 to use --epochs), got {self.max_steps}")
         if self.beta is not None and self.beta <= 0:
             problems.append(f"beta: must be positive, got {self.beta}")
+        if self.goal_token_lr is not None and not self.goal_token_lr > 0:
+            problems.append(f"goal_token_lr: must be positive, got {self.goal_token_lr}")
         if self.goal_embedding_layers not in (1, 2):
             problems.append(f"goal_embedding_layers: must be 1 or 2, got {self.goal_embedding_layers}")
         if not self.lora_target_modules.strip():
@@ -201,17 +211,13 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
     TrainResult(out=PosixPath('runs/gcsl-bey-nl'), method='gcsl-bey-nl', global_step=..., ...)
     """
     from accelerate import PartialState
-    from peft import LoraConfig
-    from transformers import set_seed
-
-    from gcsl.models import load_causal_lm, load_tokenizer, resolve_model_path
 
     # 1. Validate everything before any process writes anything.
     # Under accelerate/torchrun this joins the process group; CPU-only ranks need cpu=True to get gloo.
     state = PartialState(cpu=_cpu_only())
     prepared = _read_prepared(Path(cfg.data))
     method = prepared.method
-    _check_method_options(cfg, method, state)
+    _check_method_options(cfg, method, state, prepared.columns)
     work = partial_dir(cfg.out)
     checkpoint = _check_outputs(cfg, work)
     state.wait_for_everyone()
@@ -219,6 +225,47 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
         _prepare_work_dir(cfg, work, checkpoint, prepared)
     state.wait_for_everyone()
 
+    # 2-4. Trainer arguments, tokenizer and model, data and the trainer.
+    built = _build_trainer(cfg, prepared, state, work, callbacks)
+    trainer = built.trainer
+
+    # 5. Train (resuming restores model, optimizer, scheduler and RNG states).
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = time.perf_counter() - started
+    trainer.save_model(str(work))  # every rank takes part (FSDP/DeepSpeed gather); the main one writes
+
+    # 6. The main process completes the folder and renames it into place.
+    metrics = {"global_step": trainer.state.global_step, "train_loss": _final_loss(trainer, output),
+               **_throughput(cfg, built, trainer, seconds, state.num_processes)}
+    if state.is_main_process:
+        print(_throughput_line(cfg, metrics, state.num_processes), flush=True)
+        _finish(cfg, work, prepared, trainer, metrics, built.precision, built.base_path, checkpoint,
+                state.num_processes)
+    state.wait_for_everyone()
+    return TrainResult(out=Path(cfg.out), method=method, global_step=metrics["global_step"],
+                       train_loss=metrics["train_loss"], log_history=list(trainer.state.log_history),
+                       model=trainer.model, tokenizer=built.tokenizer)
+
+
+@dataclass(frozen=True)
+class _Built:
+    trainer: Any
+    tokenizer: Any
+    precision: _Precision
+    base_path: str
+    train_rows: int  # training rows (goal variants) after tokenization and truncation
+    sequences: int  # sequences a batch is made of: packed sequences, else the rows themselves
+
+
+def _build_trainer(cfg: TrainConfig, prepared: _Prepared, state, work: Path, callbacks: list | None = None) -> _Built:
+    """The trainer of a validated run, everything set up as :func:`train` uses it; nothing is written."""
+    from peft import LoraConfig
+    from transformers import set_seed
+
+    from gcsl.models import load_causal_lm, load_tokenizer, resolve_model_path
+
+    method = prepared.method
     # 2. Trainer arguments first: under DeepSpeed ZeRO-3 they make from_pretrained shard at load.
     precision = _resolve_precision(cfg)
     args = _trainer_config(cfg, method, _trainer_arguments(cfg, work, precision))
@@ -231,6 +278,7 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
     model = load_causal_lm(cfg.model, dtype=precision.dtype)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+    _init_goal_token_rows(model, tokenizer, prepared.goals.get("special_tokens") or [], goal_token_ids)
     modules_to_save = None
     if method == EMBED_METHOD:
         from gcsl.training.goal_embedding import GOAL_EMBEDDING_MODULE, attach_goal_embedding
@@ -247,9 +295,9 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
     )
 
     # 4. Data and trainer. The batch layout (packed or one row per sequence) is chosen in one place: _batches.
-    dataset = _load_dataset(prepared)
+    dataset = _load_dataset(prepared, reference=_needs_reference(cfg, method))
     with state.main_process_first():  # the main process fills the datasets cache, the others read it
-        dataset, collator = _batches(cfg, method, dataset, model, tokenizer, args, state)
+        dataset, collator, packed_rows = _batches(cfg, method, dataset, model, tokenizer, args, state)
     callbacks = _callbacks(cfg, work) + list(callbacks or [])
     if method in PREFERENCE_METHODS:
         trainer_cls = _preference_trainer_class(cfg)
@@ -260,20 +308,10 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
 
         trainer = GcslSFTTrainer(model=model, args=args, data_collator=collator,
                                  train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
-                                 callbacks=callbacks, kl_coef=cfg.kl_coef)
-
-    # 5. Train (resuming restores model, optimizer, scheduler and RNG states).
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    trainer.save_model(str(work))  # every rank takes part (FSDP/DeepSpeed gather); the main one writes
-
-    # 6. The main process completes the folder and renames it into place.
-    metrics = {"global_step": trainer.state.global_step, "train_loss": _final_loss(trainer, output)}
-    if state.is_main_process:
-        _finish(cfg, work, prepared, trainer, metrics, precision, base_path, checkpoint, state.num_processes)
-    state.wait_for_everyone()
-    return TrainResult(out=Path(cfg.out), method=method, global_step=metrics["global_step"],
-                       train_loss=metrics["train_loss"], log_history=list(trainer.state.log_history),
-                       model=trainer.model, tokenizer=tokenizer)
+                                 callbacks=callbacks, kl_coef=cfg.kl_coef, goal_token_lr=cfg.goal_token_lr)
+    sequences = len(trainer.train_dataset)  # after the trainer's own preparation (it drops empty rows)
+    return _Built(trainer=trainer, tokenizer=tokenizer, precision=precision, base_path=base_path,
+                  train_rows=sequences if packed_rows is None else packed_rows, sequences=sequences)
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -323,13 +361,19 @@ def _read_prepared(data_dir: Path) -> _Prepared:
         if len(bad):
             raise DataError(f"{parquet}: row {int(bad[0])}: goal_value is not a finite number; re-run `gcsl prepare`")
     # row_id groups a feedback row's goal variants for prefix sharing (older prepared data lacks it).
-    columns = (*needed, "row_id") if "row_id" in columns and method not in PREFERENCE_METHODS else needed
+    available = columns
+    columns = (*needed, "row_id") if "row_id" in available and method not in PREFERENCE_METHODS else needed
+    if REFERENCE_COLUMN in available and method not in PREFERENCE_METHODS:
+        columns = (*columns, REFERENCE_COLUMN)  # loaded only when the KL reference needs it
     return _Prepared(data_dir=data_dir, goals=goals, method=method, columns=columns, rows=rows)
 
 
-def _check_method_options(cfg: TrainConfig, method: str, state) -> None:
+def _check_method_options(cfg: TrainConfig, method: str, state, columns: tuple[str, ...] = ()) -> None:
     from accelerate.utils import DistributedType
 
+    if _needs_reference(cfg, method) and REFERENCE_COLUMN not in columns:
+        raise DataError(f"{cfg.data}: train.parquet has no {REFERENCE_COLUMN} column, the goal-free prompts the KL "
+                        "reference conditions on; re-run `gcsl prepare`")
     problems = []
     sharded = state.distributed_type == DistributedType.FSDP or (
         state.distributed_type == DistributedType.DEEPSPEED and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
@@ -338,6 +382,9 @@ def _check_method_options(cfg: TrainConfig, method: str, state) -> None:
                         "launch it with DDP (configs/accelerate/multi_gpu_ddp.yaml) or ZeRO-2")
     if method in PREFERENCE_METHODS and cfg.kl_coef:
         problems.append("kl_coef: preference losses carry their own reference term; leave --kl-coef at 0 for DPO data")
+    if cfg.goal_token_lr is not None and method not in TOKEN_METHODS:
+        problems.append(f"goal_token_lr: {method} has no reward tokens (only {' and '.join(TOKEN_METHODS)} do); "
+                        "drop --goal-token-lr")
     if method not in PREFERENCE_METHODS and cfg.preference_loss != "dpo":
         problems.append(f"preference_loss: {cfg.preference_loss} needs DPO pairs, but {cfg.data} was prepared "
                         f"for {method}; run `gcsl prepare --method dpo`")
@@ -423,6 +470,65 @@ def _resolve_precision(cfg: TrainConfig) -> _Precision:
                       gradient_checkpointing=checkpointing)
 
 
+def _needs_reference(cfg: TrainConfig, method: str) -> bool:
+    """Whether the KL reference needs inputs of its own: the prompts carry a goal (text or a reward token).
+
+    Methods without a goal in the prompt (SFT, SFT-aug, scalar goals, whose soft token the
+    reference simply does not get) compute the reference on the batch itself.
+    """
+    from gcsl.goals import GOAL_STYLE
+
+    return cfg.kl_coef > 0 and GOAL_STYLE.get(method) is not None
+
+
+def _goal_token_text(token: str) -> str:
+    """The text whose embedding a reward token starts from: the level it names.
+
+    >>> _goal_token_text("[R_3]"), _goal_token_text("[R_3+]")
+    (' level 3', ' at least level 3')
+    """
+    match = re.fullmatch(r"\[R_(\d+)(\+?)\]", token)
+    if match is None:  # another special-token spelling: its own words
+        return " " + token.strip("[]<>|").replace("_", " ")
+    level, beyond = match.groups()
+    return f" at least level {level}" if beyond else f" level {level}"
+
+
+def _init_goal_token_rows(model, tokenizer, tokens: list[str], ids: list[int]) -> None:
+    """Starts each reward token's embedding row at the mean embedding of its :func:`_goal_token_text`.
+
+    ``resize_token_embeddings`` gives every new row (nearly) the same mean vector, and single
+    rows trained at a LoRA learning rate barely move, so [R_1] .. [R_K] would stay almost
+    indistinguishable. Started from " level k" (or " at least level k") they differ by their
+    number from the first step. An untied LM head gets its rows the same way from its own
+    matrix; a tied one is the input matrix. Called before PEFT wraps the model: its trainable-token
+    rows start as copies of these (and the KL reference, adapter disabled, sees these too).
+    """
+    import torch
+
+    if not tokens:
+        return
+    inputs = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    weights = [inputs] if head is None or head.weight is inputs else [inputs, head.weight]
+    with torch.no_grad(), _gathered(weights):
+        for token, token_id in zip(tokens, ids):
+            text_ids = tokenizer.encode(_goal_token_text(token), add_special_tokens=False)
+            for weight in weights:
+                weight[token_id] = weight[text_ids].float().mean(0).to(weight.dtype)
+
+
+def _gathered(weights: list):
+    """Under DeepSpeed ZeRO-3 the weights are sharded: gather them whole to edit rows (rank 0's edit wins)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
+
+
 def _add_goal_tokens(tokenizer, tokens: list[str]) -> list[int]:
     """Adds the reward tokens as special tokens (never split); returns their ids."""
     if not tokens:
@@ -451,26 +557,35 @@ def _goal_embedding_config(cfg: TrainConfig, model, prepared: _Prepared):
                                high=float(high), layers=cfg.goal_embedding_layers)
 
 
-def _load_dataset(prepared: _Prepared):
+def _load_dataset(prepared: _Prepared, reference: bool = False):
     from datasets import Dataset
 
-    return Dataset.from_parquet(str(prepared.data_dir / "train.parquet"), columns=list(prepared.columns))
+    columns = [c for c in prepared.columns if reference or c != REFERENCE_COLUMN]
+    return Dataset.from_parquet(str(prepared.data_dir / "train.parquet"), columns=columns)
 
 
 def _batches(cfg: TrainConfig, method: str, dataset, model, tokenizer, args, state):
-    """The training rows and collator: prefix-shared packed sequences where they apply, else TRL's rows.
+    """The training rows, their collator and, when packed, how many rows the sequences hold.
 
-    Packing applies to prompt-completion methods (not DPO pairs, not scalar goals, whose soft
-    token goes before each row) when the model's attention takes a block mask. The packed rows
-    are tokenized here exactly as TRL would, so TRL's own preparation is skipped.
+    Prefix-shared packed sequences where they apply, else TRL's rows. Packing applies to
+    prompt-completion methods (not DPO pairs, not scalar goals, whose soft token goes before each
+    row) when the model's attention takes a block mask. The packed rows are tokenized here exactly
+    as TRL would, so TRL's own preparation is skipped; so are rows that carry the KL reference's
+    inputs (goal-free prompt + the same completion ids), built only when the KL needs them.
     """
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from gcsl.training.packing import PrefixSharingCollator, pack_prefix_shared, prefix_sharing_notice
-    from gcsl.training.trainer import GoalValueCollator
+    from gcsl.training.packing import (
+        PrefixSharingCollator,
+        pack_prefix_shared,
+        prefix_sharing_notice,
+        tokenize_rows,
+    )
+    from gcsl.training.trainer import GoalValueCollator, ReferenceCollator
 
     if method in PREFERENCE_METHODS:
-        return dataset, None  # the preference trainers bring their own collators and padding
+        return dataset, None, None  # the preference trainers bring their own collators and padding
+    reference = REFERENCE_COLUMN if _needs_reference(cfg, method) else None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.prefix_sharing and method != EMBED_METHOD:
@@ -478,18 +593,24 @@ def _batches(cfg: TrainConfig, method: str, dataset, model, tokenizer, args, sta
         if notice is None:
             packed = pack_prefix_shared(dataset, tokenizer, max_tokens=cfg.pack_tokens or cfg.max_length,
                                         max_length=cfg.max_length,
-                                        group_column="row_id" if "row_id" in dataset.column_names else None)
+                                        group_column="row_id" if "row_id" in dataset.column_names else None,
+                                        reference_column=reference)
             if state.is_main_process:
                 print(packed.summary(), flush=True)
             args.remove_unused_columns = False  # the collator needs position, segment and block ids
             args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-            return packed.dataset, PrefixSharingCollator.for_model(model, tokenizer.pad_token_id)
+            return packed.dataset, PrefixSharingCollator.for_model(model, tokenizer.pad_token_id), packed.rows
         if state.is_main_process:
             print(notice, flush=True)
     if "row_id" in dataset.column_names:
         dataset = dataset.remove_columns("row_id")
     pad = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
-    return dataset, (GoalValueCollator(pad) if method == EMBED_METHOD else pad)
+    if reference is not None:
+        args.remove_unused_columns = False  # the collator needs the reference's ids
+        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        rows = tokenize_rows(dataset, tokenizer, max_length=cfg.max_length, reference_column=reference)
+        return rows, ReferenceCollator(pad), None
+    return dataset, (GoalValueCollator(pad) if method == EMBED_METHOD else pad), None
 
 
 def _trainer_arguments(cfg: TrainConfig, work: Path, precision: _Precision) -> dict[str, Any]:
@@ -572,6 +693,45 @@ def _final_loss(trainer, output) -> float:
     if losses:
         return float(losses[-1])
     return float(getattr(output, "training_loss", math.nan))
+
+
+def _throughput(cfg: TrainConfig, built: _Built, trainer, seconds: float, world_size: int) -> dict[str, Any]:
+    """Rows per optimizer step, and the rows, epochs, steps, tokens and seconds of the run.
+
+    With prefix sharing a batch of N sequences holds a method-dependent number of rows, so the
+    effective batch is rows per sequence x sequences per optimizer step (all processes).
+    """
+    from gcsl.training.trainer import GcslSFTTrainer
+
+    per_sequence = built.train_rows / max(built.sequences, 1)
+    return {
+        "train_rows": built.train_rows,
+        "rows_per_sequence": round(per_sequence, 4),
+        "rows_per_step": round(per_sequence * cfg.per_device_batch_size * cfg.gradient_accumulation_steps
+                               * world_size, 4),
+        "epochs": round(float(trainer.state.epoch or 0.0), 4),
+        "optimizer_steps": trainer.state.global_step,
+        # Counted by GcslSFTTrainer (prompt and completion tokens, shared prefixes once); the
+        # preference trainers do not count.
+        "train_tokens": int(trainer.state.num_input_tokens_seen) if isinstance(trainer, GcslSFTTrainer) else None,
+        "train_seconds": round(seconds, 3),
+    }
+
+
+def _throughput_line(cfg: TrainConfig, metrics: dict[str, Any], world_size: int) -> str:
+    """One line for the run's log.
+
+    >>> _throughput_line(TrainConfig(data=Path("d"), out=Path("o"), per_device_batch_size=8), {
+    ...     "train_rows": 163, "rows_per_sequence": 10.1875, "rows_per_step": 81.5, "epochs": 1.0,
+    ...     "optimizer_steps": 2, "train_tokens": 14938, "train_seconds": 12.5}, 1)
+    'trained 2 optimizer steps of 81.5 rows (10.19 rows per sequence x 8 sequences x 1 accumulation x 1 process); 163 rows, 1 epochs, 14,938 tokens in 12.5 s'
+    """
+    tokens = metrics["train_tokens"]
+    return (f"trained {metrics['optimizer_steps']} optimizer steps of {metrics['rows_per_step']:g} rows "
+            f"({metrics['rows_per_sequence']:.2f} rows per sequence x {cfg.per_device_batch_size} sequences x "
+            f"{cfg.gradient_accumulation_steps} accumulation x {world_size} process{'es' if world_size > 1 else ''}); "
+            f"{metrics['train_rows']} rows, {metrics['epochs']:g} epochs"
+            + (f", {tokens:,} tokens" if tokens is not None else "") + f" in {metrics['train_seconds']:.1f} s")
 
 
 def _finish(cfg: TrainConfig, work: Path, prepared: _Prepared, trainer, metrics: dict[str, Any],

@@ -1,10 +1,15 @@
 """The one TRL subclass: ``SFTTrainer`` plus exactly what GCSL needs, in ``compute_loss``.
 
 - A KL penalty to the base model (Quark, used by the paper with coefficient 0.05): the reference
-  is the same model with the LoRA adapter disabled, run under ``no_grad`` on the same batch, so
-  no second copy of the model is loaded. The penalty is the token-level KL(policy || base) over
-  the full vocabulary, averaged over completion tokens, added as ``kl_coef * KL`` and logged as
-  ``kl`` (the data term is logged as ``nll``).
+  is the same model with the LoRA adapter disabled (no second copy is loaded), run under
+  ``no_grad`` on the goal-free prompt followed by the same completion tokens, as Quark's
+  reference never sees the control token. Batches whose prompts carry a goal bring those inputs
+  as ``ref_*`` keys (built by the collators, :func:`gcsl.training.packing.reference_row`); other
+  batches are goal-free already (a scalar goal's soft token is simply not inserted). The penalty
+  is the token-level KL(policy || base) over the full vocabulary, averaged over completion
+  tokens, added as ``kl_coef * KL`` and logged as ``kl`` (the data term is logged as ``nll``).
+- Reward-token rows may train at their own learning rate (``goal_token_lr``): they start from a
+  text's embedding and must move much further than a LoRA update.
 - Packed batches (:mod:`gcsl.training.packing`) go through either loss unchanged; only the
   token count TRL logs is taken from their position ids, not their 4D mask.
 - Scalar goals (``gcsl-noquant-embed``): a batch that carries ``goal_value`` gets the goal's
@@ -25,10 +30,13 @@ import torch
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from gcsl.errors import StageError
 from gcsl.training.goal_embedding import apply_goal_embedding, insert_before_first_token
 from gcsl.training.packing import is_packed_batch, packed_token_count
 
-__all__ = ["GcslSFTTrainer", "GoalValueCollator"]
+__all__ = ["GcslSFTTrainer", "GoalValueCollator", "ReferenceCollator"]
+
+REFERENCE_PREFIX = "ref_"  # batch keys holding the KL reference's inputs
 
 
 @dataclass
@@ -49,6 +57,29 @@ class GoalValueCollator:
         return batch
 
 
+@dataclass
+class ReferenceCollator:
+    """TRL's padding collator for rows that also carry the KL reference's inputs.
+
+    Pads ``input_ids``/``labels`` as TRL does and ``ref_input_ids``/``ref_labels`` (from
+    :func:`gcsl.training.packing.tokenize_rows`) the same way, returned with the ``ref_`` prefix.
+
+    >>> from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    >>> c = ReferenceCollator(DataCollatorForLanguageModeling(pad_token_id=0))
+    >>> c([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "ref_input_ids": [4, 3], "ref_labels": [-100, 3]}])[
+    ...     "ref_labels"]
+    tensor([[-100,    3]])
+    """
+
+    base: DataCollatorForLanguageModeling
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.base([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+        reference = self.base([{"input_ids": e["ref_input_ids"], "labels": e["ref_labels"]} for e in examples])
+        batch.update({REFERENCE_PREFIX + k: v for k, v in reference.items()})
+        return batch
+
+
 class GcslSFTTrainer(SFTTrainer):
     """``SFTTrainer`` with an optional KL penalty to the adapter-free base and scalar-goal inputs.
 
@@ -56,12 +87,13 @@ class GcslSFTTrainer(SFTTrainer):
     ...                          peft_config=lora, kl_coef=0.05)  # doctest: +SKIP
     """
 
-    def __init__(self, *args: Any, kl_coef: float = 0.0, **kwargs: Any):
+    def __init__(self, *args: Any, kl_coef: float = 0.0, goal_token_lr: float | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         from peft import PeftModel
         from peft.utils import TrainableTokensWrapper
 
         self.kl_coef = float(kl_coef)
+        self.goal_token_lr = goal_token_lr
         if self.kl_coef and not isinstance(self.model, PeftModel):
             raise ValueError("kl_coef > 0 needs a PEFT model: the KL reference is the model with its adapter disabled")
         # TRL's fused LM head saves the (batch, length, vocab) logits' memory, which matters on GPUs.
@@ -70,9 +102,33 @@ class GcslSFTTrainer(SFTTrainer):
         self._fused_head = (self.args.device.type != "cpu"
                             and not isinstance(self.model.get_output_embeddings(), TrainableTokensWrapper))
 
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the reward-token rows in a group of their own at ``goal_token_lr``.
+
+        The learning-rate schedule scales every group's own initial rate, so the rows follow the
+        same schedule at their own level.
+        """
+        optimizer = super().create_optimizer(model)
+        if self.goal_token_lr is None or any(g.get("goal_tokens") for g in optimizer.param_groups):
+            return optimizer
+        opt_model = self.model if model is None else model
+        # PEFT's TrainableTokens delta: the rows of the reward tokens (shared with a tied LM head).
+        rows = {id(p) for n, p in opt_model.named_parameters() if "trainable_tokens" in n and p.requires_grad}
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in rows]
+            if moved:
+                group["params"] = [p for p in group["params"] if id(p) not in rows]
+                options = {k: v for k, v in group.items() if k != "params"}
+                optimizer.add_param_group({**options, "params": moved, "lr": self.goal_token_lr, "goal_tokens": True})
+        return optimizer
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         goal_value = inputs.pop("goal_value", None)
+        batch = dict(inputs)  # with the KL reference's inputs, if the collator made them
+        inputs = {k: v for k, v in inputs.items() if not k.startswith(REFERENCE_PREFIX)}
         raw = dict(inputs)
+        if self.model.training:
+            self._count_tokens(raw)
         if goal_value is not None:
             inputs = self._with_goal(model, raw, goal_value)
         if self.kl_coef == 0 and self._fused_head:
@@ -106,12 +162,10 @@ class GcslSFTTrainer(SFTTrainer):
             self._record("entropy", -(log_probs.exp() * log_probs).sum(), n)
             self._record("mean_token_accuracy", (log_probs.argmax(-1) == tokens).sum(), n)
         if self.kl_coef:
-            peft_model = self.accelerator.unwrap_model(model)
-            with torch.no_grad(), peft_model.disable_adapter():
-                reference = forward if goal_value is None else self._with_goal(model, raw, goal_value)
-                reference = {k: v for k, v in reference.items() if k != "labels"}
-                reference["use_cache"] = False
-                ref_log_probs = model(**reference).logits[:, :-1][mask].float().log_softmax(-1)
+            ref_log_probs = self._reference_log_probs(model, batch)
+            if ref_log_probs.shape != log_probs.shape:
+                raise StageError(f"KL reference: it scores {ref_log_probs.shape[0]} completion tokens where the batch "
+                                 f"scores {log_probs.shape[0]}; re-run `gcsl prepare` so the goal-free prompts match")
             kl_sum = (log_probs.exp() * (log_probs - ref_log_probs)).sum()
             loss = loss + self.kl_coef * kl_sum / count
             self._record("kl", kl_sum.detach(), n)
@@ -119,6 +173,37 @@ class GcslSFTTrainer(SFTTrainer):
             # Like Trainer.compute_loss: the token count spans all ranks and DDP averages gradients.
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def _reference_log_probs(self, model, batch: dict[str, Any]) -> torch.Tensor:
+        """The base model's (completion tokens, vocab) log-probabilities given the goal-free prompts.
+
+        ``batch`` is a collated batch: its ``ref_*`` inputs when it has them, else its own inputs
+        (goal-free prompts; a ``goal_value`` is ignored, so no soft goal token goes in). The rows
+        come in the order of the batch's completion tokens, flattened row-major.
+        """
+        reference = {k[len(REFERENCE_PREFIX):]: v for k, v in batch.items() if k.startswith(REFERENCE_PREFIX)}
+        if not reference:
+            reference = {k: v for k, v in batch.items() if k != "goal_value"}
+        mask = reference["labels"][:, 1:] != -100
+        forward = {k: v for k, v in reference.items() if k != "labels"}
+        forward["use_cache"] = False
+        # Disabling the adapter also turns off the reward-token rows and the goal embedding's copy.
+        with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
+            return model(**forward).logits[:, :-1][mask].float().log_softmax(-1)
+
+    def _count_tokens(self, inputs: dict[str, Any]) -> None:
+        """Adds the batch's real (prompt and completion) tokens on all ranks to the trainer state.
+
+        Kept in ``state.num_input_tokens_seen``, which checkpoints save and resuming restores; the
+        Trainer's own count (off here) would count a packed batch's 4D mask entries, token pairs.
+        """
+        mask = inputs.get("attention_mask")
+        if is_packed_batch(inputs):
+            tokens = packed_token_count(inputs)
+        else:
+            tokens = mask.sum() if mask is not None else inputs["input_ids"].numel()
+        tokens = torch.as_tensor(tokens, device=self.args.device, dtype=torch.int64).reshape(1)
+        self.state.num_input_tokens_seen += int(self.accelerator.gather(tokens).sum().item())
 
     def _with_goal(self, model, inputs: dict[str, Any], goal_value: torch.Tensor) -> dict[str, Any]:
         """The batch with the goal's soft token before each row's first token (labels -100 there)."""
