@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from gcsl.config import resolve_config
-from gcsl.experiments.report import write_report
-from gcsl.experiments.runner import ExperimentConfig, expand_variants, run_experiment
+from gcsl.data.prepare import PrepareConfig, prepare
+from gcsl.errors import ConfigError
+from gcsl.experiments.report import curve_statistics, write_report
+from gcsl.experiments.runner import (
+    ExperimentConfig,
+    curve_goals,
+    expand_variants,
+    held_out_prompts,
+    run_experiment,
+    split_validation,
+    stage_paths,
+    variant_goals,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,15 +53,56 @@ def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir):
         "eval_prompts": str(_prompts(tmp_path / "p.jsonl")), "model": str(tiny_llama_dir),
         "methods": ["base", "sft", "gcsl-bey-nl"], "seeds": [0, 1], "baseline": "sft",
         "method_seeds": {"base": [1]},
-        "goal_curve": ["scale:1.1"], "prepare": {"score_range": [0, 1], "bins": 4},
+        # the list form for gcsl-bey-nl; a per-variant curve over every trained level for the
+        # unfiltered variant, whose name needs a slug on disk
+        "goal_curve": ["scale:1.1"], "goal_curves": {"gcsl-bey-nl[filter=False]": ["trained", "scale:1.1"]},
+        "variants": [{"name": "gcsl-bey-nl[filter=False]", "method": "gcsl-bey-nl", "prepare": {"filter": False},
+                      "seeds": [0]}],
+        "check_metrics": ["mean_score_textblob"], "validation_prompts": 3,
+        "prepare": {"score_range": [0, 1], "bins": 4},
         "train": {"max_steps": 2, "per_device_batch_size": 4, "report_to": "none", "save_steps": 1},
         "generate": {"max_new_tokens": 4, "batch_size": 4}, "ci_samples": 200,
     })
     report = run_experiment(cfg)
     text = report.read_text()
     assert "| gcsl-bey-nl | 0 1 | 4 |" in text and "(baseline)" in text
+    exp = tmp_path / "exp"
+    # Training never saw the 3 validation prompts: 3 x 2 rows held out of 24.
+    val = [json.loads(x) for x in (exp / "validation.jsonl").read_text().splitlines()]
+    train = [json.loads(x) for x in (exp / "train_feedback.jsonl").read_text().splitlines()]
+    assert len(val) == 6 and len(train) == 18
+    prepared = stage_paths(exp, "gcsl-bey-nl", 0)["prepared"]
+    assert json.loads((prepared / "run.json").read_text())["config"]["data"] == str(exp / "train_feedback.jsonl")
+    # Every row and curve point carries both scorers.
+    results = json.loads((exp / "results.json").read_text())
+    for row in results["rows"]:
+        assert 0 <= row["mean"] <= 1 and 0 <= row["mean_score_textblob_mean"] <= 1
+    assert {r["variant"] for r in results["check_rows"]["mean_score_textblob"]} == {r["variant"] for r in results["rows"]}
+    assert "### Check metric `mean_score_textblob`" in text
+    # The unfiltered variant's curve: all 4 trained levels then the scaled top, in requested order.
+    stats = results["curve_statistics"]["gcsl-bey-nl[filter=False]"]
+    assert stats["mean_score"]["goals"] == ["level:1", "level:2", "level:3", "level:4", "scale:1.1"]
+    assert stats["mean_score_textblob"]["n_goals"] == 5
+    assert stats["mean_score"]["top_goal"] == "scale:1.1" and stats["mean_score"]["bottom_goal"] == "level:1"
+    point = results["goal_curves"]["gcsl-bey-nl[filter=False]"]["level:1"]
+    assert point["n_units"] == 4 and "mean_score_textblob" in point["check"]
+    # Per-item generations and both scores are kept beside the report, for the slugged name too.
+    items = [json.loads(x) for x in (exp / "items" / "gcsl-bey-nl_filter_False" / "seed0" / "level_1.jsonl")
+             .read_text().splitlines()]
+    assert len(items) == 4 and {"prompt_id", "completion", "score", "score_textblob"} <= set(items[0])
+    assert (exp / "items" / "base" / "seed1" / "top.jsonl").exists()
+    # Training facts: rows of the variant's own prepared data, the 2 steps it ran.
+    facts = {t["variant"]: t for t in results["training"]}
+    assert "base" not in facts and facts["sft"]["seeds"] == [0, 1]
+    assert facts["gcsl-bey-nl"]["train_rows"] == [pq.read_metadata(prepared / "train.parquet").num_rows] * 2
+    assert facts["gcsl-bey-nl"]["optimizer_steps"] == [2, 2] and all(t > 0 for t in facts["sft"]["train_seconds"])
+    assert "## Training" in text and "| gcsl-bey-nl[filter=False] | 0 |" in text
+    assert any(b["variant"] == "gcsl-bey-nl[filter=False]" for b in results["beyond_check"])
+    if importlib.util.find_spec("gcsl.probe") is not None:
+        assert (exp / "probe" / "gcsl-bey-nl" / "seed0" / "probe.json").exists()
+        assert "## Goal sensitivity" in text and not (exp / "probe" / "sft").exists()
     results = json.loads((tmp_path / "exp" / "results.json").read_text())
-    assert {r["variant"] for r in results["rows"]} == {"base", "sft", "gcsl-bey-nl"}
+    assert {r["variant"] for r in results["rows"]} == {"base", "sft", "gcsl-bey-nl", "gcsl-bey-nl[filter=False]"}
     # A one-seed variant is compared with the baseline's same seed only.
     rows = {r["variant"]: r for r in results["rows"]}
     assert rows["base"]["compared_seeds"] == "1" and rows["gcsl-bey-nl"]["compared_seeds"] == "0 1"
@@ -58,7 +113,8 @@ def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir):
     run = tmp_path / "exp" / "runs" / "gcsl-bey-nl" / "seed1"
     assert (run / "model" / "run.json").exists() and (run / "metrics-scale_1.1.json").exists()
     # A re-run skips every finished stage: nothing is rewritten.
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "exp" / "runs").rglob("*") if p.is_file()}
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "exp").rglob("*") if p.is_file()
+              and p.parent.name != "exp" or p.suffix == ".jsonl"}
     run_experiment(cfg)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # An interrupted evaluation is redone: remove one metrics file and it comes back.
@@ -95,3 +151,97 @@ def test_every_shipped_experiment_config_validates(path):
     data.setdefault("eval_prompts", "p")
     cfg = resolve_config(ExperimentConfig, overrides=data)
     assert expand_variants(cfg)
+
+
+def _curve_point(mean: float, per_seed_units: dict[int, dict[str, float]]) -> dict:
+    return {"mean": mean, "seeds": sorted(per_seed_units), "per_seed_units": per_seed_units}
+
+
+def test_curve_statistics_known_answers():
+    # Given out of order on purpose: goals are ranked by what they request.
+    points = {
+        "high": _curve_point(0.7, {0: {"p1": 0.8, "p2": 0.6}, 1: {"p1": 0.6, "p2": 0.8}, 2: {"p1": 0.0, "p2": 0.0}}),
+        "low": _curve_point(0.3, {0: {"p1": 0.2, "p2": 0.4}, 1: {"p1": 0.2, "p2": 0.4}}),
+        "mid": _curve_point(0.5, {0: {"p1": 0.5, "p2": 0.5}, 1: {"p1": 0.5, "p2": 0.5}}),
+    }
+    st = curve_statistics(points, {"high": 0.9, "low": 0.1, "mid": 0.5}, n_boot=500)
+    assert st["goals"] == ["low", "mid", "high"] and st["spearman_rho"] == pytest.approx(1.0)
+    # Seed 2 exists only at the top goal, so it is left out of the pairing: per prompt
+    # (0.7 - 0.2, 0.7 - 0.4) -> mean 0.4. A resample of the 2 prompts draws the 0.3 pair twice a
+    # quarter of the time, so the 2.5% and 97.5% quantiles are exactly 0.3 and 0.5.
+    assert st["top_minus_bottom"] == pytest.approx(0.4) and st["seeds"] == [0, 1] and st["n_units"] == 2
+    assert (st["diff_low"], st["diff_high"]) == pytest.approx((0.3, 0.5))
+    # Achieved order mid > high > low over requested low < mid < high: rho = 1 - 6 * 2 / (3 * 8) = 0.5.
+    swapped = {**points, "mid": _curve_point(0.9, points["mid"]["per_seed_units"])}
+    assert curve_statistics(swapped, {"low": 0.1, "mid": 0.5, "high": 0.9}, n_boot=50)["spearman_rho"] == 0.5
+    # Unknown requested values: the configured order stands; a flat curve has no rho.
+    flat = {g: _curve_point(0.5, p["per_seed_units"]) for g, p in points.items()}
+    st = curve_statistics(flat, {"high": None, "low": None, "mid": None}, n_boot=50)
+    assert st["goals"] == ["high", "low", "mid"] and st["spearman_rho"] is None
+    assert st["top_goal"] == "mid" and st["bottom_goal"] == "high"
+
+
+def test_validation_split_is_deterministic_and_disjoint(tmp_path):
+    prompts = [f"prompt {i}" for i in range(10)]
+    by_hash = sorted(prompts, key=lambda p: hashlib.sha256(p.encode()).hexdigest())
+    assert held_out_prompts(prompts, 3) == set(by_hash[:3]) == held_out_prompts(reversed(prompts * 2), 3)
+    with pytest.raises(ConfigError, match="all 10 distinct"):
+        held_out_prompts(prompts, 10)
+
+    data = _feedback(tmp_path / "fb.jsonl")
+    over = {"name": "x", "out": tmp_path / "exp", "task": "sentiment", "data": str(data), "eval_prompts": "p",
+            "validation_prompts": 4}
+    cfg = resolve_config(ExperimentConfig, overrides=over)
+    train_path, val_path = split_validation(cfg)
+    train = [json.loads(x) for x in train_path.read_text().splitlines()]
+    val = [json.loads(x) for x in val_path.read_text().splitlines()]
+    key = json.dumps
+    assert len({key(r["prompt"]) for r in val}) == 4 and not {key(r["prompt"]) for r in val} & {
+        key(r["prompt"]) for r in train}
+    original = [json.loads(x) for x in data.read_text().splitlines()]
+    assert sorted(map(key, train + val)) == sorted(map(key, original))  # every row, columns as logged
+    # Independent of any seed, and a re-run leaves the files as they were.
+    stamp = train_path.stat().st_mtime_ns
+    split_validation(dataclasses.replace(cfg, seeds=[7]))
+    assert train_path.stat().st_mtime_ns == stamp
+    # Once a variant is prepared, the split may not move under it.
+    (tmp_path / "exp" / "runs" / "sft" / "prepared").mkdir(parents=True)
+    (tmp_path / "exp" / "runs" / "sft" / "prepared" / "goals.json").write_text("{}")
+    with pytest.raises(ConfigError, match="validation split differs"):
+        split_validation(dataclasses.replace(cfg, validation_prompts=5))
+
+
+def test_trained_goal_curves_expand_from_prepared_goals(tmp_path):
+    data = _feedback(tmp_path / "fb.jsonl")
+    cfg = resolve_config(ExperimentConfig, overrides={
+        "name": "x", "out": tmp_path / "exp", "task": "sentiment", "data": str(data), "eval_prompts": "p",
+        "methods": ["gcsl", "gcsl-bey-nl"], "goal_curves": {"gcsl": ["level:1", "level:4"],
+                                                           "gcsl-bey-nl": ["trained", "scale:1.1"]},
+        "variants": [{"name": "bey-all", "method": "gcsl-bey-nl", "prepare": {"filter": False}}]})
+    variants = {v.name: v for v in expand_variants(cfg)}
+    # The unfiltered variant inherits its method's curve; before prepare `trained` has no levels yet.
+    assert variants["bey-all"].curve == ["trained", "scale:1.1"]
+    assert variant_goals(cfg.out, variants["bey-all"]) == ["top", "scale:1.1"]
+    for v in variants.values():
+        prepare(resolve_config(PrepareConfig, overrides={
+            "data": str(data), "method": v.method, "score_range": [0, 1], "bins": 4, **v.prepare, "quiet": True,
+            "out": stage_paths(cfg.out, v.name, 0)["prepared"]}))
+    # Scores (i % 8) / 7 in 4 equal bins: thresholds 0, 2/7, 4/7, 6/7 and mean 0.5, so filtering keeps 3 and 4.
+    assert curve_goals(cfg.out, variants["gcsl-bey-nl"]) == ["level:3", "level:4", "scale:1.1"]
+    assert curve_goals(cfg.out, variants["bey-all"]) == ["level:1", "level:2", "level:3", "level:4", "scale:1.1"]
+    assert variant_goals(cfg.out, variants["gcsl"]) == ["top", "level:1", "level:4"]
+
+
+def test_goal_curve_config_forms_and_errors():
+    base = {"name": "x", "out": "o", "task": "sentiment", "data": "d", "eval_prompts": "p",
+            "methods": ["sft", "gcsl-bey-nl"]}
+    old = {v.name: v for v in expand_variants(resolve_config(ExperimentConfig, overrides={
+        **base, "goal_curve": ["0.3", "scale:1.2"]}))}
+    assert old["gcsl-bey-nl"].goals == ["top", "0.3", "scale:1.2"] == old["gcsl-bey-nl"].curve
+    assert old["sft"].goals == ["top"] and old["sft"].curve == []
+    with pytest.raises(ConfigError, match=r"goal_curves.gcsl-bey-nl: goal 'level:x'"):
+        resolve_config(ExperimentConfig, overrides={**base, "goal_curves": {"gcsl-bey-nl": ["level:x"]}})
+    with pytest.raises(ConfigError, match="validation_prompts: must be >= 0"):
+        resolve_config(ExperimentConfig, overrides={**base, "validation_prompts": -1})
+    with pytest.raises(ConfigError, match="goal_curves: gcsl-nl name"):
+        expand_variants(resolve_config(ExperimentConfig, overrides={**base, "goal_curves": {"gcsl-nl": ["top"]}}))

@@ -11,8 +11,9 @@ from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from gcsl.config import resolve_config
 from gcsl.errors import ConfigError, DataError, MissingDependencyError
-from gcsl.scorers import VaderScorer
+from gcsl.scorers import TextBlobScorer, VaderScorer, build_scorer
 from gcsl.tasks.sentiment import (
+    CHECK_KEY,
     NEUTRAL_SCORE,
     REVIEW_TEMPLATES,
     Movie,
@@ -53,6 +54,25 @@ def test_vader_bad_inputs():
         VaderScorer("sideways")
 
 
+def test_textblob_maps_polarity_to_unit_interval_in_both_directions():
+    # TextBlob polarities: -1.0, +1.0, -0.4958 ("dull" and "bad" averaged, "painfully" intensifies)
+    texts = ["The worst movie ever made.", "A wonderful, moving film.", "Dull and painfully bad."]
+    pos = TextBlobScorer("positive").score(texts)
+    neg = TextBlobScorer("negative").score(texts)
+    assert pos == pytest.approx([0.0, 1.0, 0.2520833], abs=1e-6)
+    assert neg == pytest.approx([1.0, 0.0, 0.7479167], abs=1e-6)
+    assert build_scorer("textblob", direction="negative").name == "textblob-negative"
+
+
+def test_textblob_bad_inputs_never_raise():
+    s = TextBlobScorer("negative")
+    # no opinion words: polarity 0, the same neutral 0.5 VADER gives
+    assert s.score(["", "\x00\x01 ###", "zzzz " * 2000, 3, None]) == [0.5, 0.5, 0.5, None, None]
+    assert s.last_reasons[:3] == [None, None, None] and "not text (int)" in s.last_reasons[3]
+    with pytest.raises(ConfigError, match="direction"):
+        TextBlobScorer("up")
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics by hand
 # ---------------------------------------------------------------------------------------------
@@ -84,6 +104,19 @@ def test_sentiment_metrics_by_hand():
     assert items[("m2", 1)]["status"] == "scored" and items[("m2", 1)]["score"] == NEUTRAL_SCORE
     assert any("2 of 5 generation(s) were empty or unscorable" in n for n in res.notes)
     assert res.unit_scores["dist-1"]["m1"] == pytest.approx(8 / 8)
+
+
+def test_sentiment_check_scorer_per_item_and_per_prompt():
+    res = evaluate(ROWS, SentimentEvalConfig())
+    # TextBlob (positive): GOOD 1.0, BAD 0.2520833, FLAT 0.475 ("long" reads -0.05); empty and non-text neutral
+    assert [i[CHECK_KEY] for i in res.items] == pytest.approx([1.0, 0.2520833, 0.5, 0.475, 0.5], abs=1e-6)
+    assert res.unit_scores["mean_score_textblob"] == pytest.approx(
+        {"m1": (1.0 + 0.2520833) / 2, "m2": (0.5 + 0.475) / 2, "m3": 0.5}, abs=1e-6)
+    assert res.metrics["mean_score_textblob"] == pytest.approx(
+        ((1.0 + 0.2520833) / 2 + 0.4875 + 0.5) / 3, abs=1e-6)
+    assert "empty completion" in res.items[2][f"{CHECK_KEY}_reason"] and f"{CHECK_KEY}_reason" not in res.items[0]
+    assert res.options["check_scorer_name"] == "textblob-positive"
+    assert any("textblob-positive: 2 of 5" in n for n in res.notes)
 
 
 def test_sentiment_negative_direction_and_threshold_option():

@@ -13,6 +13,7 @@ scorer                      measures                                            
 :class:`DetoxifyScorer`     Detoxify toxicity (original / unbiased / multilingual)        extra
 :class:`HFClassifierScorer` one class probability of any sequence classifier              model
 :class:`VaderScorer`        VADER sentiment, compound mapped to [0, 1]                    offline
+:class:`TextBlobScorer`     TextBlob (Pattern lexicon) polarity mapped to [0, 1]          offline
 ==========================  ===========================================================  =========
 
 Scores from different scorers are not interchangeable: the profanity scorer in particular is
@@ -41,6 +42,7 @@ __all__ = [
     "DetoxifyScorer",
     "HFClassifierScorer",
     "VaderScorer",
+    "TextBlobScorer",
     "build_scorer",
     "SCORER_KINDS",
 ]
@@ -48,7 +50,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PERSPECTIVE_URL = "https://commentanalyzer.googleapis.com/v1alpha1/comments:analyze"
-SCORER_KINDS = ("profanity-check", "perspective", "detoxify", "hf", "vader")
+SCORER_KINDS = ("profanity-check", "perspective", "detoxify", "hf", "vader", "textblob")
 
 
 def _score_safely(texts: Sequence[Any], batch_fn: Callable[[list[str]], Sequence[float]],
@@ -147,6 +149,42 @@ class VaderScorer:
     def _one(self, text: str) -> float:
         positive = (self._analyzer.polarity_scores(text)["compound"] + 1.0) / 2.0
         return positive if self.direction == "positive" else 1.0 - positive
+
+    def score(self, texts: Sequence[str]) -> list[float | None]:
+        scores, self.last_reasons = _score_safely(texts, lambda b: [self._one(t) for t in b], 64)
+        return scores
+
+
+class TextBlobScorer:
+    """TextBlob polarity p in [-1, 1] mapped to [0, 1] as VaderScorer maps its compound.
+
+    ``(p + 1) / 2`` for ``positive`` and ``(1 - p) / 2`` for ``negative``, so 1 is fully the goal's
+    direction and a text without opinion words scores 0.5 under both scorers. The scorer is
+    TextBlob's default PatternAnalyzer: a hand-built adjective lexicon (shipped inside the wheel,
+    no corpus download) that averages word polarities with negation and intensifiers, so it shares
+    neither lexicon nor rules with VADER and serves as an independent check of a VADER-trained goal.
+
+    >>> s = TextBlobScorer("negative")
+    >>> s.score(["", "The worst movie ever made."])
+    [0.5, 1.0]
+    """
+
+    def __init__(self, direction: str = "positive"):
+        if direction not in ("positive", "negative"):
+            raise ConfigError(f"direction: {direction!r} is not one of positive, negative")
+        try:
+            from textblob.en.sentiments import PatternAnalyzer
+        except ImportError:
+            raise MissingDependencyError.for_package("textblob", "the TextBlob sentiment scorer",
+                                                     "pip install 'gcsl[eval]'") from None
+        self._analyzer = PatternAnalyzer()
+        self.direction = direction
+        self.name = f"textblob-{direction}"
+        self.last_reasons: list[str | None] = []
+
+    def _one(self, text: str) -> float:
+        polarity = float(self._analyzer.analyze(text).polarity)
+        return (1.0 + polarity) / 2.0 if self.direction == "positive" else (1.0 - polarity) / 2.0
 
     def score(self, texts: Sequence[str]) -> list[float | None]:
         scores, self.last_reasons = _score_safely(texts, lambda b: [self._one(t) for t in b], 64)
@@ -378,10 +416,11 @@ class HFClassifierScorer:
 
 
 def build_scorer(kind: str, **options: Any):
-    """A scorer by kind: ``profanity-check``, ``perspective``, ``detoxify``, ``hf`` or ``vader``.
+    """A scorer by kind: ``profanity-check``, ``perspective``, ``detoxify``, ``hf``, ``vader`` or ``textblob``.
 
     Options go to the scorer's constructor (``model=`` for ``hf``, ``model_type=`` for
-    ``detoxify``, ``direction=`` for ``vader``; ``None`` values are left at their defaults).
+    ``detoxify``, ``direction=`` for ``vader`` and ``textblob``; ``None`` values are left at
+    their defaults).
 
     >>> build_scorer("vader", direction="negative").name
     'vader-negative'
@@ -395,6 +434,8 @@ def build_scorer(kind: str, **options: Any):
         return DetoxifyScorer(**options)
     if kind == "vader":
         return VaderScorer(**options)
+    if kind == "textblob":
+        return TextBlobScorer(**options)
     if kind == "hf":
         if not options.get("model"):
             raise ConfigError("the hf scorer needs a model: set the classifier's folder or hub id")

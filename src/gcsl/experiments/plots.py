@@ -44,45 +44,56 @@ def plot_bars(out: Path, rows: list[dict[str, Any]], metric: str) -> Path | None
     return _save(fig, out / "methods.png")
 
 
-def plot_goal_curve(out: Path, cfg, results: dict[str, Any]) -> Path | None:
-    """Requested goal (threshold in metric units) vs achieved score, for variants with several goals."""
-    from gcsl.goals import GoalSetup, inference_goal
+def plot_goal_curve(out: Path, cfg, curves: dict[str, Any], metrics: list[str]) -> Path | None:
+    """Requested goal vs achieved score per curve variant, one panel per metric (primary, then check scorers).
 
-    curves = {n: r for n, r in results.items() if len(r["goals"]) > 1}
-    if not curves:
+    ``curves`` is the report's curve table (ordered goals, requested values, points per metric).
+    The dotted diagonal (achieved = requested) is drawn only for a metric on the training
+    feedback's scale, where the two are comparable.
+    """
+    from gcsl.experiments.report import _FEEDBACK_SCALE_METRICS
+
+    drawn = {n: c for n, c in curves.items() if all(c["requested"].get(g) is not None for g in c["requested"])}
+    if not drawn:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for name, r in curves.items():
-        setup = GoalSetup.load(Path(cfg.out) / "runs" / name / "prepared" / "goals.json")
-        pts = []
-        for goal, d in r["goals"].items():
-            g = inference_goal(setup, goal)
-            x = g.threshold if g.threshold is not None else g.value
-            pts.append((x, d["mean"], d["low"], d["high"]))
-        pts.sort()
-        x, y, lo, hi = (np.array(v, dtype=float) for v in zip(*pts))
-        ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", capsize=3, label=name)
-    lims = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
-    ax.plot(lims, lims, ls=":", color="grey", label="achieved = requested")
-    ax.set_xlabel("requested goal (threshold)")
-    ax.set_ylabel(f"achieved {cfg.primary_metric}")
-    ax.legend(fontsize=8)
-    ax.set_title("Goal following")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for name, c in drawn.items():
+            pts = sorted((c["requested"][g], p[metric]["mean"], p[metric]["low"], p[metric]["high"])
+                         for g, p in c["points"].items() if metric in p)
+            if not pts:
+                continue
+            x, y, lo, hi = (np.array([np.nan if v is None else v for v in col], dtype=float) for col in zip(*pts))
+            lo, hi = np.where(np.isnan(lo), y, lo), np.where(np.isnan(hi), y, hi)
+            ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", capsize=3, label=name)
+        if (cfg.task, metric) in _FEEDBACK_SCALE_METRICS:
+            lims = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
+            ax.plot(lims, lims, ls=":", color="grey", label="achieved = requested")
+        ax.set_xlabel("requested goal (threshold or value, training metric)")
+        ax.set_ylabel(f"achieved {metric}")
+        ax.legend(fontsize=8)
+        ax.set_title(f"Goal following: {metric}")
     return _save(fig, out / "goal_curve.png")
 
 
 def plot_histogram(out: Path, cfg, variants) -> Path | None:
     """Training scores with the thresholds drawn on them (and which were kept as goals)."""
-    prepared = next((Path(cfg.out) / "runs" / v.name / "prepared" for v in variants
-                     if (Path(cfg.out) / "runs" / v.name / "prepared" / "goals.json").exists()
-                     and v.method.startswith("gcsl-bey")), None)
-    if prepared is None:
+    from gcsl.experiments.runner import stage_paths, training_data
+
+    # A beyond variant on the shared prepare options first: its kept goals are the experiment's own
+    # (an unfiltered or re-binned variant would draw other thresholds).
+    candidates = sorted((v for v in variants if v.method.startswith("gcsl-bey")
+                         and (stage_paths(cfg.out, v.name, 0)["prepared"] / "goals.json").exists()),
+                        key=lambda v: bool(v.prepare))
+    if not candidates:
         return None
+    prepared = stage_paths(cfg.out, candidates[0].name, 0)["prepared"]
     goals = json.loads((prepared / "goals.json").read_text())
     from gcsl.data.load import read_feedback
 
-    table, _ = read_feedback(cfg.data, score_column=cfg.prepare.get("score_column", "score"),
+    # What the variants trained on: the log less the validation prompts when there are some.
+    table, _ = read_feedback(training_data(cfg), score_column=cfg.prepare.get("score_column", "score"),
                              prompt_column=cfg.prepare.get("prompt_column", "prompt"),
                              response_column=cfg.prepare.get("response_column", "response"))
     from gcsl.goals import MetricSpec

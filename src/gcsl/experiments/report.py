@@ -13,7 +13,7 @@ import numpy as np
 from gcsl.metrics.stats import mean_ci, paired_bootstrap, paired_ttest
 from gcsl.runinfo import atomic_path, atomic_write_json, atomic_write_text
 
-__all__ = ["write_report", "collect_results"]
+__all__ = ["write_report", "collect_results", "curve_statistics", "training_facts", "requested_goals"]
 
 
 # (task, metric) pairs whose metric is the mean of the training feedback's own score, higher = better.
@@ -36,14 +36,17 @@ def _unit_means(per_seed: list[dict[str, float]]) -> dict[str, float]:
     return {u: float(np.mean(v)) for u, v in acc.items()}
 
 
-def collect_results(cfg, variants) -> dict[str, Any]:
-    """Per variant and goal: per-seed metrics, unit scores pooled over seeds, interval, n."""
-    from gcsl.experiments.runner import stage_paths
+def collect_results(cfg, variants, metric: str | None = None) -> dict[str, Any]:
+    """Per variant and goal: per-seed metrics, unit scores pooled over seeds, interval, n.
 
-    metric = cfg.primary_metric
+    ``metric`` defaults to the primary one; check metrics (a second scorer) are collected the same way.
+    """
+    from gcsl.experiments.runner import stage_paths, variant_goals
+
+    metric = metric or cfg.primary_metric
     results: dict[str, Any] = {}
     for v in variants:
-        for goal in v.goals:
+        for goal in variant_goals(cfg.out, v):
             seeds, per_seed_value, per_seed_units = [], {}, {}
             for seed in v.seeds:
                 m = _load(stage_paths(cfg.out, v.name, seed, goal)["metrics"])
@@ -68,12 +71,8 @@ def _fmt(x: float | None, nd: int = 3) -> str:
     return "—" if x is None or not np.isfinite(x) else f"{x:.{nd}f}"
 
 
-def write_report(cfg, variants) -> Path:
-    from gcsl.experiments.plots import plot_bars, plot_goal_curve, plot_histogram
-
-    out = Path(cfg.out)
-    metric = cfg.primary_metric
-    results = collect_results(cfg, variants)
+def _comparison_rows(cfg, results: dict[str, Any], metric: str) -> list[dict[str, Any]]:
+    """One row per variant at the top goal, with its difference from the baseline."""
     base = results.get(cfg.baseline, {}).get("goals", {}).get("top")
     rows = []
     for name, r in results.items():
@@ -95,46 +94,11 @@ def write_report(cfg, variants) -> Path:
                 row |= {"diff_vs_baseline": pb.diff, "diff_low": pb.low, "diff_high": pb.high,
                         "bootstrap_p": pb.p_value, "ttest_p": tt.p_value, "compared_seeds": " ".join(map(str, shared))}
         rows.append(row)
+    return rows
 
-    # The paper's "beyond" check: does the top goal beat the mean score of the top training bin?
-    # It needs the evaluation to score generations as the feedback did (higher = better).
-    beyond = []
-    beyond_applies = (cfg.task, metric) in _FEEDBACK_SCALE_METRICS
-    for name, r in results.items() if beyond_applies else ():
-        goals_file = out / "runs" / name / "prepared" / "goals.json"
-        g = _load(goals_file) if goals_file.exists() else None
-        top = r["goals"].get("top")
-        if g and top and g.get("top_bin_mean") is not None and r["method"] != "base":
-            beyond.append({"variant": name, "top_goal_mean": top["mean"], "ci_low": top["low"], "ci_high": top["high"],
-                           "top_training_bin_mean": g["top_bin_mean"],
-                           "exceeds": bool(top["low"] is not None and top["low"] > g["top_bin_mean"]),
-                           "mean_exceeds": bool(top["mean"] > g["top_bin_mean"])})
 
-    fieldnames = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fieldnames)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "results.csv", buf.getvalue())
-    atomic_write_json(out / "results.json", {"metric": metric, "baseline": cfg.baseline, "rows": rows,
-                                             "beyond_check": beyond,
-                                             "goal_curves": {n: {g: {k: v for k, v in d.items() if k not in _UNIT_KEYS}
-                                                                 for g, d in r["goals"].items()}
-                                                             for n, r in results.items()}})
-    plots = []
-    for fn, args in ((plot_bars, (rows, metric)), (plot_goal_curve, (cfg, results)), (plot_histogram, (cfg, variants))):
-        path = fn(out, *args)
-        if path is not None:
-            plots.append(path)
-
-    lines = [f"# {cfg.name}", "",
-             f"Task `{cfg.task}`, base model `{cfg.model}`, evaluation prompts `{cfg.eval_prompts}`, "
-             f"training feedback `{cfg.data}`.",
-             f"Metric `{metric}` at the top goal: mean over evaluation units (prompts) of each unit's score "
-             f"averaged over seeds, with a 95% bootstrap interval ({cfg.ci_samples} resamples); n = units. "
-             f"Differences vs `{cfg.baseline}`, over the seeds both have (marked where fewer than the variant's): "
-             "paired bootstrap over shared units, and a paired t-test over those seeds (NaN where fewer than 2).", "",
-             "| variant | seeds | n | mean | 95% CI | per seed | diff vs baseline [95% CI] | bootstrap p | t-test p |",
+def _table_lines(cfg, rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| variant | seeds | n | mean | 95% CI | per seed | diff vs baseline [95% CI] | bootstrap p | t-test p |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         diff = (f"{_fmt(r['diff_vs_baseline'])} [{_fmt(r['diff_low'])}, {_fmt(r['diff_high'])}]"
@@ -144,6 +108,286 @@ def write_report(cfg, variants) -> Path:
         lines.append(f"| {r['variant']} | {r['seeds']} | {r['n_units']} | {_fmt(r['mean'])} | "
                      f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] | {r['per_seed']} | {diff} | "
                      f"{_fmt(r.get('bootstrap_p'))} | {_fmt(r.get('ttest_p'))} |")
+    return lines
+
+
+# -- training facts ----------------------------------------------------------------------------
+
+TRAIN_FACTS = ("train_rows", "epochs", "optimizer_steps", "train_tokens", "train_seconds", "rows_per_step")
+
+
+def training_facts(model_dir: Path) -> dict[str, Any] | None:
+    """What one finished training run did: rows, epochs, optimizer steps, tokens, seconds, rows per step.
+
+    Read from train_metrics.json; runs made before it held these keys fall back to run.json
+    (rows) and trainer_state.json (epoch, global step, token count, train_runtime). A fact
+    nowhere to be found is None. None for a run that has not finished.
+    """
+    run = _load(Path(model_dir) / "run.json")
+    if run is None:
+        return None
+    metrics = _load(Path(model_dir) / "train_metrics.json") or {}
+    state = _load(Path(model_dir) / "trainer_state.json") or {}
+    summary = next((h for h in reversed(state.get("log_history") or []) if "train_runtime" in h), {})
+    fallback = {"train_rows": run.get("rows"), "epochs": state.get("epoch"),
+                "optimizer_steps": metrics.get("global_step", state.get("global_step")),
+                # the trainer leaves 0 here when it was not asked to count tokens
+                "train_tokens": state.get("num_input_tokens_seen") or None,
+                "train_seconds": summary.get("train_runtime"), "rows_per_step": None}
+    return {k: metrics.get(k, fallback[k]) for k in TRAIN_FACTS}
+
+
+def _training_table(cfg, variants) -> list[dict[str, Any]]:
+    from gcsl.experiments.runner import stage_paths
+
+    out = []
+    for v in variants:
+        facts = {seed: training_facts(stage_paths(cfg.out, v.name, seed)["model"]) for seed in v.seeds}
+        facts = {seed: f for seed, f in facts.items() if f is not None}
+        if v.method == "base" or not facts:
+            continue
+        out.append({"variant": v.name, "method": v.method, "seeds": sorted(facts),
+                    **{k: [facts[seed][k] for seed in sorted(facts)] for k in TRAIN_FACTS}})
+    return out
+
+
+def _fmt_fact(values: list[Any], key: str) -> str:
+    """One value when every seed agrees, else the per-seed values; n/a where a run does not say."""
+    def one(x: Any) -> str:
+        if x is None or (isinstance(x, float) and not np.isfinite(x)):
+            return "n/a"
+        if key == "train_seconds":
+            return f"{float(x):.1f} s" if float(x) < 60 else f"{float(x) / 60:.1f} min"
+        if key in ("epochs", "rows_per_step") and not float(x).is_integer():
+            return f"{float(x):.2f}"
+        return f"{int(x):,}" if key == "train_tokens" else str(int(x)) if float(x).is_integer() else str(x)
+
+    shown = [one(x) for x in values]
+    return shown[0] if len(set(shown)) == 1 else " / ".join(shown)
+
+
+# -- goal-following curves ---------------------------------------------------------------------
+
+def requested_goals(cfg, v, goals: list[str]) -> dict[str, float | None]:
+    """Each goal request as the threshold or value it asks for, in the metric's units (None if unknown).
+
+    Goal-free variants, or a variant not yet prepared, have no requested values: the curve then
+    falls back to the order the goals were configured in.
+    """
+    from gcsl.errors import ConfigError, StageError
+    from gcsl.experiments.runner import stage_paths
+    from gcsl.goals import GoalSetup, inference_goal
+
+    prepared = stage_paths(cfg.out, v.name, 0)["prepared"]
+    try:
+        setup = GoalSetup.load(prepared)
+    except StageError:
+        return {g: None for g in goals}
+    out: dict[str, float | None] = {}
+    for g in goals:
+        try:
+            goal = inference_goal(setup, g)
+        except ConfigError:
+            out[g] = None
+            continue
+        out[g] = goal.threshold if goal.threshold is not None else goal.value
+    return out
+
+
+def curve_statistics(points: dict[str, dict[str, Any]], requested: dict[str, float | None], *, n_boot: int,
+                     seed: int = 0) -> dict[str, Any]:
+    """Does the achieved score follow the requested goal? Spearman's rho and top minus bottom.
+
+    ``points[goal]`` is a :func:`collect_results` entry (``mean``, ``seeds``, ``per_seed_units``);
+    ``requested[goal]`` the value the goal asks for. Goals are ordered by requested value (by
+    their given order when any value is unknown). ``spearman_rho`` ranks the requested values
+    against the achieved means (ties share ranks; NaN when either side is constant).
+    ``top_minus_bottom`` is the highest requested goal's score minus the lowest's, paired over
+    the prompts and the seeds both have (each prompt's score averaged over those seeds, as in
+    the method comparison), with a paired bootstrap interval and p-value.
+    """
+    goals = [g for g in requested if g in points]
+    xs = [requested[g] for g in goals]
+    if any(x is None for x in xs):
+        xs = [float(i) for i in range(len(goals))]
+    order = sorted(range(len(goals)), key=lambda i: (xs[i], i))
+    goals, xs = [goals[i] for i in order], [float(xs[i]) for i in order]
+    means = [float(points[g]["mean"]) for g in goals]
+    out: dict[str, Any] = {"goals": goals, "requested": xs, "means": means, "n_goals": len(goals),
+                           "spearman_rho": None, "spearman_p": None, "top_goal": None, "bottom_goal": None}
+    if len(goals) >= 2 and np.ptp(xs) > 0 and np.ptp(means) > 0:
+        from scipy.stats import spearmanr
+
+        res = spearmanr(xs, means)
+        out["spearman_rho"], out["spearman_p"] = float(res.statistic), float(res.pvalue)
+    if len(goals) >= 2 and xs[-1] > xs[0]:
+        top, bottom = points[goals[-1]], points[goals[0]]
+        shared = [s for s in top["seeds"] if s in bottom["seeds"]]
+        if shared:
+            pb = paired_bootstrap(_unit_means([top["per_seed_units"][s] for s in shared]),
+                                  _unit_means([bottom["per_seed_units"][s] for s in shared]), n_boot=n_boot, seed=seed)
+            out |= {"top_goal": goals[-1], "bottom_goal": goals[0], "top_minus_bottom": pb.diff, "diff_low": pb.low,
+                    "diff_high": pb.high, "diff_p": pb.p_value, "n_units": pb.n, "seeds": shared}
+    return out
+
+
+def _curves(cfg, variants, by_metric: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per curve variant: its goals in order, each point under every metric, and the statistics per metric."""
+    from gcsl.experiments.runner import curve_goals
+
+    out = {}
+    for v in variants:
+        goals = curve_goals(cfg.out, v)
+        if len(goals) < 2:
+            continue
+        requested = requested_goals(cfg, v, goals)
+        stats = {m: curve_statistics(res.get(v.name, {}).get("goals", {}), requested, n_boot=cfg.ci_samples)
+                 for m, res in by_metric.items()}
+        if not any(st["n_goals"] for st in stats.values()):
+            continue
+        points = {g: {m: {k: res[v.name]["goals"][g][k] for k in ("mean", "low", "high", "n_units", "seeds")}
+                      for m, res in by_metric.items() if g in res.get(v.name, {}).get("goals", {})}
+                  for g in goals}
+        out[v.name] = {"method": v.method, "requested": requested, "points": points, "statistics": stats}
+    return out
+
+
+def _curve_lines(cfg, curves: dict[str, Any], metrics: list[str]) -> list[str]:
+    lines = ["", "## Goal following", "",
+             "Each curve's goals in increasing order of what they request (the goal's threshold or value in "
+             "the training metric's units; `level:K` is level K's goal exactly as trained). Spearman's rho "
+             "ranks requested against achieved means; top minus bottom is the highest requested goal's score "
+             "minus the lowest's, paired over prompts and the seeds both have (95% paired bootstrap interval, "
+             f"{cfg.ci_samples} resamples). A goal that steers gives rho near 1 and an interval above 0.", "",
+             "| variant | metric | goals | Spearman rho | top - bottom [95% CI] | p |", "|---|---|---|---|---|---|"]
+    for name, c in curves.items():
+        for m in metrics:
+            st = c["statistics"].get(m)
+            if not st or not st["n_goals"]:
+                continue
+            diff = (f"{_fmt(st['top_minus_bottom'])} [{_fmt(st['diff_low'])}, {_fmt(st['diff_high'])}] "
+                    f"({st['top_goal']} - {st['bottom_goal']})" if st["top_goal"] else "—")
+            lines.append(f"| {name} | {m} | {st['n_goals']} | {_fmt(st['spearman_rho'])} | {diff} | "
+                         f"{_fmt(st.get('diff_p'))} |")
+    lines += ["", "| variant | goal | requested | n | " + " | ".join(f"{m} [95% CI]" for m in metrics) + " |",
+              "|---|---|---|---|" + "---|" * len(metrics)]
+    for name, c in curves.items():
+        order = next((st["goals"] for st in c["statistics"].values() if st["n_goals"]), [])
+        for g in order:
+            pts = c["points"].get(g, {})
+            n = next((p["n_units"] for p in pts.values()), 0)
+            cells = [f"{_fmt(pts[m]['mean'])} [{_fmt(pts[m]['low'])}, {_fmt(pts[m]['high'])}]" if m in pts else "—"
+                     for m in metrics]
+            lines.append(f"| {name} | {g} | {_fmt(c['requested'].get(g))} | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# -- goal-sensitivity probe ----------------------------------------------------------------------
+
+def _probes(cfg, variants) -> list[dict[str, Any]]:
+    from gcsl.experiments.runner import stage_paths
+
+    out = []
+    for v in variants:
+        for seed in v.seeds:
+            folder = stage_paths(cfg.out, v.name, seed)["probe_out"]
+            probe = _load(folder / "probe.json")
+            if probe is None:
+                continue
+            heatmap = folder / "probe.png"
+            out.append({"variant": v.name, "seed": seed, **{k: probe.get(k) for k in
+                                                            ("sensitivity", "ci_low", "ci_high", "n_rows")},
+                        "json": str(folder.relative_to(cfg.out) / "probe.json"),
+                        "heatmap": str(heatmap.relative_to(cfg.out)) if heatmap.exists() else None})
+    return out
+
+
+def write_report(cfg, variants) -> Path:
+    from gcsl.experiments.plots import plot_bars, plot_goal_curve, plot_histogram
+    from gcsl.experiments.runner import stage_paths
+
+    out = Path(cfg.out)
+    metric = cfg.primary_metric
+    metrics = [metric, *[m for m in cfg.check_metrics if m != metric]]
+    by_metric = {m: collect_results(cfg, variants, m) for m in metrics}
+    results = by_metric[metric]
+    rows = _comparison_rows(cfg, results, metric)
+    check_rows = {m: _comparison_rows(cfg, by_metric[m], m) for m in metrics[1:]}
+    for m, mrows in check_rows.items():  # every results row carries the check scorers' numbers too
+        by_name = {r["variant"]: r for r in mrows}
+        for row in rows:
+            other = by_name.get(row["variant"], {})
+            row |= {f"{m}_{k}": other[k] for k in ("mean", "ci_low", "ci_high", "diff_vs_baseline", "diff_low",
+                                                    "diff_high", "bootstrap_p", "ttest_p") if k in other}
+
+    # The paper's "beyond" check: does the top goal beat the mean score of the top training bin?
+    # It needs the evaluation to score generations as the feedback did (higher = better).
+    beyond = []
+    beyond_applies = (cfg.task, metric) in _FEEDBACK_SCALE_METRICS
+    for v in variants if beyond_applies else ():
+        r = results.get(v.name)
+        g = _load(stage_paths(cfg.out, v.name, 0)["prepared"] / "goals.json")
+        top = r["goals"].get("top") if r else None
+        if g and top and g.get("top_bin_mean") is not None and v.method != "base":
+            beyond.append({"variant": v.name, "top_goal_mean": top["mean"], "ci_low": top["low"],
+                           "ci_high": top["high"], "top_training_bin_mean": g["top_bin_mean"],
+                           "exceeds": bool(top["low"] is not None and top["low"] > g["top_bin_mean"]),
+                           "mean_exceeds": bool(top["mean"] > g["top_bin_mean"])})
+
+    training = _training_table(cfg, variants)
+    curves = _curves(cfg, variants, by_metric)
+    probes = _probes(cfg, variants)
+
+    # Columns in first-seen order: the same header on every run, whichever variant comes first.
+    fieldnames = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fieldnames)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+
+    def curve_points(name: str, r: dict[str, Any]) -> dict[str, Any]:
+        return {g: {**{k: v for k, v in d.items() if k not in _UNIT_KEYS},
+                    "check": {m: {k: by_metric[m][name]["goals"][g][k] for k in ("mean", "low", "high", "n_units")}
+                              for m in metrics[1:] if g in by_metric[m].get(name, {}).get("goals", {})}}
+                for g, d in r["goals"].items()}
+
+    atomic_write_json(out / "results.json", {
+        "metric": metric, "check_metrics": metrics[1:], "baseline": cfg.baseline, "rows": rows,
+        "check_rows": check_rows, "beyond_check": beyond, "training": training,
+        "goal_curves": {n: curve_points(n, r) for n, r in results.items()},
+        "curve_statistics": {n: {"requested": c["requested"], **c["statistics"]} for n, c in curves.items()},
+        "probe": probes})
+    plots = []
+    for fn, args in ((plot_bars, (rows, metric)), (plot_goal_curve, (cfg, curves, metrics)),
+                     (plot_histogram, (cfg, variants))):
+        path = fn(out, *args)
+        if path is not None:
+            plots.append(path)
+
+    lines = [f"# {cfg.name}", "",
+             f"Task `{cfg.task}`, base model `{cfg.model}`, evaluation prompts `{cfg.eval_prompts}`, "
+             f"training feedback `{cfg.data}`"
+             + (f" less {cfg.validation_prompts} validation prompts (`validation.jsonl`, never trained on)."
+                if cfg.validation_prompts else "."),
+             f"Metric `{metric}` at the top goal: mean over evaluation units (prompts) of each unit's score "
+             f"averaged over seeds, with a 95% bootstrap interval ({cfg.ci_samples} resamples); n = units. "
+             f"Differences vs `{cfg.baseline}`, over the seeds both have (marked where fewer than the variant's): "
+             "paired bootstrap over shared units, and a paired t-test over those seeds (NaN where fewer than 2).", "",
+             *_table_lines(cfg, rows)]
+    for m, mrows in check_rows.items():
+        lines += ["", f"### Check metric `{m}`", "",
+                  "The same generations, scored independently; the same statistics as above.", "",
+                  *_table_lines(cfg, mrows)]
+    if training:
+        lines += ["", "## Training", "",
+                  "Per variant (one value when every seed agrees, else per seed): training rows in its prepared "
+                  "data, epochs over them, optimizer steps, tokens trained on, wall-clock training time, "
+                  "rows per optimizer step; n/a where the run did not record it.", "",
+                  "| variant | seeds | rows | epochs | optimizer steps | tokens | training time | rows/step |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {t['variant']} | {' '.join(map(str, t['seeds']))} | "
+                  + " | ".join(_fmt_fact(t[k], k) for k in TRAIN_FACTS) + " |" for t in training]
     if beyond:
         lines += ["", "## Beyond the top training bin?", "",
                   "| variant | top-goal mean [95% CI] | top training bin mean | interval above it |", "|---|---|---|---|"]
@@ -154,14 +398,19 @@ def write_report(cfg, variants) -> Path:
     elif not beyond_applies:
         lines += ["", f"Beyond the top training bin: not applicable here; `{metric}` does not score generations on "
                   "the training feedback's scale."]
-    curves = {n: r for n, r in results.items() if len(r["goals"]) > 1}
     if curves:
-        lines += ["", "## Goal following", "", "| variant | goal | n | mean [95% CI] |", "|---|---|---|---|"]
-        for n, r in curves.items():
-            for g, d in r["goals"].items():
-                lines.append(f"| {n} | {g} | {d['n_units']} | {_fmt(d['mean'])} [{_fmt(d['low'])}, {_fmt(d['high'])}] |")
+        lines += _curve_lines(cfg, curves, metrics)
+    if probes:
+        lines += ["", "## Goal sensitivity on the validation prompts", "",
+                  "The probe's sensitivity of each trained model to its goal, on the held-out training prompts "
+                  "(`validation.jsonl`), with its own bootstrap interval; the heatmap shows score bin x goal.", "",
+                  "| variant | seed | n rows | sensitivity [95% CI] | heatmap |", "|---|---|---|---|---|"]
+        lines += [f"| {p['variant']} | {p['seed']} | {p['n_rows'] if p['n_rows'] is not None else 'n/a'} | "
+                  f"{_fmt(p['sensitivity'])} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}] | "
+                  + (f"[probe.png]({p['heatmap']})" if p["heatmap"] else "—") + " |" for p in probes]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
-    lines += ["", "Reproduce: `gcsl experiment --config <this config>` (resolved config in experiment.json)."]
+    lines += ["", "Per-generation completions and scores: `items/<variant>/seed<k>/<goal>.jsonl`.",
+              "Reproduce: `gcsl experiment --config <this config>` (resolved config in experiment.json)."]
     report = out / "report.md"
     atomic_write_text(report, "\n".join(lines) + "\n")
     return report

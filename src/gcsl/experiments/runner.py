@@ -5,25 +5,44 @@ resumes an interrupted training or generation, and redoes nothing else. Layout u
 
     runs/<variant>/prepared/                 gcsl prepare output (shared by the seeds)
     runs/<variant>/seed<k>/model/            gcsl train output
+    runs/<variant>/seed<k>/probe/            goal-sensitivity probe on the validation prompts
     runs/<variant>/seed<k>/gens-<goal>.jsonl gcsl generate output, one file per goal request
     runs/<variant>/seed<k>/metrics-<goal>.json
+    items/<variant>/seed<k>/<goal>.jsonl     per-generation completion and scores (small; kept
+                                             with the report so anyone can re-score them)
+    probe/<variant>/seed<k>/probe.{json,png} copies of the probe's result and heatmap
+    train_feedback.jsonl, validation.jsonl   the feedback split by prompt (validation_prompts > 0)
     report.md, results.csv, results.json, *.png, experiment.json (resolved config + versions)
+
+Only ``runs/`` holds large files (adapters, checkpoints); everything else is small enough to
+commit. Every path comes from :func:`stage_paths`, so report and plots find a variant's files
+whatever its name.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+import shutil
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any, Literal
 
 from gcsl.config import config_to_dict, field, resolve_config
 from gcsl.errors import ConfigError
-from gcsl.runinfo import atomic_write_json, package_versions
+from gcsl.runinfo import atomic_path, atomic_write_json, package_versions
 
-__all__ = ["ExperimentConfig", "Variant", "run_experiment", "expand_variants", "stage_paths"]
+__all__ = ["ExperimentConfig", "Variant", "run_experiment", "expand_variants", "stage_paths", "variant_goals",
+           "curve_goals", "trained_levels", "held_out_prompts", "split_validation", "training_data",
+           "is_goal_conditioned", "goal_request_problem", "TRAINED"]
+
+# Goal-curve keyword: the goals the variant was trained on, one `level:K` per trained level.
+TRAINED = "trained"
 
 Task = Literal["sentiment", "toxicity", "code", "recommendation"]
 
@@ -39,6 +58,9 @@ class Variant:
     generate: dict[str, Any]
     seeds: list[int]
     goals: list[str]
+    # The goal-following curve's requests as configured (may hold `trained`); `goals` is "top"
+    # followed by these. Statistics over the curve use these, not the extra "top".
+    curve: list[str] = dc_field(default_factory=list)
 
 
 @dataclass
@@ -60,10 +82,22 @@ class ExperimentConfig:
     method_seeds: dict = field(default_factory=dict, cli=False, help="per-method seed lists overriding --seeds")
     baseline: str = field("sft", help="variant the others are tested against")
     primary_metric: str = field("mean_score", help="metric used for comparisons and plots")
+    check_metrics: list[str] = field(default_factory=list,
+                                     help="further metrics reported beside the primary one with the same tables and "
+                                          "curve statistics (e.g. mean_score_textblob: a second, independent scorer)")
     goal_curve: list[str] = field(default_factory=list,
-                                  help="extra goal requests (e.g. scale:1.08, 0.6) for the goal-following curve")
+                                  help="extra goal requests (e.g. scale:1.08, 0.6, level:4) for the goal-following curve")
     goal_curve_methods: list[str] = field(default_factory=lambda: ["gcsl-bey-nl"],
                                           help="variants generated at the goal_curve goals")
+    goal_curves: dict = field(default_factory=dict, cli=False,
+                              help="goal-following curve per variant or method, e.g. {gcsl: [level:1, level:5], "
+                                   "gcsl-bey-nl: [trained, scale:1.12]}; 'trained' expands to one level:K per "
+                                   "level the variant trained on; overrides goal_curve for the variants it names")
+    validation_prompts: int = field(0, help="training prompts held out of training for the goal-sensitivity probe "
+                                            "(chosen by hash of the prompt, the same for every seed); 0 = none")
+    probe: dict = field(default_factory=dict, cli=False,
+                        help="options of the goal-sensitivity probe (e.g. batch_size, ci_samples); it runs when "
+                             "validation_prompts > 0, on every goal-conditioned variant")
     prepare: dict = field(default_factory=dict, cli=False, help="PrepareConfig options shared by all variants")
     train: dict = field(default_factory=dict, cli=False, help="TrainConfig options shared by all variants")
     generate: dict = field(default_factory=dict, cli=False, help="GenerateConfig options shared by all variants")
@@ -80,6 +114,15 @@ class ExperimentConfig:
                 problems.append(f"methods: unknown method {m!r} (known: base, {', '.join(METHODS)})")
         if not self.seeds:
             problems.append("seeds: give at least one seed")
+        if self.validation_prompts < 0:
+            problems.append(f"validation_prompts: must be >= 0, got {self.validation_prompts}")
+        for where, goals in [("goal_curve", self.goal_curve),
+                             *((f"goal_curves.{k}", v) for k, v in self.goal_curves.items()),
+                             *((f"variants[{v.get('name')}].goals", v["goals"]) for v in self.variants if "goals" in v)]:
+            if not isinstance(goals, list):
+                problems.append(f"{where}: expected a list of goal requests, got {goals!r}")
+                continue
+            problems.extend(f"{where}: {why}" for why in map(goal_request_problem, goals) if why)
         for s in self.sweeps:
             if not {"method", "option", "values"} <= set(s):
                 problems.append("sweeps: each sweep needs method, option (e.g. prepare.bins) and values")
@@ -115,6 +158,14 @@ class ExperimentConfig:
             resolve_config(task_cls, overrides=dict(self.evaluate))
         except ConfigError as exc:
             problems.append(f"evaluate: {exc}")
+        try:
+            from gcsl.probe import ProbeConfig
+        except ModuleNotFoundError as exc:
+            if exc.name != "gcsl.probe":
+                raise
+        else:
+            known = {f.name for f in dataclasses.fields(ProbeConfig)}
+            problems.extend(f"probe.{key}: unknown option of ProbeConfig" for key in self.probe if key not in known)
         return problems
 
 
@@ -122,41 +173,247 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
 
 
+def goal_request_problem(goal: Any) -> str | None:
+    """Why a goal request cannot be right (None if it may be): caught before hours of training.
+
+    >>> goal_request_problem("level:2"), goal_request_problem("scale:x")
+    (None, "goal 'scale:x': the scale factor must be a number, e.g. scale:1.12")
+    """
+    text = str(goal)
+    if text in ("top", TRAINED):
+        return None
+    kind, sep, arg = text.partition(":")
+    if sep and kind == "level":
+        return None if arg.isdigit() and int(arg) >= 1 else f"goal {text!r}: the level must be a whole number >= 1"
+    if sep and kind == "scale":
+        try:
+            float(arg)
+        except ValueError:
+            return f"goal {text!r}: the scale factor must be a number, e.g. scale:1.12"
+        return None
+    try:
+        float(text)
+    except ValueError:
+        return f"goal {text!r}: use top, {TRAINED}, level:K, scale:F or a number"
+    return None
+
+
+def _dedupe(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
 def expand_variants(cfg: ExperimentConfig) -> list[Variant]:
     """The experiment's variants: one per method, one per extra variant, one per sweep value."""
     def seeds_for(name: str, method: str) -> list[int]:
         return list(cfg.method_seeds.get(name, cfg.method_seeds.get(method, cfg.seeds)))
 
-    def goals_for(name: str, method: str) -> list[str]:
-        return ["top", *cfg.goal_curve] if name in cfg.goal_curve_methods or method in cfg.goal_curve_methods \
-            else ["top"]
+    def curve_for(name: str, method: str, *, by_method: bool = True) -> list[str]:
+        # The variant's own entry first, then its method's; sweep variants only by their own name,
+        # so a sweep does not multiply the curve's generations.
+        if name in cfg.goal_curves:
+            return [str(g) for g in cfg.goal_curves[name]]
+        if by_method and method in cfg.goal_curves:
+            return [str(g) for g in cfg.goal_curves[method]]
+        if cfg.goal_curve and (name in cfg.goal_curve_methods or (by_method and method in cfg.goal_curve_methods)):
+            return ["top", *cfg.goal_curve]  # the list form's curve always ran through the top goal
+        return []
 
-    out = [Variant(m, m, {}, {}, {}, seeds_for(m, m), goals_for(m, m)) for m in cfg.methods]
+    def variant(name: str, method: str, prepare: dict, train: dict, generate: dict, seeds: list[int],
+                curve: list[str]) -> Variant:
+        return Variant(name, method, prepare, train, generate, seeds, _dedupe(["top", *curve]), curve)
+
+    out = [variant(m, m, {}, {}, {}, seeds_for(m, m), curve_for(m, m)) for m in cfg.methods]
     for v in cfg.variants:
         name, method = v["name"], v.get("method", v["name"])
-        out.append(Variant(name, method, dict(v.get("prepare", {})), dict(v.get("train", {})),
-                           dict(v.get("generate", {})), list(v.get("seeds", seeds_for(name, method))),
-                           list(v.get("goals", goals_for(name, method)))))
+        # An explicit goal list is the whole list of requests; its non-top goals are the curve.
+        curve = [str(g) for g in v["goals"] if str(g) != "top"] if "goals" in v else curve_for(name, method)
+        out.append(variant(name, method, dict(v.get("prepare", {})), dict(v.get("train", {})),
+                           dict(v.get("generate", {})), list(v.get("seeds", seeds_for(name, method))), curve))
     for s in cfg.sweeps:
         stage, key = s["option"].split(".", 1)
         for value in s["values"]:
             name = f"{s['method']}[{key}={value}]"
             over = {"prepare": {}, "train": {}, "generate": {}}
             over[stage][key] = value
-            out.append(Variant(name, s["method"], over["prepare"], over["train"], over["generate"],
-                               list(s.get("seeds", seeds_for(name, s["method"]))), ["top"]))
+            out.append(variant(name, s["method"], over["prepare"], over["train"], over["generate"],
+                               list(s.get("seeds", seeds_for(name, s["method"]))),
+                               curve_for(name, s["method"], by_method=False)))
     names = [v.name for v in out]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ConfigError(f"variants: duplicate names {', '.join(sorted(dupes))}; give each variant a unique name")
+    unknown = sorted(set(cfg.goal_curves) - set(names) - {v.method for v in out})
+    if unknown:
+        raise ConfigError(f"goal_curves: {', '.join(unknown)} name(s) no variant or method of this experiment; "
+                          f"use one of {', '.join(names)}")
     return out
 
 
 def stage_paths(root: Path, variant: str, seed: int, goal: str = "top") -> dict[str, Path]:
+    """Every file of one variant/seed/goal: the one place that maps names to folders."""
+    from gcsl.evaluation import output_paths
+
     base = Path(root) / "runs" / _slug(variant)
     run = base / f"seed{seed}"
+    metrics = run / f"metrics-{_slug(goal)}.json"
+    kept = Path(_slug(variant)) / f"seed{seed}"
     return {"prepared": base / "prepared", "model": run / "model", "gens": run / f"gens-{_slug(goal)}.jsonl",
-            "metrics": run / f"metrics-{_slug(goal)}.json"}
+            "metrics": metrics, "eval_items": output_paths(metrics)[0],
+            "items": Path(root) / "items" / kept / f"{_slug(goal)}.jsonl",
+            "probe": run / "probe", "probe_out": Path(root) / "probe" / kept}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def trained_levels(goals: dict[str, Any]) -> list[int]:
+    """Levels a prepared variant trained on, from its goals.json: its retained levels.
+
+    Beyond methods keep only the retained thresholds (all of them with ``filter: false``);
+    prepare retains every level for the other methods, so one rule covers both.
+
+    >>> trained_levels({"levels": [1, 2, 3, 4], "retained_levels": [3, 4]})
+    [3, 4]
+    """
+    return sorted(int(k) for k in goals.get("retained_levels") or goals.get("levels") or [])
+
+
+def _expand(root: Path, v: Variant, goals: list[str]) -> list[str]:
+    """``goals`` with `trained` replaced by the variant's trained levels (dropped while not prepared)."""
+    prepared = _read_json(stage_paths(root, v.name, 0)["prepared"] / "goals.json")
+    levels = [f"level:{k}" for k in trained_levels(prepared)] if prepared else []
+    return _dedupe(g for goal in goals for g in (levels if goal == TRAINED else [goal]))
+
+
+def variant_goals(root: Path, v: Variant) -> list[str]:
+    """Every goal request the variant is generated at, `trained` expanded after prepare."""
+    return _expand(root, v, v.goals)
+
+
+def curve_goals(root: Path, v: Variant) -> list[str]:
+    """The variant's goal-following curve, `trained` expanded (empty without a curve)."""
+    return _expand(root, v, v.curve)
+
+
+def is_goal_conditioned(goals: dict[str, Any]) -> bool:
+    """Whether a prepared variant's model reads a goal: goal text, reward tokens or a goal embedding."""
+    inference = goals.get("inference_goal") or {}
+    return bool(inference.get("text") or goals.get("special_tokens") or goals.get("method") == "gcsl-noquant-embed")
+
+
+# -- validation split ----------------------------------------------------------------------
+
+def _prompt_key(prompt: Any) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def held_out_prompts(prompts: Iterable[Any], n: int) -> set[str]:
+    """The ``n`` distinct prompts (as keys) with the smallest SHA-256 of their text.
+
+    A hash, not a seeded shuffle: the split is the same for every seed and method, and a prompt
+    stays on its side when rows are added to or removed from the log. Chat prompts are keyed by
+    their JSON.
+
+    >>> held_out_prompts(["a", "b", "b", "c"], 1)  # sha256("c") = 2e7d..., the smallest of the three
+    {'c'}
+    """
+    keys = sorted({_prompt_key(p) for p in prompts}, key=lambda k: hashlib.sha256(k.encode("utf-8")).hexdigest())
+    if n >= len(keys):
+        raise ConfigError(f"validation_prompts: {n} would hold out all {len(keys)} distinct training prompts; "
+                          "choose fewer")
+    return set(keys[:n])
+
+
+def training_data(cfg: ExperimentConfig) -> str:
+    """The feedback log prepare reads: the experiment's data less the validation prompts, if any."""
+    return str(Path(cfg.out) / "train_feedback.jsonl") if cfg.validation_prompts > 0 else cfg.data
+
+
+def split_validation(cfg: ExperimentConfig) -> tuple[Path, Path] | None:
+    """Writes ``train_feedback.jsonl`` and ``validation.jsonl`` (the held-out prompts' rows) into ``out``.
+
+    Rows keep the log's prompt, response and score columns under their own names, which is all
+    prepare and the probe read. Files are rewritten only when their bytes would change, so a
+    re-run leaves them (and every stage reading them) untouched.
+    """
+    if cfg.validation_prompts <= 0:
+        return None
+    from gcsl.data.load import read_feedback
+
+    cols = {k: cfg.prepare.get(f"{k}_column", k) for k in ("prompt", "response", "score")}
+    table, _ = read_feedback(cfg.data, prompt_column=cols["prompt"], response_column=cols["response"],
+                             score_column=cols["score"], fmt=cfg.prepare.get("data_format", "auto"),
+                             split=cfg.prepare.get("split", "train"))
+    rows = [{cols["prompt"]: r["prompt"], cols["response"]: r["response"], cols["score"]: r["score_raw"]}
+            for r in table.to_pylist()]
+    held = held_out_prompts((r[cols["prompt"]] for r in rows), cfg.validation_prompts)
+    train_path, val_path = Path(training_data(cfg)), Path(cfg.out) / "validation.jsonl"
+    for path, part in ((train_path, [r for r in rows if _prompt_key(r[cols["prompt"]]) not in held]),
+                       (val_path, [r for r in rows if _prompt_key(r[cols["prompt"]]) in held])):
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            # Variants prepared on the old split may have trained on prompts now held out.
+            if path.is_file() and any((Path(cfg.out) / "runs").glob("*/prepared/goals.json")):
+                raise ConfigError(f"{path}: the validation split differs from the one this experiment's variants "
+                                  "were prepared on (validation_prompts or data changed); choose another out")
+            with atomic_path(path) as tmp:
+                tmp.write_text(text, encoding="utf-8")
+    return train_path, val_path
+
+
+def _check_prepared_data(cfg: ExperimentConfig, prepared: Path) -> None:
+    """A cached prepare must have read today's training data, or validation prompts could leak into training."""
+    record = _read_json(prepared / "run.json")
+    used = (record or {}).get("config", {}).get("data")
+    if used is not None and Path(used).resolve() != Path(training_data(cfg)).resolve():
+        raise ConfigError(f"{prepared}: prepared from {used}, but this experiment trains on {training_data(cfg)}; "
+                          "remove that folder (and its seeds' models) or choose another out")
+
+
+# -- copies kept with the report -----------------------------------------------------------
+
+def _keep_items(p: dict[str, Path], *, fresh: bool) -> None:
+    """Copies each generation's completion and scores out of runs/ (not committed) into items/.
+
+    ``fresh``: the evaluation just ran, so an older copy is replaced; otherwise only a missing
+    copy is written (runs evaluated before copies were kept get theirs on the next run).
+    """
+    if (p["items"].exists() and not fresh) or not p["eval_items"].exists():
+        return
+    from gcsl.evaluation import iter_jsonl, write_jsonl
+
+    keep = ("prompt_id", "sample", "completion", "status", "reason")
+    rows = [{k: v for k, v in item.items() if k in keep or k.startswith("score")}
+            for _, item in iter_jsonl(p["eval_items"], "items")]
+    write_jsonl(p["items"], rows)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _probe(cfg: ExperimentConfig, paths: dict[str, Path], seed: int) -> None:
+    """Runs the goal-sensitivity probe on the validation rows (cached: skipped once probe.json exists)."""
+    try:
+        from gcsl.probe import ProbeConfig, run_probe
+    except ModuleNotFoundError as exc:
+        if exc.name != "gcsl.probe":
+            raise
+        _say("  probe skipped: gcsl.probe is not part of this installation")
+        return
+    fresh = not (paths["probe"] / "probe.json").exists()
+    if fresh:
+        _say(f"  probe -> {paths['probe']}")
+        cols = {f"{k}_column": cfg.prepare.get(f"{k}_column", k) for k in ("prompt", "response", "score")}
+        run_probe(resolve_config(ProbeConfig, overrides={
+            "seed": seed, **cfg.probe, **cols, "model": str(paths["model"]),
+            "data": str(Path(cfg.out) / "validation.jsonl"), "out": paths["probe"]}))
+    for name in ("probe.json", "probe.png"):
+        src, dst = paths["probe"] / name, paths["probe_out"] / name
+        if src.exists() and (fresh or not dst.exists()):  # a probe run now replaces an older copy
+            _copy_atomic(src, dst)
 
 
 def _say(msg: str) -> None:
@@ -176,6 +433,9 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / "experiment.json", {"config": config_to_dict(cfg), "versions": package_versions(),
                                                  "variants": [v.__dict__ for v in variants]})
+    split = split_validation(cfg)
+    if split is not None:
+        _say(f"validation split: {cfg.validation_prompts} prompts held out of training -> {split[1]}")
     todo = [v for v in variants if not cfg.only or v.name in cfg.only]
     # Seed-major order: every variant's first seed finishes before any second seed starts, so a
     # run cut short still has a complete comparison.
@@ -187,9 +447,12 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
         if v.method != "base":
             if not (paths["prepared"] / "goals.json").exists():
                 _say(f"  prepare {v.method} -> {paths['prepared']}")
+                # The split file is JSONL whatever the log's own format was.
+                split_format = {"data_format": "jsonl"} if split is not None else {}
                 prepare(resolve_config(PrepareConfig, overrides={
-                    **cfg.prepare, **v.prepare, "data": cfg.data, "method": v.method,
+                    **cfg.prepare, **v.prepare, "data": training_data(cfg), **split_format, "method": v.method,
                     "out": paths["prepared"], "overwrite": True}))
+            _check_prepared_data(cfg, paths["prepared"])
             if not (paths["model"] / "run.json").exists():
                 _say(f"  train -> {paths['model']}")
                 partial = paths["model"].with_name(paths["model"].name + ".partial")
@@ -197,9 +460,12 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
                     **cfg.train, **v.train, "data": paths["prepared"], "model": cfg.model, "seed": seed,
                     "out": paths["model"], "resume": partial.exists()}))
             model = str(paths["model"])
-        for goal in v.goals:
+            if split is not None and is_goal_conditioned(_read_json(paths["prepared"] / "goals.json") or {}):
+                _probe(cfg, paths, seed)
+        for goal in variant_goals(root, v):
             p = stage_paths(root, v.name, seed, goal)
-            if not p["metrics"].exists():
+            fresh = not p["metrics"].exists()
+            if fresh:
                 _say(f"  generate at goal {goal} -> {p['gens'].name}")
                 generate(resolve_config(GenerateConfig, overrides={
                     **cfg.generate, **v.generate, "model": model, "prompts": cfg.eval_prompts,
@@ -208,6 +474,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
                 evaluate(resolve_config(EvaluateConfig, overrides={
                     "task": cfg.task, "generations": p["gens"], "out": p["metrics"],
                     "task_options": cfg.evaluate, "ci_samples": cfg.ci_samples, "overwrite": True}))
+            _keep_items(p, fresh=fresh)
     report = write_report(cfg, variants)
     _say(f"report: {report}")
     return report

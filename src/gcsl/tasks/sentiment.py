@@ -6,13 +6,18 @@
   splits titles into train / test with a seed, so no title is in both.
 - Score: VADER's compound c in [-1, 1] mapped to [0, 1] as (c + 1) / 2 for ``positive``, and
   one minus that for ``negative``: 1 is always the goal's direction.
+- Check score: TextBlob's polarity, mapped the same way (``score_textblob`` per item). The
+  training feedback is VADER-scored, so a model could learn VADER's quirks rather than the
+  sentiment; a second scorer with its own lexicon and rules tells the two apart.
 - Metrics over prompts (units: prompt ids): ``mean_score`` (mean of each prompt's mean score),
-  ``above_threshold`` (mean of each prompt's fraction of generations scoring strictly above
-  ``threshold``), ``dist-1/2/3`` and optional ``perplexity`` (:mod:`gcsl.metrics.text`).
-- An empty or non-text completion scores the neutral 0.5, with its reason recorded: VADER
-  gives an empty text compound 0 (0.5 after mapping) anyway, and counting it as neutral
-  neither rewards a model for saying nothing nor drops its prompt from the average. With
-  the strict ``> threshold`` rule a neutral completion never counts as reaching the goal.
+  ``mean_score_textblob`` (the same under TextBlob), ``above_threshold`` (mean of each
+  prompt's fraction of generations scoring strictly above ``threshold``), ``dist-1/2/3`` and
+  optional ``perplexity`` (:mod:`gcsl.metrics.text`).
+- An empty or non-text completion scores the neutral 0.5 under both scorers, with its reason
+  recorded: VADER and TextBlob give an empty text 0 (0.5 after mapping) anyway, and counting
+  it as neutral neither rewards a model for saying nothing nor drops its prompt from the
+  average. With the strict ``> threshold`` rule a neutral completion never counts as reaching
+  the goal.
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ from typing import Any, Literal
 from gcsl.config import config_to_dict, field
 from gcsl.errors import DataError, MissingDependencyError
 from gcsl.metrics.text import TextQualityOptions, text_quality
-from gcsl.scorers import VaderScorer
+from gcsl.scorers import TextBlobScorer, VaderScorer
 from gcsl.tasks.base import TaskResult, TextScorer, score_generations
 
 __all__ = [
     "NEUTRAL_SCORE",
+    "CHECK_KEY",
     "REVIEW_TEMPLATES",
     "Movie",
     "SentimentEvalConfig",
@@ -47,6 +53,8 @@ __all__ = [
 ]
 
 NEUTRAL_SCORE = 0.5
+# Item key of the TextBlob check score; its per-prompt mean is the metric ``mean_score_textblob``.
+CHECK_KEY = "score_textblob"
 REVIEW_TEMPLATES = (
     'Write a short review of the movie "{title}".',
     'Write a short review of the film "{title}" ({year}).',
@@ -203,28 +211,44 @@ def evaluate(rows: Sequence[dict[str, Any]], config: SentimentEvalConfig, *, sco
     0.5
     """
     scorer = scorer or VaderScorer(config.direction)
+    check = TextBlobScorer(config.direction)
     items = score_generations(rows, scorer)
-    for item in items:  # a review the scorer cannot read counts as neither direction
+    checked = score_generations(rows, check, key=CHECK_KEY)
+    for item, other in zip(items, checked):  # a review a scorer cannot read counts as neither direction
         if item["score"] is None:
             item.update(score=NEUTRAL_SCORE, status="neutral",
                         reason=f"{item['reason']}; scored neutral {NEUTRAL_SCORE}")
+        item[CHECK_KEY] = other[CHECK_KEY]
+        if other[CHECK_KEY] is None:
+            item.update({CHECK_KEY: NEUTRAL_SCORE,
+                         f"{CHECK_KEY}_reason": f"{other['reason']}; scored neutral {NEUTRAL_SCORE}"})
 
     by_prompt: dict[str, list[float]] = defaultdict(list)
+    check_by_prompt: dict[str, list[float]] = defaultdict(list)
     for item in items:
         by_prompt[item["prompt_id"]].append(item["score"])
+        check_by_prompt[item["prompt_id"]].append(item[CHECK_KEY])
     mean_score = {pid: sum(s) / len(s) for pid, s in by_prompt.items()}
+    mean_check = {pid: sum(s) / len(s) for pid, s in check_by_prompt.items()}
     above = {pid: sum(1 for x in s if x > config.threshold) / len(s) for pid, s in by_prompt.items()}
     metrics = {"mean_score": sum(mean_score.values()) / len(mean_score) if mean_score else math.nan,
+               f"mean_{CHECK_KEY}": sum(mean_check.values()) / len(mean_check) if mean_check else math.nan,
                "above_threshold": sum(above.values()) / len(above) if above else math.nan}
-    unit_scores = {"mean_score": mean_score, "above_threshold": above}
-    notes = [f"sentiment scorer: {scorer.name} ({config.direction}: 1 = fully {config.direction})"]
+    unit_scores = {"mean_score": mean_score, f"mean_{CHECK_KEY}": mean_check, "above_threshold": above}
+    notes = [f"sentiment scorer: {scorer.name} ({config.direction}: 1 = fully {config.direction}); "
+             f"check scorer: {check.name} (mean_{CHECK_KEY}, same mapping)"]
     neutral = sum(1 for it in items if it["status"] == "neutral")
     if neutral:
         notes.append(f"{neutral} of {len(items)} generation(s) were empty or unscorable and scored neutral "
                      f"{NEUTRAL_SCORE} (see their reason in the items)")
+    check_neutral = sum(1 for it in items if it.get(f"{CHECK_KEY}_reason"))
+    if check_neutral:
+        notes.append(f"{check.name}: {check_neutral} of {len(items)} generation(s) were empty or unscorable and "
+                     f"scored neutral {NEUTRAL_SCORE} (see {CHECK_KEY}_reason in the items)")
 
     text_quality(rows, config, model=model, tokenizer=tokenizer).add_to(metrics, unit_scores, items, notes)
 
     return TaskResult(task="sentiment", metrics=metrics, unit_scores=unit_scores, items=items,
                       n_units=len(by_prompt), n_generations=len(rows),
-                      options={**config_to_dict(config), "scorer_name": scorer.name}, notes=notes)
+                      options={**config_to_dict(config), "scorer_name": scorer.name,
+                               "check_scorer_name": check.name}, notes=notes)
