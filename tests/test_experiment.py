@@ -91,6 +91,12 @@ def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir):
              .read_text().splitlines()]
     assert len(items) == 4 and {"prompt_id", "completion", "score", "score_textblob"} <= set(items[0])
     assert (exp / "items" / "base" / "seed1" / "top.jsonl").exists()
+    # level:4 is the top goal of the unfiltered variant: its samples are reused, relabelled, not redrawn.
+    run0 = exp / "runs" / "gcsl-bey-nl_filter_False" / "seed0"
+    top, level4 = ([json.loads(x) for x in (run0 / f"gens-{g}.jsonl").read_text().splitlines()]
+                   for g in ("top", "level_4"))
+    assert [r["completion"] for r in level4] == [r["completion"] for r in top]
+    assert {r["goal_request"] for r in level4} == {"level:4"} and {r["goal_request"] for r in top} == {"top"}
     # Training facts: rows of the variant's own prepared data, the 2 steps it ran.
     facts = {t["variant"]: t for t in results["training"]}
     assert "base" not in facts and facts["sft"]["seeds"] == [0, 1]
@@ -245,3 +251,32 @@ def test_goal_curve_config_forms_and_errors():
         resolve_config(ExperimentConfig, overrides={**base, "validation_prompts": -1})
     with pytest.raises(ConfigError, match="goal_curves: gcsl-nl name"):
         expand_variants(resolve_config(ExperimentConfig, overrides={**base, "goal_curves": {"gcsl-nl": ["top"]}}))
+
+
+def test_quickstart_settings_on_a_tiny_model_print_low_high_difference_and_probe(tmp_path, tiny_llama_dir, capsys):
+    """The shipped quickstart settings, with a tiny model and data: the summary it prints holds together."""
+    from gcsl.config import load_yaml
+    from gcsl.experiments.quickstart import _summarise, resource_path
+
+    settings = load_yaml(resource_path("quickstart.yaml"))
+    method = next(m for m in settings["methods"] if m != "base")
+    settings["prepare"] = {**settings["prepare"], "bins": 4,
+                           "level_words": settings["prepare"]["level_words"][1:]}  # 4 bins here
+    settings["goal_curves"] = {method: ["level:1", "level:4"]}
+    cfg = resolve_config(ExperimentConfig, overrides={
+        **settings, "out": tmp_path / "qs", "data": str(_feedback(tmp_path / "fb.jsonl")),
+        "eval_prompts": str(_prompts(tmp_path / "p.jsonl")), "model": str(tiny_llama_dir), "validation_prompts": 3,
+        "train": {**settings["train"], "epochs": 1, "per_device_batch_size": 8, "report_to": "none"},
+        "generate": {**settings["generate"], "max_new_tokens": 4}, "ci_samples": 200, "probe": {"ci_samples": 100}})
+    run_experiment(cfg)
+    summary = _summarise(tmp_path / "qs", method)
+    printed = capsys.readouterr().out
+    goals = json.loads((stage_paths(cfg.out, method, 0)["prepared"] / "goals.json").read_text())
+    assert goals["level_words"] == ["positive", "mildly positive", "mixed", "negative"]
+    assert "that is negative (a negative sentiment score between" in goals["inference_goal"]["text"]
+    stats = summary["statistics"]
+    assert stats["bottom_goal"] == "level:1" and stats["top_goal"] == "level:4"
+    assert stats["top_minus_bottom"] == pytest.approx(summary["high"]["mean"] - summary["low"]["mean"], abs=1e-9)
+    assert f"high minus low goal      {stats['top_minus_bottom']:+.3f}" in printed
+    assert "Goal sensitivity probe on 6 held-out feedback rows" in printed and "TextBlob" in printed
+    assert f"Report: {tmp_path / 'qs' / 'report.md'}" in printed

@@ -239,3 +239,44 @@ def test_levels_are_consistent_with_scores(tmp_path, log):
     th = np.array(goals["thresholds"])
     for r in rows:
         assert th[r["goal_level"] - 1] <= r["score"]
+
+
+WORDS = ["very low", "low", "medium", "high", "very high"]
+
+
+def test_level_words_stand_beside_the_number_in_training_and_inference_goals(tmp_path, log):
+    from gcsl.goals import GoalSetup, inference_goal
+
+    template = {"bey": "Generate {subject} with {a_metric} {cmp} {threshold} ({level_word}).",
+                "range": "Generate {subject} rated {level_word}: {a_metric} between {range_low} and {range_high}."}
+    _, rows, goals = _run(tmp_path, log, "gcsl-bey-nl", templates=template, level_words=WORDS, filter=False)
+    assert goals["level_words"] == WORDS
+    by_level = {r["goal_level"]: r["goal"] for r in rows}
+    assert by_level[1] == "Generate a response with a score greater than 0.00 (very low)."
+    assert by_level[5] == "Generate a response with a score greater than 0.84 (very high)."
+    setup = GoalSetup.load(tmp_path / "gcsl-bey-nl")
+    assert inference_goal(setup, "top").text == by_level[5]
+    assert inference_goal(setup, "0.5").text == "Generate a response with a score greater than 0.50 (medium)."
+    _, rows, _ = _run(tmp_path, log, "gcsl-nl", templates=template, level_words=WORDS)
+    assert {r["goal_level"]: r["goal"] for r in rows}[2] == \
+        "Generate a response rated low: a score between 0.21 and 0.42."
+
+
+def test_level_words_must_match_the_bins(tmp_path, log):
+    from gcsl.errors import DataError
+
+    def problems(**kw):
+        return PrepareConfig(data=str(log), out=tmp_path / "x", score_range=[0, 1], **kw).validate()
+
+    assert any(p.startswith("level_words: give one per bin") for p in problems(level_words=WORDS[:3]))
+    assert any("{level_word} needs --level-words" in p for p in problems(templates={"bey": "Be {level_word}."}))
+    # Ties can leave fewer bins than asked for: the words must name the bins actually used.
+    tied = tmp_path / "tied.jsonl"
+    tied.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r", "score": [0.1, 0.1, 0.1, 0.5, 0.9][i % 5]})
+                            + "\n" for i in range(20)))
+    with pytest.raises(DataError, match="ties left 3 bins, but --level-words names 5"):
+        _run(tmp_path, tied, "gcsl-bey-nl", level_words=WORDS)
+    # Without words, a goals.json reads and renders exactly as before.
+    _, rows, goals = _run(tmp_path, log, "gcsl-bey-nl")
+    assert "level_words" not in goals
+    assert rows[0]["goal"].startswith("Generate a response with a score greater than")

@@ -71,6 +71,9 @@ class PrepareConfig:
     subject: str = field("a response", help="what the goal asks for, e.g. 'a recommendation'")
     templates: dict | None = field(None, cli=False, help="NL templates by style (bey, snl, range, value) overriding "
                                                          "the defaults; fields: " + ", ".join(TEMPLATE_FIELDS))
+    level_words: list[str] = field(default_factory=list, help="words naming the levels, lowest first, one per "
+                                                              "bin (e.g. 'mixed' ... 'very negative'); templates "
+                                                              "state them with {level_word}, beside the number")
     continuation: bool = field(False, help="prompts are the start of a text that the response continues "
                                            "(RealToxicityPrompts): the goal then goes before the text by default")
     placement: Literal["auto", "after", "before", "system"] = field(
@@ -109,6 +112,14 @@ class PrepareConfig:
                     str(text).format(**{f: "x" for f in TEMPLATE_FIELDS})
                 except (KeyError, IndexError, ValueError) as exc:
                     problems.append(f"templates.{style}: unknown field {exc} (fields: {', '.join(TEMPLATE_FIELDS)})")
+        uses_word = any("{level_word}" in str(t) for t in (self.templates or {}).values())
+        if uses_word and not self.level_words:
+            problems.append("templates: {level_word} needs --level-words, one word per bin, lowest first")
+        if self.level_words and self.kind == "scalar" and len(self.level_words) != self.bins:
+            problems.append(f"level_words: give one per bin, lowest first ({self.bins} for --bins {self.bins}), "
+                            f"got {len(self.level_words)}")
+        if self.level_words and self.kind != "scalar":
+            problems.append(f"level_words: {self.kind} feedback names its levels already; drop --level-words")
         if self.dpo_pairs < 1:
             problems.append("dpo_pairs: must be at least 1")
         return problems
@@ -163,6 +174,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         method=cfg.method, metric=spec, thresholds=quant.thresholds, retained_levels=retained,
         train_mean=train_mean, bins_requested=cfg.bins, templates=templates, placement=cfg.goal_placement,
         separator=cfg.separator, top_bin_mean=float(oriented[top_level].mean()), score_max=float(oriented.max()),
+        level_words=_level_words(cfg, quant),
     )
     notes = list(quant.notes)
     if use_filter and not any(t > train_mean for t in quant.thresholds):
@@ -199,6 +211,16 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     if not cfg.quiet:
         _print_report(result, goals)
     return result
+
+
+def _level_words(cfg: PrepareConfig, quant) -> tuple[str, ...]:
+    """The level words, checked against the bins actually used (ties can merge bins)."""
+    if not cfg.level_words:
+        return ()
+    if len(cfg.level_words) != len(quant.thresholds):
+        raise DataError(f"{cfg.data}: ties left {len(quant.thresholds)} bins, but --level-words names "
+                        f"{len(cfg.level_words)}; give {len(quant.thresholds)} words or fewer --bins")
+    return tuple(cfg.level_words)
 
 
 def _formulate(cfg: PrepareConfig, levels: np.ndarray, oriented: np.ndarray, retained: tuple[int, ...]) -> Formulation:

@@ -31,7 +31,7 @@ class QuickstartConfig:
 
 
 def quickstart(cfg: QuickstartConfig) -> dict:
-    """Runs the quickstart experiment and prints the comparison; returns the results summary."""
+    """Runs the quickstart experiment and prints whether the goal steers; returns the printed numbers."""
     from gcsl.experiments.runner import ExperimentConfig, run_experiment
 
     settings = load_yaml(resource_path("quickstart.yaml"))
@@ -44,27 +44,60 @@ def quickstart(cfg: QuickstartConfig) -> dict:
         settings["generate"]["limit"] = cfg.eval_prompts
     exp = resolve_config(ExperimentConfig, overrides={**settings, "data": str(data), "eval_prompts": str(prompts),
                                                       "out": cfg.out})
+    method = next(m for m in exp.methods if m != "base")
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     say("gcsl quickstart: goal-conditioned fine-tuning, fully offline, on this machine's CPU/GPU.")
     say(f"  data: {made['feedback_rows']} reviews written by {made['model']} for {made['train_prompts']} movie titles, "
-        f"scored by VADER for negative sentiment (mean {made['mean_score']:.2f}).")
-    say("  steps: prepare GCSL-bey-NL goals -> LoRA fine-tune -> generate at the top goal on held-out titles "
-        "-> score -> compare with the base model.")
+        f"scored by VADER for negative sentiment (mean {made['mean_score']:.2f}); {exp.validation_prompts} titles "
+        "are held out of training for the goal-sensitivity probe.")
+    say(f"  steps: prepare {method} goals -> LoRA fine-tune -> probe the goal on held-out titles -> generate at a "
+        "low and a high goal on test titles -> score with VADER and TextBlob -> compare with the base model.")
     run_experiment(exp)
-    results = json.loads((Path(cfg.out) / "results.json").read_text())
-    rows = {r["variant"]: r for r in results["rows"]}
-    base, ours = rows["base"], rows["gcsl-bey-nl"]
-    goals = json.loads((Path(cfg.out) / "runs" / "gcsl-bey-nl" / "prepared" / "goals.json").read_text())
-    lines = [
-        "",
-        f"Top goal: {goals['inference_goal']['text']}",
-        f"Negative-sentiment score on {ours['n_units']} held-out prompts (mean, 95% bootstrap CI, seed 0):",
-        f"  base model     {base['mean']:.3f}  [{base['ci_low']:.3f}, {base['ci_high']:.3f}]  n={base['n_units']}",
-        f"  GCSL-bey-NL    {ours['mean']:.3f}  [{ours['ci_low']:.3f}, {ours['ci_high']:.3f}]  n={ours['n_units']}",
-        f"  difference     {ours['diff_vs_baseline']:+.3f}  [{ours['diff_low']:+.3f}, {ours['diff_high']:+.3f}] "
-        f"(paired bootstrap p={ours['bootstrap_p']:.3f})",
-        f"  top training bin mean {goals['top_bin_mean']:.3f}",
-        f"Report: {Path(cfg.out) / 'report.md'}   plot: {Path(cfg.out) / 'methods.png'}",
-    ]
+    return _summarise(Path(cfg.out), method)
+
+
+def _summarise(out: Path, method: str) -> dict:
+    """Prints the base model, the low and high goals, their paired difference and the probe."""
+    results = json.loads((out / "results.json").read_text())
+    metric, check = results["metric"], (results.get("check_metrics") or [None])[0]
+    stats = results["curve_statistics"][method][metric]
+    low, high = stats["bottom_goal"], stats["top_goal"]
+    points = results["goal_curves"][method]
+    base = next(r for r in results["rows"] if r["variant"] == "base")
+    goals = json.loads((out / "runs" / method / "prepared" / "goals.json").read_text())
+
+    def cell(p: dict) -> str:
+        return f"{p['mean']:.3f} [{p['low']:.3f}, {p['high']:.3f}]"
+
+    def second(goal: str) -> str:
+        p = points[goal].get("check", {}).get(check)
+        return f"   TextBlob {cell(p)}" if p else ""
+
+    check_stats = results["curve_statistics"][method].get(check) or {}
+    lines = ["", f"Negative-sentiment score of {stats['n_units']} held-out test titles' reviews (VADER mean, 95% "
+             "bootstrap CI, seed 0):",
+             f"  base model               {base['mean']:.3f} [{base['ci_low']:.3f}, {base['ci_high']:.3f}]",
+             f"  {method}, low goal   {cell(points[low])}{second(low)}   ({low}: {_threshold(goals, low)})",
+             f"  {method}, high goal  {cell(points[high])}{second(high)}   ({high}: {_threshold(goals, high)})",
+             f"  high minus low goal      {stats['top_minus_bottom']:+.3f} [{stats['diff_low']:+.3f}, "
+             f"{stats['diff_high']:+.3f}] (paired over prompts, p={stats['diff_p']:.3f})"
+             + (f"   TextBlob {check_stats['top_minus_bottom']:+.3f} [{check_stats['diff_low']:+.3f}, "
+                f"{check_stats['diff_high']:+.3f}]" if check_stats.get("top_goal") else ""),
+             f"  top training bin's mean  {goals['top_bin_mean']:.3f}"]
+    probe = next((p for p in results.get("probe", []) if p["variant"] == method), None)
+    if probe:
+        lines.append(f"Goal sensitivity probe on {probe['n_rows']} held-out feedback rows: {probe['sensitivity']:+.4f} "
+                     f"[{probe['ci_low']:+.4f}, {probe['ci_high']:+.4f}] nats/token (> 0: the high goal favours the "
+                     "more negative responses; heatmap " + str(out / probe["heatmap"]) + ")")
+    lines.append(f"Report: {out / 'report.md'}   plots: {out / 'goal_curve.png'}, {out / 'methods.png'}")
     print("\n".join(lines))
-    return {"base": base, "gcsl-bey-nl": ours}
+    return {"base": base, "low": points[low], "high": points[high], "statistics": stats, "probe": probe}
+
+
+def _threshold(goals: dict, request: str) -> str:
+    """A goal request as the threshold it asks for ("score > 0.57")."""
+    if request == "top":
+        return f"score > {goals['inference_goal']['threshold']}"
+    if request.startswith("level:"):
+        return f"score > {goals['thresholds'][int(request.split(':')[1]) - 1]}"
+    return request

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from gcsl.config import config_to_dict, field, resolve_config
 from gcsl.errors import ConfigError
-from gcsl.runinfo import atomic_path, atomic_write_json, package_versions
+from gcsl.runinfo import atomic_path, atomic_write_json, atomic_write_text, package_versions
 
 __all__ = ["ExperimentConfig", "Variant", "run_experiment", "expand_variants", "stage_paths", "variant_goals",
            "curve_goals", "trained_levels", "held_out_prompts", "split_validation", "training_data",
@@ -394,6 +394,23 @@ def _copy_atomic(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
+def _resolved_goal(prepared: Path, request: str) -> tuple | None:
+    """What a goal request asks the model for (text and value), or None for goal-free variants."""
+    from gcsl.goals import GoalSetup, inference_goal
+
+    if not (prepared / "goals.json").is_file():
+        return None
+    goal = inference_goal(GoalSetup.load(prepared), request)
+    return None if goal.text is None and goal.value is None else (goal.text, goal.value)
+
+
+def _copy_generations(source: Path, out: Path, request: str) -> None:
+    """Another request's samples of the same goal, each row relabelled with this request."""
+    rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    atomic_write_text(out, "".join(json.dumps({**r, "goal_request": request}, ensure_ascii=False) + "\n"
+                                   for r in rows))
+
+
 def _probe(cfg: ExperimentConfig, paths: dict[str, Path], seed: int) -> None:
     """Runs the goal-sensitivity probe on the validation rows (cached: skipped once probe.json exists)."""
     try:
@@ -462,19 +479,29 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
             model = str(paths["model"])
             if split is not None and is_goal_conditioned(_read_json(paths["prepared"] / "goals.json") or {}):
                 _probe(cfg, paths, seed)
+        made: dict[tuple, Path] = {}  # resolved goal -> its generations, so one goal is sampled once
         for goal in variant_goals(root, v):
             p = stage_paths(root, v.name, seed, goal)
             fresh = not p["metrics"].exists()
+            key = _resolved_goal(paths["prepared"], goal)
             if fresh:
-                _say(f"  generate at goal {goal} -> {p['gens'].name}")
-                generate(resolve_config(GenerateConfig, overrides={
-                    **cfg.generate, **v.generate, "model": model, "prompts": cfg.eval_prompts,
-                    "goal": goal, "seed": seed, "out": p["gens"]}))
+                earlier = made.get(key) if key is not None else None
+                if earlier is not None and earlier.is_file():
+                    # `top` and `level:K` often name the same goal: same text, same seed, same samples.
+                    _say(f"  goal {goal} is the goal of {earlier.name}: reusing its samples")
+                    _copy_generations(earlier, p["gens"], goal)
+                else:
+                    _say(f"  generate at goal {goal} -> {p['gens'].name}")
+                    generate(resolve_config(GenerateConfig, overrides={
+                        **cfg.generate, **v.generate, "model": model, "prompts": cfg.eval_prompts,
+                        "goal": goal, "seed": seed, "out": p["gens"]}))
                 _say(f"  evaluate -> {p['metrics'].name}")
                 evaluate(resolve_config(EvaluateConfig, overrides={
                     "task": cfg.task, "generations": p["gens"], "out": p["metrics"],
                     "task_options": cfg.evaluate, "ci_samples": cfg.ci_samples, "overwrite": True}))
             _keep_items(p, fresh=fresh)
+            if key is not None:
+                made.setdefault(key, p["gens"])
     report = write_report(cfg, variants)
     _say(f"report: {report}")
     return report

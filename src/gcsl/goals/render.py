@@ -35,7 +35,7 @@ METHODS = tuple(GOAL_STYLE)
 Placement = Literal["after", "before", "system"]
 
 TEMPLATE_FIELDS = ("subject", "a_metric", "metric", "Metric", "Metrics", "cmp", "threshold", "range_low", "range_high",
-                   "value", "low", "high", "best_value", "best_meaning", "categories")
+                   "value", "low", "high", "best_value", "best_meaning", "categories", "level_word")
 
 # Defaults follow the wording of the paper's examples (its appendix C.6): the target, then the
 # metric's range and which end is best. "range" is classic GCSL-NL (a bin), "bey" GCSL-bey-NL,
@@ -103,7 +103,7 @@ def _endpoint(spec: MetricSpec, value: float | None) -> str:
 
 def render_goal(spec: MetricSpec, style: str, templates: dict[str, str], *, threshold: float | None = None,
                 range_bounds: tuple[float, float] | None = None, value: float | None = None,
-                level: int | None = None) -> str | None:
+                level: int | None = None, level_word: str | None = None) -> str | None:
     """Writes one goal. Numbers are display units, formatted with the spec's precision.
 
     >>> spec = MetricSpec(name="toxicity", low=0, high=1, higher_is_better=False, best_meaning="the least toxicity")
@@ -141,6 +141,8 @@ def render_goal(spec: MetricSpec, style: str, templates: dict[str, str], *, thre
         "best_value": _endpoint(spec, best),
         "best_meaning": spec.best_meaning or (f"the lowest {spec.name}" if spec.below else f"the highest {name}"),
         "categories": ", ".join(spec.categories),
+        # A word for the goal's level ("very negative"), for templates that state it beside the number.
+        "level_word": level_word or "",
     }
     return templates[style].format(**fields)
 

@@ -51,6 +51,8 @@ class GoalSetup:
     separator: str = "\n\n"
     top_bin_mean: float | None = None
     score_max: float | None = None
+    # Words naming the levels, lowest first ({level_word} in templates); empty when not given.
+    level_words: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -78,18 +80,35 @@ class GoalSetup:
         best = self.metric.display_range[0 if self.metric.below else 1]
         return lower, best if best is not None else self.metric.display(self.score_max)
 
+    def level_word(self, level: int | None) -> str | None:
+        """The word naming level k (levels below 1 take the lowest word); None without level words."""
+        if not self.level_words or level is None:
+            return None
+        return self.level_words[min(max(level, 1), len(self.level_words)) - 1]
+
+    def level_of(self, value: float) -> int:
+        """The level a display-unit value reaches (0 below every threshold)."""
+        oriented = -value if self.metric.below else value
+        return int(assign_levels(np.array([oriented]), self.thresholds)[0])
+
     def goal_text(self, level: int) -> str | None:
         """The training/inference goal text for level k under this setup's method."""
         style = self.style
         if style is None or style == "value":
             return None
+        word = self.level_word(level)
         if style == "range" and self.metric.kind == "scalar":
-            return render_goal(self.metric, style, self.templates, range_bounds=self._bin_bounds(level), level=level)
-        return render_goal(self.metric, style, self.templates, threshold=self.threshold_display(level), level=level)
+            return render_goal(self.metric, style, self.templates, range_bounds=self._bin_bounds(level), level=level,
+                               level_word=word)
+        return render_goal(self.metric, style, self.templates, threshold=self.threshold_display(level), level=level,
+                           level_word=word)
 
     def value_text(self, value: float) -> str | None:
         """The no-quantization NL goal for a raw (display-unit) score."""
-        return render_goal(self.metric, "value", self.templates, value=value) if self.style == "value" else None
+        if self.style != "value":
+            return None
+        return render_goal(self.metric, "value", self.templates, value=value,
+                           level_word=self.level_word(self.level_of(value)))
 
     def place(self, prompt: str | list[dict[str, str]], goal_text: str | None):
         return place_goal(prompt, goal_text, self.placement, self.separator)  # type: ignore[arg-type]
@@ -114,6 +133,7 @@ class GoalSetup:
             "special_tokens": self.special_tokens,
             "top_bin_mean": None if self.top_bin_mean is None else self.metric.display(self.top_bin_mean),
             "score_max": None if self.score_max is None else self.metric.display(self.score_max),
+            **({"level_words": list(self.level_words)} if self.level_words else {}),
             "inference_goal": None if top is None else {
                 "text": top.text, "level": top.level, "threshold": top.threshold, "value": top.value},
             **self.extra,
@@ -128,7 +148,7 @@ class GoalSetup:
 
         known = {"method", "metric", "thresholds", "levels", "retained_levels", "train_mean", "bins_requested",
                  "bins_used", "precision", "templates", "template", "placement", "separator", "special_tokens",
-                 "top_bin_mean", "score_max", "inference_goal"}
+                 "top_bin_mean", "score_max", "inference_goal", "level_words"}
         return cls(
             method=data["method"],
             metric=metric,
@@ -141,6 +161,7 @@ class GoalSetup:
             separator=data.get("separator", "\n\n"),
             top_bin_mean=orient(data.get("top_bin_mean")),
             score_max=orient(data.get("score_max")),
+            level_words=tuple(data.get("level_words") or ()),
             extra={k: v for k, v in data.items() if k not in known},
         )
 
@@ -237,7 +258,7 @@ def inference_goal(setup: GoalSetup, request: str | float = "top") -> Goal:
             print(f"gcsl: note: {note}", file=sys.stderr, flush=True)
             level = chosen
         return Goal(setup.goal_text(level), level, setup.threshold_display(level), request=request_text, note=note)
-    text = render_goal(metric, style, setup.templates, threshold=value)
+    text = render_goal(metric, style, setup.templates, threshold=value, level_word=setup.level_word(level))
     return Goal(text, level if level >= 1 else None, value, request=request_text)
 
 
