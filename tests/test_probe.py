@@ -94,6 +94,9 @@ def test_probe_scores_each_row_under_each_trained_goal_as_training_placed_it(met
     expected = delta[b == b.max()].mean() - delta[b == b.min()].mean()
     assert summary["sensitivity"] == pytest.approx(expected, abs=1e-9)
     assert summary["ci_low"] <= summary["sensitivity"] <= summary["ci_high"]
+    slope = np.polyfit(b.astype(float), delta, 1)[0]  # the trend: least-squares slope of delta on the bin
+    assert summary["trend"] == pytest.approx(slope, abs=1e-9)
+    assert summary["trend_low"] <= summary["trend"] <= summary["trend_high"]
     assert (tmp_path / "probe" / "probe.png").stat().st_size > 1000
     record = json.loads((tmp_path / "probe" / "run.json").read_text())
     assert record["stage"] == "probe" and record["goals"]["method"] == method

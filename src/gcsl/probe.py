@@ -17,6 +17,10 @@ with a bootstrap interval that resamples the rows of each of the two bins. S > 0
 more shifts probability toward the responses that scored more; S near 0 means the model ignores
 the goal, whatever its outputs look like on average. A few hundred forward passes: minutes on a CPU.
 
+The two extreme bins may hold few held-out rows, so the probe also reports the **trend**, which
+uses every row: the least-squares slope of d on the row's bin (nats per token per level), with a
+bootstrap interval over rows. Both say the same thing when the goal steers; the trend is tighter.
+
 Writes ``OUT/probe.json`` (matrix, sensitivity, interval, counts, goals), ``OUT/rows.jsonl`` (each
 row's log-probabilities, so the numbers can be re-analysed), ``OUT/probe.png`` (a heatmap of the
 matrix with each bin's mean over goals subtracted, which shows the goal's effect alone) and
@@ -36,7 +40,7 @@ from gcsl.config import field
 from gcsl.errors import ConfigError, DataError, StageError
 from gcsl.runinfo import atomic_dir, atomic_write_json, write_run_record
 
-__all__ = ["ProbeConfig", "ProbeGoal", "probe_goals", "run_probe", "sensitivity"]
+__all__ = ["ProbeConfig", "ProbeGoal", "probe_goals", "run_probe", "sensitivity", "trend"]
 
 
 @dataclass
@@ -132,6 +136,33 @@ def sensitivity(delta: np.ndarray, bins: np.ndarray, *, confidence: float = 0.95
     return difference_ci(top, bottom, confidence=confidence, n_boot=n_boot, seed=seed)
 
 
+def trend(delta: np.ndarray, bins: np.ndarray, *, confidence: float = 0.95, n_boot: int = 2000,
+          seed: int = 0) -> tuple[float, float, float]:
+    """Least-squares slope of ``delta`` on ``bins`` with a percentile bootstrap interval over rows.
+
+    Resamples in which every row has the same bin have no slope and are left out.
+
+    >>> slope, low, high = trend(np.array([0.0, 0.1, 0.2, 0.3]), np.array([1, 2, 3, 4]), n_boot=50)
+    >>> round(slope, 6), round(low, 6), round(high, 6)
+    (0.1, 0.1, 0.1)
+    """
+    x, y = bins.astype(np.float64), delta.astype(np.float64)
+
+    def slope(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        xc = xs - xs.mean(-1, keepdims=True)
+        var = (xc * xc).sum(-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (xc * (ys - ys.mean(-1, keepdims=True))).sum(-1) / var
+
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(n_boot, len(x)))
+    boot = slope(x[idx], y[idx])
+    boot = boot[np.isfinite(boot)]
+    alpha = 1.0 - confidence
+    low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2]) if boot.size else (np.nan, np.nan)
+    return float(slope(x, y)), float(low), float(high)
+
+
 def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
     """Scores held-out responses under every trained goal; writes and returns the probe summary.
 
@@ -183,6 +214,8 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
     result = sensitivity(logp[:, -1] - logp[:, 0], bins, confidence=cfg.confidence, n_boot=cfg.ci_samples,
                          seed=cfg.seed)
     present = sorted(set(int(b) for b in bins))
+    slope, slope_low, slope_high = trend(logp[:, -1] - logp[:, 0], bins, confidence=cfg.confidence,
+                                         n_boot=cfg.ci_samples, seed=cfg.seed)
     summary = {
         "model": str(cfg.model),
         "method": setup.method,
@@ -191,6 +224,9 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
         "sensitivity": result.mean,
         "ci_low": result.low,
         "ci_high": result.high,
+        "trend": slope,
+        "trend_low": slope_low,
+        "trend_high": slope_high,
         "confidence": cfg.confidence,
         "ci_samples": cfg.ci_samples,
         "top_bin": present[-1],

@@ -20,5 +20,6 @@ def run(args: argparse.Namespace) -> None:
     summary = run_probe(cfg)
     print(f"goal sensitivity ({summary['method']}, n={summary['n_rows']} rows, bins {summary['bottom_bin']} vs "
           f"{summary['top_bin']}): {summary['sensitivity']:+.4f} nats/token "
-          f"[{summary['ci_low']:+.4f}, {summary['ci_high']:+.4f}]")
+          f"[{summary['ci_low']:+.4f}, {summary['ci_high']:+.4f}]; trend over all rows "
+          f"{summary['trend']:+.4f} [{summary['trend_low']:+.4f}, {summary['trend_high']:+.4f}] per level")
     print(f"wrote {cfg.out / 'probe.json'} and {cfg.out / 'probe.png'}")
