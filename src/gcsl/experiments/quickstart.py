@@ -87,8 +87,10 @@ def _summarise(out: Path, method: str) -> dict:
     probe = next((p for p in results.get("probe", []) if p["variant"] == method), None)
     if probe:
         lines.append(f"Goal sensitivity probe on {probe['n_rows']} held-out feedback rows: {probe['sensitivity']:+.4f} "
-                     f"[{probe['ci_low']:+.4f}, {probe['ci_high']:+.4f}] nats/token (> 0: the high goal favours the "
-                     "more negative responses; heatmap " + str(out / probe["heatmap"]) + ")")
+                     f"[{probe['ci_low']:+.4f}, {probe['ci_high']:+.4f}] nats/token, trend over all rows "
+                     f"{probe['trend']:+.4f} [{probe['trend_low']:+.4f}, {probe['trend_high']:+.4f}] per level "
+                     "(> 0: the high goal favours the more negative responses; heatmap "
+                     + str(out / probe["heatmap"]) + ")")
     lines.append(f"Report: {out / 'report.md'}   plots: {out / 'goal_curve.png'}, {out / 'methods.png'}")
     print("\n".join(lines))
     return {"base": base, "low": points[low], "high": points[high], "statistics": stats, "probe": probe}

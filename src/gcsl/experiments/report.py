@@ -296,7 +296,8 @@ def _probes(cfg, variants) -> list[dict[str, Any]]:
                 continue
             heatmap = folder / "probe.png"
             out.append({"variant": v.name, "seed": seed, **{k: probe.get(k) for k in
-                                                            ("sensitivity", "ci_low", "ci_high", "n_rows")},
+                                                            ("sensitivity", "ci_low", "ci_high", "trend", "trend_low",
+                                                             "trend_high", "n_rows")},
                         "json": str(folder.relative_to(cfg.out) / "probe.json"),
                         "heatmap": str(heatmap.relative_to(cfg.out)) if heatmap.exists() else None})
     return out
@@ -403,10 +404,14 @@ def write_report(cfg, variants) -> Path:
     if probes:
         lines += ["", "## Goal sensitivity on the validation prompts", "",
                   "The probe's sensitivity of each trained model to its goal, on the held-out training prompts "
-                  "(`validation.jsonl`), with its own bootstrap interval; the heatmap shows score bin x goal.", "",
-                  "| variant | seed | n rows | sensitivity [95% CI] | heatmap |", "|---|---|---|---|---|"]
+                  "(`validation.jsonl`), with its own bootstrap interval: the top bin minus the bottom bin of the "
+                  "highest goal's gain over the lowest goal, and its trend over every row (slope per level), in "
+                  "nats per token; the heatmap shows score bin x goal.", "",
+                  "| variant | seed | n rows | sensitivity [95% CI] | trend per level [95% CI] | heatmap |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {p['variant']} | {p['seed']} | {p['n_rows'] if p['n_rows'] is not None else 'n/a'} | "
-                  f"{_fmt(p['sensitivity'])} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}] | "
+                  f"{_fmt(p['sensitivity'], 4)} [{_fmt(p['ci_low'], 4)}, {_fmt(p['ci_high'], 4)}] | "
+                  f"{_fmt(p.get('trend'), 4)} [{_fmt(p.get('trend_low'), 4)}, {_fmt(p.get('trend_high'), 4)}] | "
                   + (f"[probe.png]({p['heatmap']})" if p["heatmap"] else "—") + " |" for p in probes]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "Per-generation completions and scores: `items/<variant>/seed<k>/<goal>.jsonl`.",
