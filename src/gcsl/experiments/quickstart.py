@@ -97,9 +97,11 @@ def _summarise(out: Path, method: str) -> dict:
 
 
 def _threshold(goals: dict, request: str) -> str:
-    """A goal request as the threshold it asks for ("score > 0.57")."""
-    if request == "top":
-        return f"score > {goals['inference_goal']['threshold']}"
-    if request.startswith("level:"):
-        return f"score > {goals['thresholds'][int(request.split(':')[1]) - 1]}"
-    return request
+    """What a goal request asks for, briefly: its level's word (when the goals have words) and threshold."""
+    level = goals["inference_goal"]["level"] if request == "top" else (
+        int(request.split(":")[1]) if request.startswith("level:") else None)
+    if level is None:
+        return request
+    words = goals.get("level_words") or []
+    word = f"{words[level - 1]}, " if len(words) >= level else ""
+    return f"{word}score >= {goals['thresholds'][level - 1]}"
