@@ -20,7 +20,7 @@ _COMMANDS = {
     "probe": "measure whether the goal steers a trained model (log-probabilities, no generation)",
     "evaluate": "score generations for a task and write metrics",
     "experiment": "run methods x seeds: prepare, train, generate, evaluate, report",
-    "quickstart": "offline demo: train GCSL-bey-NL on shipped data and compare with the base model",
+    "quickstart": "offline demo: does the goal steer? one model at a low and a high goal, beside the base model",
 }
 
 

@@ -1,10 +1,12 @@
-"""`gcsl quickstart`: the offline first run — GCSL-bey-NL vs the base model on shipped data.
+"""`gcsl quickstart`: the offline first run — does the goal steer? One model, a low and a high goal.
 
-It trains SmolLM2-135M-Instruct (offline, from a pip package) with GCSL-bey-NL on a feedback log
-of the base model's own movie reviews scored by VADER for negative sentiment (the rarer
-sentiment for this model, so the top goal asks for a minority behaviour), generates at the top
-goal on held-out titles, and compares with the untrained model. It is `gcsl experiment` with
-the settings in ``gcsl/resources/quickstart.yaml``.
+It trains SmolLM2-135M-Instruct (offline, from a pip package) with GCSL-NL on a feedback log of
+the base model's own movie reviews scored by VADER for negative sentiment, with goals led by a
+level word ("Write a review that is negative (...)"), which a model this small reads where it
+ignores numbers. 20 training titles are held out for the goal-sensitivity probe. The trained
+model then writes reviews of held-out test titles at its lowest and at its highest goal; both are
+scored by VADER and by TextBlob and compared with each other (paired per title) and with the
+untrained model. It is `gcsl experiment` with the settings in ``gcsl/resources/quickstart.yaml``.
 """
 
 from __future__ import annotations
