@@ -280,3 +280,11 @@ def test_level_words_must_match_the_bins(tmp_path, log):
     _, rows, goals = _run(tmp_path, log, "gcsl-bey-nl")
     assert "level_words" not in goals
     assert rows[0]["goal"].startswith("Generate a response with a score greater than")
+
+
+def test_an_option_given_twice_is_refused_not_overwritten(tmp_path, log, capsys):
+    argv = ["prepare", "--data", str(log), "--out", str(tmp_path / "o"), "--score-column", "score",
+            "--score-column", "other"]
+    assert main(argv) == 2
+    assert "--score-column: given more than once" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -74,7 +74,18 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, with_config: bo
                     kwargs["choices"] = list(get_args(tp))
                 if meta.get("nargs"):
                     kwargs["nargs"] = meta["nargs"]
+        if "action" not in kwargs:
+            kwargs["action"] = _Once  # a second --score-column must not silently replace the first
         parser.add_argument(flag, **kwargs)
+
+
+class _Once(argparse.Action):
+    """Stores an option's value, refusing the option when it is given twice on one command line."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, _UNSET) is not _UNSET:
+            raise ConfigError(f"{option_string}: given more than once; give it once (the last would silently win)")
+        setattr(namespace, self.dest, values)
 
 
 def _scalar_parser(tp: Any):

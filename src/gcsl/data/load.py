@@ -6,8 +6,10 @@ line a problem sits on) and for chat-message prompts.
 
 from __future__ import annotations
 
+import csv
 import json
-import math
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from gcsl.goals.spec import MetricSpec
 
 __all__ = ["FeedbackLog", "read_feedback", "validate_feedback", "detect_format", "column_numpy"]
 
+_NUMBER = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$"
 _FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet",
             ".pq": "parquet"}
 
@@ -41,7 +44,7 @@ class FeedbackLog:
         if self.fmt == "jsonl":
             return f"line {_jsonl_line_of(Path(self.source), i)}"
         if self.fmt == "csv":
-            return f"line {i + 2}"  # the header is line 1
+            return f"line {_csv_line_of(Path(self.source), i)}"
         return f"row {i}"
 
     @property
@@ -73,41 +76,99 @@ def _jsonl_line_of(path: Path, index: int) -> int:
     return index + 1
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _json_kind(value: object) -> str | None:
+    """What a JSON value is, in words; None for null (it fits any column)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    return "an object" if isinstance(value, dict) else "a list"
+
+
+def _json_kinds(value: object, path: str) -> Iterator[tuple[str, str]]:
+    """(path, kind) for a value and everything inside it: ``prompt[].content`` is a message's content."""
+    kind = _json_kind(value)
+    if kind is not None:
+        yield path, kind
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _json_kinds(inner, f"{path}.{key}")
+    elif isinstance(value, list):
+        for inner in value:
+            yield from _json_kinds(inner, f"{path}[]")
+
+
 def _first_bad_jsonl_line(path: Path) -> tuple[int, str]:
+    """The first line that is not one UTF-8 JSON object with unique keys and the same types as the lines before.
+
+    Returns ``(0, "")`` when every line is fine, ``(-1, "")`` when no line holds a record.
+    """
+    kinds: dict[str, tuple[str, int]] = {}
+    records = 0
     with path.open("rb") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
                 continue
             try:
-                obj = json.loads(line)
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return lineno, f"not valid UTF-8 (byte {exc.start + 1} of the line); save the file as UTF-8"
+            try:
+                obj = json.loads(text, object_pairs_hook=_unique_keys)
+            except _DuplicateKey as exc:
+                return lineno, f"key {exc.args[0]!r} appears twice in one object; keep one"
             except ValueError as exc:
-                return lineno, f"not valid JSON ({exc.args[0].split(':')[0]})"
+                return lineno, f"not valid JSON ({exc.args[0].split(':')[0]}); fix or remove the line"
             if not isinstance(obj, dict):
-                return lineno, "not a JSON object"
-    return 0, "unreadable"
+                return lineno, "not a JSON object; write one {...} object per line"
+            try:
+                text.encode("utf-8")
+                json.dumps(obj, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                return lineno, "holds a lone surrogate escape (e.g. \\ud800), which is not text; fix the escape"
+            records += 1
+            for key, value in obj.items():
+                for path_, kind in _json_kinds(value, key):
+                    first = kinds.setdefault(path_, (kind, lineno))
+                    if first[0] != kind:
+                        where = "earlier on this line" if first[1] == lineno else f"on line {first[1]}"
+                        return lineno, (f"{path_!r} is {kind} here but {first[0]} {where}; "
+                                        "make every row use the same type")
+    return (0, "") if records else (-1, "")
 
 
 def _read_table(source: str, fmt: str, split: str) -> pa.Table:
     path = Path(source)
-    if fmt in ("jsonl", "csv", "parquet") and not path.is_file():
-        raise DataError(f"{source}: file not found; check --data")
+    if fmt in ("jsonl", "csv", "parquet"):
+        if not path.is_file():
+            raise DataError(f"{source}: file not found; check --data")
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            why = "permission denied" if isinstance(exc, PermissionError) else exc.strerror or type(exc).__name__
+            raise DataError(f"{source}: cannot open the file ({why}); make it readable or check --data") from None
     if fmt == "jsonl":
-        import pyarrow.json as pj
-
-        try:
-            return pj.read_json(path, parse_options=pj.ParseOptions(newlines_in_values=False))
-        except pa.ArrowInvalid:
-            line, why = _first_bad_jsonl_line(path)
-            if line:
-                raise DataError(f"{source} line {line}: {why}; fix or remove the line") from None
-            return _read_jsonl_python(path)
+        return _read_jsonl(path, source)
     if fmt == "csv":
-        import pyarrow.csv as pcsv
-
-        try:
-            return pcsv.read_csv(path)
-        except pa.ArrowInvalid as exc:
-            raise DataError(f"{source}: cannot parse CSV ({str(exc).splitlines()[0]}); fix the file") from None
+        return _read_csv(path, source)
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -118,14 +179,113 @@ def _read_table(source: str, fmt: str, split: str) -> pa.Table:
     return _read_hf(source, split)
 
 
-def _read_jsonl_python(path: Path) -> pa.Table:
-    # pyarrow's reader rejects records whose fields change type between lines (e.g. a prompt that
-    # is text in one row and chat messages in another); this slower path reports such rows.
-    rows = [json.loads(line) for line in path.open("rb") if line.strip()]
+def _jsonl_problem(path: Path, source: str) -> None:
+    """Raises the DataError for the first bad line of a JSONL file, if it has one."""
+    line, why = _first_bad_jsonl_line(path)
+    if line > 0:
+        raise DataError(f"{source} line {line}: {why}")
+    if line < 0:
+        raise DataError(f"{source}: the file is empty (no JSON records); give one JSON object per line")
+
+
+def _read_jsonl(path: Path, source: str) -> pa.Table:
+    import pyarrow.json as pj
+
+    try:
+        table = pj.read_json(path, parse_options=pj.ParseOptions(newlines_in_values=False))
+    except pa.ArrowInvalid:
+        _jsonl_problem(path, source)
+        return _read_jsonl_python(path, source)  # e.g. a line longer than the reader's block
+    try:
+        table.validate(full=True)  # the reader passes invalid UTF-8 through (in values and in keys)
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        _jsonl_problem(path, source)
+        raise DataError(f"{source}: holds text that is not valid UTF-8; save the file as UTF-8") from None
+    if table.num_columns == 0:
+        _jsonl_problem(path, source)
+    return table
+
+
+def _read_jsonl_python(path: Path, source: str) -> pa.Table:
+    # Only reached once every line has been checked (UTF-8, one object, unique keys, same types).
+    with path.open("rb") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
     try:
         return pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise DataError(f"{path}: rows disagree on a column's type ({exc}); make every row use the same types") from None
+        raise DataError(f"{source}: rows disagree on a nested value's type ({str(exc).splitlines()[0][:160]}); "
+                        "make every row use the same types") from None
+
+
+def _csv_records(path: Path, source: str) -> Iterator[tuple[int, list[str]]]:
+    """Each non-blank CSV record with the physical line it starts on (quoted newlines span lines)."""
+    state = {"line": 0}
+
+    def lines() -> Iterator[str]:
+        with path.open("rb") as fh:
+            for raw in fh:
+                state["line"] += 1
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{source} line {state['line']}: not valid UTF-8 (byte {exc.start + 1} of the "
+                                    "line); save the file as UTF-8") from None
+                yield text.removeprefix("\ufeff") if state["line"] == 1 else text
+
+    limit = csv.field_size_limit()
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    try:
+        reader = csv.reader(lines())
+        start = 1
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                raise DataError(f"{source} line {start}: cannot parse CSV ({exc}); fix the line") from None
+            if record:
+                yield start, record
+            start = state["line"] + 1
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_line_of(path: Path, index: int) -> int:
+    """Physical line of the index-th data row of a CSV file (after the header; blank lines hold no row)."""
+    for i, (line, _) in enumerate(_csv_records(path, str(path))):
+        if i == index + 1:
+            return line
+    return index + 2
+
+
+def _read_csv(path: Path, source: str) -> pa.Table:
+    """Every column as text: only the score column is parsed as numbers, later and strictly."""
+    import pyarrow.csv as pcsv
+
+    header = next(iter(_csv_records(path, source)), (1, []))[1]
+    if not header:
+        raise DataError(f"{source}: the file is empty (no header line); give a header line and one row per line")
+    for name in header:
+        if header.count(name) > 1:
+            raise DataError(f"{source} line 1: column {name!r} appears {header.count(name)} times in the header; "
+                            "give each column a distinct name")
+    convert = pcsv.ConvertOptions(column_types={name: pa.string() for name in header})
+    parse = pcsv.ParseOptions(newlines_in_values=True)
+    read = pcsv.ReadOptions()
+    while True:
+        try:
+            return pcsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+        except pa.ArrowInvalid as exc:
+            size = path.stat().st_size + 1
+            if "straddl" in str(exc) and read.block_size < size:
+                read = pcsv.ReadOptions(block_size=min(size, 2**31 - 1))  # a field longer than a block
+                continue
+            for line, record in _csv_records(path, source):
+                if len(record) != len(header):
+                    raise DataError(f"{source} line {line}: {len(record)} fields but the header has {len(header)}; "
+                                    "quote fields that hold commas or fix the line") from None
+            raise DataError(f"{source}: cannot parse CSV ({str(exc).splitlines()[0][:160]}); fix the file") from None
 
 
 def _read_hf(source: str, split: str) -> pa.Table:
@@ -164,12 +324,33 @@ def read_feedback(source: str, *, prompt_column: str = "prompt", response_column
     """
     fmt = detect_format(source) if fmt == "auto" else fmt
     table = _read_table(source, fmt, split)
+    for name in table.column_names:
+        if table.column_names.count(name) > 1:
+            raise DataError(f"{source}: column {name!r} appears {table.column_names.count(name)} times; "
+                            "give each column a distinct name")
     mapping = {"prompt": prompt_column, "response": response_column, "score_raw": score_column}
     missing = [f"--{k.split('_')[0]}-column {v!r}" for k, v in mapping.items() if v not in table.column_names]
     if missing:
         raise DataError(f"{source}: column(s) not found: {', '.join(m.split(' ', 1)[1] for m in missing)} "
                         f"(columns: {', '.join(table.column_names)}); pass {' / '.join(m.split(' ')[0] for m in missing)}")
-    return pa.table({k: table.column(v) for k, v in mapping.items()}), fmt
+    columns = {k: table.column(v) for k, v in mapping.items()}
+    # Parquet and datasets may store text dictionary-encoded; the values are what count.
+    columns = {k: c.cast(c.type.value_type) if pa.types.is_dictionary(c.type) else c for k, c in columns.items()}
+    if fmt == "csv":
+        columns["score_raw"] = _csv_numbers(columns["score_raw"])
+    return pa.table(columns), fmt
+
+
+def _csv_numbers(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A CSV text column as int64 or float64 when every non-blank cell is a plain number (blank: null);
+    otherwise unchanged, for validation to name the cell that is not a number (or to read categories)."""
+    text = pc.utf8_trim_whitespace(col)
+    blank = pc.equal(pc.utf8_length(text), 0)
+    if not pc.all(pc.or_(blank, pc.match_substring_regex(text, _NUMBER))).as_py():
+        return col
+    text = pc.if_else(blank, pa.scalar(None, pa.string()), text)
+    whole = pc.all(pc.or_kleene(pc.is_null(text), pc.match_substring_regex(text, r"^[+-]?[0-9]{1,18}$"))).as_py()
+    return pc.cast(text, pa.int64() if whole else pa.float64())
 
 
 def validate_feedback(table: pa.Table, source: str, fmt: str, spec: MetricSpec, *, bins: int) -> FeedbackLog:
@@ -199,19 +380,38 @@ def validate_feedback(table: pa.Table, source: str, fmt: str, spec: MetricSpec, 
                "add it to --categories in order or fix the row")
         scores = mapped
     else:
-        if pa.types.is_string(scores_col.type) or pa.types.is_large_string(scores_col.type):
+        if (pa.types.is_string(scores_col.type) or pa.types.is_large_string(scores_col.type)) and fmt == "csv":
+            # CSV has no types: a score is a plain decimal number (1, -0.5, 2e3); "1_0", "0x10", "true" are not.
+            text = pc.utf8_trim_whitespace(pc.cast(scores_col, pa.string()))
+            numeric = pc.fill_null(pc.match_substring_regex(text, _NUMBER), False)
+            scores = column_numpy(pc.cast(pc.if_else(numeric, text, pa.scalar(None, pa.string())),
+                                          pa.float64())).astype(np.float64)
+            blank = column_numpy(pc.fill_null(pc.equal(pc.utf8_length(text), 0), True))
             raw = column_numpy(scores_col)
-            scores = np.array([_to_float(v) for v in raw], dtype=np.float64)
-            report(np.isnan(scores) & np.array([v is not None and _to_float(v) != _to_float(v) and
-                                                str(v).strip().lower() != "nan" for v in raw]),
-                   lambda i: f"score {raw[i]!r} is not a number", "use numeric scores (or --kind categorical)")
+            not_number = ~column_numpy(numeric) & ~blank
+            report(not_number, lambda i: f"score {raw[i]!r} is not a number",
+                   "write a plain number such as 0.5 or 3 (or use --kind categorical)")
+        elif pa.types.is_string(scores_col.type) or pa.types.is_large_string(scores_col.type):
+            raw = column_numpy(scores_col)
+            scores = np.full(len(raw), np.nan)
+            not_number = np.array([v is not None for v in raw], dtype=bool)
+            report(not_number, lambda i: f"score {raw[i]!r} is text, not a number",
+                   "write scores as numbers without quotes (or use --kind categorical)")
+        elif pa.types.is_boolean(scores_col.type):
+            raw = column_numpy(scores_col)
+            scores = np.full(len(raw), np.nan)
+            not_number = np.array([v is not None for v in raw], dtype=bool)
+            report(not_number,
+                   lambda i: f"score {str(raw[i]).lower()} is true/false, not a number",
+                   "write scores as numbers (e.g. 0 and 1), or use --kind categorical --categories false true")
         elif pa.types.is_integer(scores_col.type) or pa.types.is_floating(scores_col.type) or \
-                pa.types.is_null(scores_col.type) or pa.types.is_boolean(scores_col.type):
+                pa.types.is_null(scores_col.type):
             scores = column_numpy(pc.cast(scores_col, pa.float64())).astype(np.float64)
+            not_number = np.zeros(len(scores), dtype=bool)
         else:
             raise DataError(f"{source}: score column has type {scores_col.type}; scores must be numbers "
                             "(or categories with --kind categorical)")
-        report(np.isnan(scores), "score is missing or NaN", "every row needs a finite score")
+        report(np.isnan(scores) & ~not_number, "score is missing or NaN", "every row needs a finite score")
         report(np.isinf(scores), "score is infinite", "every row needs a finite score")
         finite = np.isfinite(scores)
         if spec.low is not None:
@@ -233,13 +433,20 @@ def validate_feedback(table: pa.Table, source: str, fmt: str, spec: MetricSpec, 
     report(column_numpy(empty), "response is empty", "remove the row or fill in the response")
     prompt = table.column("prompt")
     if log.chat:
-        empty_prompt = pc.fill_null(pc.equal(pc.list_value_length(prompt), 0), True)
+        messages = prompt.to_pylist()
+        bad = [_chat_problem(m) for m in messages]
+        report(np.array([b is not None for b in bad], dtype=bool), lambda i: bad[i],
+               "give each prompt as a list of {\"role\": ..., \"content\": \"text\"} messages")
+        empty_prompt = np.array([b is None and not any(m["content"].strip() for m in p) for b, p in zip(bad, messages)],
+                                dtype=bool)
     elif pa.types.is_string(prompt.type) or pa.types.is_large_string(prompt.type) or pa.types.is_null(prompt.type):
-        empty_prompt = pc.fill_null(pc.equal(pc.utf8_length(pc.cast(prompt, pa.string())), 0), True)
+        text = pc.cast(prompt, pa.string())
+        empty_prompt = pc.fill_null(pc.or_(pc.equal(pc.utf8_length(text), 0), pc.utf8_is_space(text)), True)
     else:
         raise DataError(f"{source}: prompt column has type {prompt.type}; prompts must be text or chat messages "
                         "(a list of {role, content})")
-    report(column_numpy(empty_prompt), "prompt is empty", "remove the row or fill in the prompt")
+    report(column_numpy(empty_prompt) if not isinstance(empty_prompt, np.ndarray) else empty_prompt,
+           "prompt is empty", "remove the row or fill in the prompt")
 
     n = table.num_rows
     if n < bins and spec.kind == "scalar":
@@ -256,17 +463,24 @@ def validate_feedback(table: pa.Table, source: str, fmt: str, spec: MetricSpec, 
     return log
 
 
+def _chat_problem(messages: list | None) -> str | None:
+    """What is wrong with one chat prompt (a list of role/content messages), or None."""
+    if not messages:
+        return "prompt is empty"
+    for j, m in enumerate(messages, start=1):
+        if not isinstance(m, dict):
+            return f"prompt message {j} is {_json_kind(m) or 'null'}, not a {{role, content}} message"
+        if not isinstance(m.get("role"), str) or not m["role"].strip():
+            return f"prompt message {j} has no role"
+        if m.get("content") is None:
+            return f"prompt message {j} has no content"
+        if not isinstance(m["content"], str):
+            return f"prompt message {j} has content {_json_kind(m['content']) or 'null'}, not text"
+    return None
+
+
 def column_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A column as numpy without pandas (ChunkedArray.to_numpy would import it: ~0.5 s)."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     return col.to_numpy(zero_copy_only=False)
-
-
-def _to_float(v: object) -> float:
-    if v is None:
-        return math.nan
-    try:
-        return float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return math.nan

@@ -66,6 +66,8 @@ class PrepareConfig:
     flipped_name: str | None = field(None, help="name of the flipped metric (default: non-<metric-name>)")
     kind: Literal["scalar", "ordinal", "categorical"] = field("scalar", help="feedback kind")
     categories: list[str] = field(default_factory=list, help="ordered categories, worst to best (--kind categorical)")
+    max_levels: int = field(100, help="most levels --kind ordinal may make (one per whole value in the range); "
+                                      "raise it only for a scale that really has that many steps")
     precision: int = field(2, help="decimals used to write thresholds in goals")
     best_meaning: str | None = field(None, help="what the best value means, e.g. 'the least toxicity'")
     subject: str = field("a response", help="what the goal asks for, e.g. 'a recommendation'")
@@ -103,6 +105,14 @@ class PrepareConfig:
             problems.append("categories: --kind categorical needs at least two --categories, worst to best")
         if self.precision < 0:
             problems.append("precision: must be >= 0")
+        if self.max_levels < 2:
+            problems.append("max_levels: must be at least 2")
+        elif self.kind == "ordinal" and self.score_range and len(self.score_range) == 2:
+            count = int(np.floor(self.score_range[1]) - np.ceil(self.score_range[0])) + 1
+            if count > self.max_levels:
+                problems.append(f"range: --kind ordinal over --range {self.score_range[0]:g} {self.score_range[1]:g} "
+                                f"makes {count} levels, more than --max-levels {self.max_levels}; use --kind scalar "
+                                "(binned) or raise --max-levels")
         if self.templates:
             unknown = set(self.templates) - {"bey", "snl", "range", "value"}
             if unknown:
@@ -112,6 +122,12 @@ class PrepareConfig:
                     str(text).format(**{f: "x" for f in TEMPLATE_FIELDS})
                 except (KeyError, IndexError, ValueError) as exc:
                     problems.append(f"templates.{style}: unknown field {exc} (fields: {', '.join(TEMPLATE_FIELDS)})")
+        if self.score_range is None and self.kind != "categorical":
+            for style, text in (self.templates or {}).items():
+                used = [f for f in ("{low}", "{high}", "{best_value}") if f in str(text)]
+                if used:
+                    problems.append(f"templates.{style}: {', '.join(used)} need --range LOW HIGH (no range is "
+                                    "known to state)")
         uses_word = any("{level_word}" in str(t) for t in (self.templates or {}).values())
         if uses_word and not self.level_words:
             problems.append("templates: {level_word} needs --level-words, one word per bin, lowest first")
@@ -161,6 +177,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     table, fmt = read_feedback(cfg.data, prompt_column=cfg.prompt_column, response_column=cfg.response_column,
                                score_column=cfg.score_column, fmt=cfg.data_format, split=cfg.split)
     log = validate_feedback(table, cfg.data, fmt, spec, bins=cfg.bins)
+    _check_ordinal_levels(cfg, spec, column_numpy(log.table.column("score")))
 
     # quantize -> formulate -> render, all on numpy arrays indexed by row.
     oriented = spec.orient(column_numpy(log.table.column("score")))
@@ -169,14 +186,14 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     use_filter = cfg.filter and cfg.method in _BEYOND
     retained = retained_levels(quant.thresholds, train_mean, filter_goals=use_filter)
     top_level = quant.levels == quant.levels.max()
-    templates = {**default_templates(spec), **(cfg.templates or {})}
+    templates, range_notes = _templates(cfg, spec)
     setup = GoalSetup(
         method=cfg.method, metric=spec, thresholds=quant.thresholds, retained_levels=retained,
         train_mean=train_mean, bins_requested=cfg.bins, templates=templates, placement=cfg.goal_placement,
         separator=cfg.separator, top_bin_mean=float(oriented[top_level].mean()), score_max=float(oriented.max()),
         level_words=_level_words(cfg, quant),
     )
-    notes = list(quant.notes)
+    notes = range_notes + list(quant.notes)
     if use_filter and not any(t > train_mean for t in quant.thresholds):
         notes.append("no threshold is above the training mean; only the top level is kept as a goal")
 
@@ -211,6 +228,33 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     if not cfg.quiet:
         _print_report(result, goals)
     return result
+
+
+# The defaults' sentence stating the metric's range; without --range there is no range to state.
+_RANGE_SENTENCE = " {Metrics} range from {low} to {high}, with {best_value} indicating {best_meaning}."
+
+
+def _templates(cfg: PrepareConfig, spec: MetricSpec) -> tuple[dict[str, str], list[str]]:
+    """The NL templates, and a note when the range sentence is left out for want of --range."""
+    templates = default_templates(spec)
+    notes = []
+    if spec.kind != "categorical" and cfg.score_range is None:
+        templates = {k: t.replace(_RANGE_SENTENCE, "") for k, t in templates.items()}
+        notes.append("no --range given: goals leave out the sentence stating the metric's range; "
+                     "pass --range LOW HIGH to state it")
+    return {**templates, **(cfg.templates or {})}, notes
+
+
+def _check_ordinal_levels(cfg: PrepareConfig, spec: MetricSpec, scores: np.ndarray) -> None:
+    """Refuses an ordinal scale with more than --max-levels levels (one per whole value in its range)."""
+    if spec.kind != "ordinal" or cfg.score_range:  # a range's levels are checked with the config
+        return
+    low, high = float(scores.min()), float(scores.max())
+    count = int(np.floor(high) - np.ceil(low)) + 1
+    if count > cfg.max_levels:
+        raise DataError(f"{cfg.data}: --kind ordinal over the scores from {low:g} to {high:g} makes {count} levels, "
+                        f"more than --max-levels {cfg.max_levels}; pass --range LOW HIGH, use --kind scalar "
+                        "(binned), fix the scores, or raise --max-levels")
 
 
 def _level_words(cfg: PrepareConfig, quant) -> tuple[str, ...]:
