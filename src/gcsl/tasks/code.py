@@ -35,7 +35,7 @@ import json
 import re
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -523,7 +523,8 @@ def _outcome(result: SandboxResult) -> _Outcome:
         return _Outcome("failed@error", f"{result.status}: {result.reason}", None)
     tail = result.stderr.strip().splitlines()
     detail = f"; {tail[-1][:300]}" if tail else ""
-    return _Outcome("failed@error", f"exited without a result ({result.reason or 'no report'}){detail}", None)
+    why = result.report_error or result.reason or "no report"
+    return _Outcome("failed@error", f"exited without a result ({why}){detail}", None)
 
 
 def run_candidate(
@@ -647,7 +648,11 @@ class CodeEvalConfig:
         "scores 1.0; step = 1.0 only if no slower than the references; exclude = leave it out of Beyond",
     )
     timeout_s: float = field(10.0, help="wall-clock limit of one run in seconds (harness: 10)")
-    memory_mb: int = field(1024, help="address-space limit of one run in MiB")
+    memory_mb: int = field(
+        1024,
+        help="memory limit of one run in MiB: all its processes together where a cgroup can be made "
+        "(see the run record), else the address space of each process",
+    )
     max_processes: int = field(32, help="process limit of one run (stops fork bombs)")
     max_output_kb: int = field(1024, help="stdout/stderr cap of one run in KiB; more ends the run")
     workers: int = field(
@@ -698,8 +703,16 @@ class _Sample:
     runs: list[_Outcome]
 
 
-def evaluate(rows: list[dict[str, Any]], config: CodeEvalConfig) -> TaskResult:
+def evaluate(
+    rows: list[dict[str, Any]],
+    config: CodeEvalConfig,
+    *,
+    on_item: Callable[[dict[str, Any]], None] | None = None,
+) -> TaskResult:
     """Scores generations on Mercury (pass@k, Beyond@k) or HumanEval (pass@k); unit = task id.
+
+    ``on_item(item)`` is called with each generation's item as soon as it is final (its runs and
+    its task's reference runs done), in completion order, so a caller can keep finished work.
 
     >>> result = evaluate(rows, CodeEvalConfig(data="tests/fixtures/mercury_small.jsonl"))  # doctest: +SKIP
     >>> [m for m in result.metrics if m.startswith("pass@1")]                              # doctest: +SKIP
@@ -730,30 +743,58 @@ def evaluate(rows: list[dict[str, Any]], config: CodeEvalConfig) -> TaskResult:
         if with_beyond
         for ref in tasks[tid].references
     ]
-    programs = [p for _, p in ref_jobs] + [s.program for s in samples]
-    results = sandbox.run_many(
-        programs, workers=config.workers, progress=config.progress, desc="code: first runs"
-    )
     ref_runtimes: dict[str, list[float]] = {tid: [] for tid in by_task}
     ref_failures: Counter = Counter()
-    for (tid, _), res in zip(ref_jobs, results[: len(ref_jobs)]):
+    refs_left = Counter(tid for tid, _ in ref_jobs)
+    repeats_left: Counter = Counter()
+    emitted: set[int] = set()
+    with_repeats = with_beyond and config.repeats > 1
+
+    def emit_if_final(s: _Sample) -> None:
+        if on_item is None or s.index in emitted or not s.runs or refs_left[s.task_id] or repeats_left[s.index]:
+            return
+        emitted.add(s.index)
+        on_item(_item(s, tasks[s.task_id], ref_runtimes[s.task_id], config, with_beyond)[0])
+
+    def first_run_done(i: int, res: SandboxResult) -> None:
         out = _outcome(res)
-        if out.status == "passed" and out.runtime_s is not None:
-            ref_runtimes[tid].append(out.runtime_s)
-        else:
-            ref_failures[tid] += 1
-    for s, res in zip(samples, results[len(ref_jobs) :]):
-        s.runs.append(_outcome(res))
+        if i < len(ref_jobs):
+            tid = ref_jobs[i][0]
+            if out.status == "passed" and out.runtime_s is not None:
+                ref_runtimes[tid].append(out.runtime_s)
+            else:
+                ref_failures[tid] += 1
+            refs_left[tid] -= 1
+            for other in by_task[tid]:
+                emit_if_final(other)
+            return
+        s = samples[i - len(ref_jobs)]
+        s.runs.append(out)
+        if with_repeats and out.status == "passed":
+            repeats_left[s.index] = config.repeats - 1
+        emit_if_final(s)
+
+    programs = [p for _, p in ref_jobs] + [s.program for s in samples]
+    sandbox.run_many(
+        programs, workers=config.workers, progress=config.progress, desc="code: first runs",
+        on_result=first_run_done,
+    )
 
     # Round 2: repeat the candidates that passed, for a steadier runtime.
-    if with_beyond and config.repeats > 1:
+    if with_repeats:
         again = [s for s in samples if s.runs[0].status == "passed"]
         jobs = [s for s in again for _ in range(config.repeats - 1)]
-        repeats = sandbox.run_many(
-            [s.program for s in jobs], workers=config.workers, progress=config.progress, desc="code: repeats"
-        )
-        for s, res in zip(jobs, repeats):
+
+        def repeat_done(j: int, res: SandboxResult) -> None:
+            s = jobs[j]
             s.runs.append(_outcome(res))
+            repeats_left[s.index] -= 1
+            emit_if_final(s)
+
+        sandbox.run_many(
+            [s.program for s in jobs], workers=config.workers, progress=config.progress, desc="code: repeats",
+            on_result=repeat_done,
+        )
 
     notes = [f"sandbox: {sandbox.description}"]
     if len(reported_k) < len(ks):
@@ -766,36 +807,11 @@ def evaluate(rows: list[dict[str, Any]], config: CodeEvalConfig) -> TaskResult:
     unit_scores: dict[str, dict[str, float]] = defaultdict(dict)
     excluded: dict[str, str] = {}
     for tid, group in by_task.items():
-        task = tasks[tid]
         refs = ref_runtimes[tid]
         scores: list[float | None] = []
         for s in group:
-            first = s.runs[0]
-            passed = first.status == "passed"
-            runtimes = [o.runtime_s for o in s.runs if o.status == "passed" and o.runtime_s is not None]
-            r = _statistic(runtimes, config.runtime_statistic) if passed and runtimes else None
-            score = (
-                beyond_score(r, refs, no_reference=config.no_reference, equal_range=config.equal_range)
-                if with_beyond
-                else None
-            )
+            items[s.index], score = _item(s, tasks[tid], refs, config, with_beyond)
             scores.append(score)
-            flaky = sum(o.status != "passed" for o in s.runs[1:])
-            items[s.index] = {
-                "prompt_id": s.prompt_id,
-                "task_id": tid,
-                "sample": s.sample,
-                "difficulty": task.difficulty,
-                "status": first.status,
-                "passed": passed,
-                "runtime_s": r,
-                "runtimes": runtimes,
-                "beyond": score,
-                "code_source": s.code_source,
-                "reason": first.reason
-                if not passed
-                else (f"{flaky} of {len(s.runs) - 1} repeat runs did not pass" if flaky else None),
-            }
         n, c = len(group), sum(s.runs[0].status == "passed" for s in group)
         for k in reported_k:
             unit_scores[f"pass@{k}"][tid] = pass_at_k(n, c, k)
@@ -842,6 +858,38 @@ def evaluate(rows: list[dict[str, Any]], config: CodeEvalConfig) -> TaskResult:
         options=options,
         notes=notes,
     )
+
+
+def _item(
+    s: _Sample, task: CodeTask, refs: list[float], config: CodeEvalConfig, with_beyond: bool
+) -> tuple[dict[str, Any], float | None]:
+    """One generation's item record and its Beyond score (None where not scored)."""
+    first = s.runs[0]
+    passed = first.status == "passed"
+    runtimes = [o.runtime_s for o in s.runs if o.status == "passed" and o.runtime_s is not None]
+    r = _statistic(runtimes, config.runtime_statistic) if passed and runtimes else None
+    score = (
+        beyond_score(r, refs, no_reference=config.no_reference, equal_range=config.equal_range)
+        if with_beyond
+        else None
+    )
+    flaky = sum(o.status != "passed" for o in s.runs[1:])
+    item = {
+        "prompt_id": s.prompt_id,
+        "task_id": s.task_id,
+        "sample": s.sample,
+        "difficulty": task.difficulty,
+        "status": first.status,
+        "passed": passed,
+        "runtime_s": r,
+        "runtimes": runtimes,
+        "beyond": score,
+        "code_source": s.code_source,
+        "reason": first.reason
+        if not passed
+        else (f"{flaky} of {len(s.runs) - 1} repeat runs did not pass" if flaky else None),
+    }
+    return item, score
 
 
 def _statistic(values: list[float], name: str) -> float:
