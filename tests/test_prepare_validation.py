@@ -14,7 +14,7 @@ import pytest
 
 from gcsl.cli import main
 from gcsl.data.prepare import PrepareConfig, prepare
-from gcsl.errors import GcslError
+from gcsl.errors import DataError, GcslError
 
 
 def _rows(n: int = 4) -> list[dict]:
@@ -316,7 +316,7 @@ def test_mutated_jsonl_is_kept_exactly_or_refused_in_one_line(tmp_path_factory):
     ops = st.lists(st.tuples(st.sampled_from(["flip", "truncate", "dup-key", "swap-type"]),
                              st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=3)
 
-    @hypothesis.settings(max_examples=50, deadline=None, database=None)
+    @hypothesis.settings(max_examples=50, deadline=None, database=None, derandomize=True)
     @hypothesis.given(ops)
     def check(mutations):
         tmp = tmp_path_factory.mktemp("m")
@@ -349,7 +349,7 @@ def test_mutated_csv_is_kept_exactly_or_refused_in_one_line(tmp_path_factory):
     ops = st.lists(st.tuples(st.sampled_from(["flip", "truncate"]), st.integers(0, 10**6), st.integers(0, 255)),
                    min_size=1, max_size=3)
 
-    @hypothesis.settings(max_examples=50, deadline=None, database=None)
+    @hypothesis.settings(max_examples=50, deadline=None, database=None, derandomize=True)
     @hypothesis.given(ops)
     def check(mutations):
         data = _mutate(_CSV, mutations)
@@ -371,3 +371,18 @@ def test_mutated_csv_is_kept_exactly_or_refused_in_one_line(tmp_path_factory):
                 (rec["prompt"], rec["response"], float(rec["score"]))
 
     check()
+
+
+def test_an_object_split_over_two_lines_is_refused_at_its_first_line(tmp_path):
+    # The Arrow reader would take it as one record; JSON Lines is one object per line.
+    path = tmp_path / "split.jsonl"
+    path.write_text('{"prompt":\n "p", "response": "r", "score": 0.1}\n\n'
+                    '{"prompt": "q", "response": "s", "score": 0.9}\n{"prompt": "u", "response": "v", "score": 0.5}\n')
+    with pytest.raises(DataError, match=r"split\.jsonl line 1: not valid JSON"):
+        prepare(PrepareConfig(data=str(path), out=tmp_path / "o", method="sft", bins=2, quiet=True))
+    assert not (tmp_path / "o").exists()
+    blank = tmp_path / "blank.jsonl"  # blank lines between records are fine
+    blank.write_text('\n{"prompt": "p", "response": "r", "score": 0.1}\n\n{"prompt": "q", "response": "s", '
+                     '"score": 0.9}\n  \n')
+    assert prepare(PrepareConfig(data=str(blank), out=tmp_path / "b", method="sft", bins=2, sft_top=1.0,
+                                 quiet=True)).rows_in == 2

@@ -201,9 +201,20 @@ def _read_jsonl(path: Path, source: str) -> pa.Table:
     except (pa.ArrowInvalid, UnicodeDecodeError):
         _jsonl_problem(path, source)
         raise DataError(f"{source}: holds text that is not valid UTF-8; save the file as UTF-8") from None
-    if table.num_columns == 0:
+    if table.num_columns == 0 or table.num_rows != _jsonl_record_lines(path):
+        # The reader takes an object split over several lines as one record: that is not JSON Lines,
+        # and every later line number would be off.
         _jsonl_problem(path, source)
     return table
+
+
+def _jsonl_record_lines(path: Path) -> int:
+    """Non-blank lines of a file (counted fast when no line is blank)."""
+    data = path.read_bytes()
+    lines = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
+    if b"\n\n" not in data and not data.startswith(b"\n") and not data[-2:].isspace():
+        return lines
+    return sum(1 for line in data.split(b"\n") if line.strip())
 
 
 def _read_jsonl_python(path: Path, source: str) -> pa.Table:
