@@ -386,3 +386,10 @@ def test_an_object_split_over_two_lines_is_refused_at_its_first_line(tmp_path):
                      '"score": 0.9}\n  \n')
     assert prepare(PrepareConfig(data=str(blank), out=tmp_path / "b", method="sft", bins=2, sft_top=1.0,
                                  quiet=True)).rows_in == 2
+
+
+def test_a_control_character_before_a_csv_score_is_not_a_number(tmp_path):
+    path = tmp_path / "ctl.csv"
+    path.write_bytes(b"prompt,response,score\np,r,0.2\nq,s,\x1c.1\nu,v,0.9\n")
+    with pytest.raises(DataError, match=r"ctl\.csv line 3: score '\\x1c\.1' is not a number"):
+        prepare(PrepareConfig(data=str(path), out=tmp_path / "o", method="sft", bins=2, quiet=True))

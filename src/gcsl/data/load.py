@@ -352,10 +352,16 @@ def read_feedback(source: str, *, prompt_column: str = "prompt", response_column
     return pa.table(columns), fmt
 
 
+def _trim_spaces(col):
+    """Spaces and tabs around a CSV cell; not Unicode's wider whitespace, which str.strip also takes (a control
+    character such as U+001C before a number must keep it from reading as one)."""
+    return pc.utf8_trim(col, characters=" \t")
+
+
 def _csv_numbers(col: pa.ChunkedArray) -> pa.ChunkedArray:
     """A CSV text column as int64 or float64 when every non-blank cell is a plain number (blank: null);
     otherwise unchanged, for validation to name the cell that is not a number (or to read categories)."""
-    text = pc.utf8_trim_whitespace(col)
+    text = _trim_spaces(col)
     blank = pc.equal(pc.utf8_length(text), 0)
     if not pc.all(pc.or_(blank, pc.match_substring_regex(text, _NUMBER))).as_py():
         return col
@@ -393,7 +399,7 @@ def validate_feedback(table: pa.Table, source: str, fmt: str, spec: MetricSpec, 
     else:
         if (pa.types.is_string(scores_col.type) or pa.types.is_large_string(scores_col.type)) and fmt == "csv":
             # CSV has no types: a score is a plain decimal number (1, -0.5, 2e3); "1_0", "0x10", "true" are not.
-            text = pc.utf8_trim_whitespace(pc.cast(scores_col, pa.string()))
+            text = _trim_spaces(pc.cast(scores_col, pa.string()))
             numeric = pc.fill_null(pc.match_substring_regex(text, _NUMBER), False)
             scores = column_numpy(pc.cast(pc.if_else(numeric, text, pa.scalar(None, pa.string())),
                                           pa.float64())).astype(np.float64)
