@@ -99,3 +99,9 @@ def write_feedback_log(path: Path, seed: int) -> Path:
             for p in range(8) for w in ("fine", "great", "poor", "superb")]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def feedback_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A module's feedback log: :func:`write_feedback_log` with seed 0."""
+    return write_feedback_log(tmp_path_factory.mktemp("log") / "log.jsonl", seed=0)

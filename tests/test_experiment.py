@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -104,9 +103,8 @@ def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir):
     assert facts["gcsl-bey-nl"]["optimizer_steps"] == [2, 2] and all(t > 0 for t in facts["sft"]["train_seconds"])
     assert "## Training" in text and "| gcsl-bey-nl[filter=False] | 0 |" in text
     assert any(b["variant"] == "gcsl-bey-nl[filter=False]" for b in results["beyond_check"])
-    if importlib.util.find_spec("gcsl.probe") is not None:
-        assert (exp / "probe" / "gcsl-bey-nl" / "seed0" / "probe.json").exists()
-        assert "## Goal sensitivity" in text and not (exp / "probe" / "sft").exists()
+    assert (exp / "probe" / "gcsl-bey-nl" / "seed0" / "probe.json").exists()
+    assert "## Goal sensitivity" in text and not (exp / "probe" / "sft").exists()
     results = json.loads((tmp_path / "exp" / "results.json").read_text())
     assert {r["variant"] for r in results["rows"]} == {"base", "sft", "gcsl-bey-nl", "gcsl-bey-nl[filter=False]"}
     # A one-seed variant is compared with the baseline's same seed only.

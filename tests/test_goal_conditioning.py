@@ -13,7 +13,6 @@ from gcsl.errors import ConfigError
 
 torch = pytest.importorskip("torch")
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -9,19 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_feedback_log
 from gcsl.cli import main as cli_main
 from gcsl.errors import ConfigError, DataError
 
 torch = pytest.importorskip("torch")
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def feedback_log(tmp_path_factory) -> Path:
-    return write_feedback_log(tmp_path_factory.mktemp("log") / "log.jsonl", seed=0)
 
 
 @pytest.fixture(scope="module")

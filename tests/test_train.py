@@ -8,20 +8,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_feedback_log
 from gcsl.cli import main as cli_main
 from gcsl.config import resolve_config
 from gcsl.errors import ConfigError, DataError, StageError
 
 torch = pytest.importorskip("torch")
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def feedback_log(tmp_path_factory) -> Path:
-    return write_feedback_log(tmp_path_factory.mktemp("log") / "log.jsonl", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -100,10 +100,8 @@ def probe_goals(setup) -> list[ProbeGoal]:
     [(2, 'Generate a response with a quality score greater than 0.50.'),
      (3, 'Generate a response with a quality score greater than 0.80.')]
     """
-    beyond = setup.style in ("bey", "snl", "token-bey")
-    levels = setup.retained_levels if beyond else setup.levels
     goals = []
-    for k in sorted(levels):
+    for k in setup.trained_levels:
         threshold = setup.threshold_display(k)
         label = f"L{k} ({setup.metric.format_value(threshold)})"
         if setup.method == "gcsl-noquant-embed":
@@ -256,21 +254,12 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
     return summary
 
 
-def _placed_row(setup, prompt, goal_text: str | None, response: str):
-    """Prompt with the goal in place and the response, in the form ``gcsl prepare`` wrote for training."""
-    placed = setup.place(prompt, goal_text)
-    if isinstance(placed, str):
-        return placed, response
-    # Chat prompts (or a text prompt given a system goal) train as messages with an assistant reply.
-    messages = [{"role": m["role"], "content": m["content"]} for m in placed]
-    return messages, [{"role": "assistant", "content": response}]
-
-
 def _score_rows(lm, setup, goals: list[ProbeGoal], prompts: list, responses: list[str],
                 cfg: ProbeConfig) -> tuple[np.ndarray, np.ndarray]:
     """(rows x goals) mean per-token log p of each response, and each response's token count."""
     import torch
 
+    from gcsl.goals.render import training_row
     from gcsl.training.packing import tokenize_prompt_completion
 
     tokenizer, model = lm.tokenizer, lm.model
@@ -285,8 +274,9 @@ def _score_rows(lm, setup, goals: list[ProbeGoal], prompts: list, responses: lis
     items = []  # (row, goal index, input ids, labels)
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         for j, goal in enumerate(goals):
-            ids, labels = tokenize_prompt_completion(*_placed_row(setup, prompt, goal.text, response), tokenizer,
-                                                     max_length=cfg.max_length)
+            row = training_row(prompt, goal.text, response, setup.placement, setup.separator,
+                               chat=isinstance(prompt, list))
+            ids, labels = tokenize_prompt_completion(*row, tokenizer, max_length=cfg.max_length)
             if all(t == -100 for t in labels[1:]):
                 raise DataError(f"{cfg.data}: row {i}: no response token fits in --max-length {cfg.max_length}; "
                                 "raise it")

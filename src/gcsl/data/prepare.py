@@ -345,15 +345,12 @@ def _place(cfg: PrepareConfig, chat: bool, prompt: pa.ChunkedArray, goal: pa.Arr
         parts = (prompt, goal) if placement == "after" else (goal, prompt)
         joined = pc.binary_join_element_wise(*parts, cfg.separator, null_handling="skip")
         return joined, response
-    from gcsl.goals import place_goal
+    from gcsl.goals.render import training_row
 
-    goals = goal.to_pylist()
-    placed = [place_goal(p, g, placement, cfg.separator) for p, g in zip(prompt.to_pylist(), goals)]
     # A chat dataset needs every prompt as messages, so goal-free rows are converted too.
-    placed = [[{"role": "user", "content": p}] if isinstance(p, str) else
-              [{"role": m["role"], "content": m["content"]} for m in p] for p in placed]
-    completion = [[{"role": "assistant", "content": r}] for r in response.to_pylist()]
-    return pa.array(placed), pa.array(completion)
+    rows = [training_row(p, g, r, placement, cfg.separator, chat=True)
+            for p, g, r in zip(prompt.to_pylist(), goal.to_pylist(), response.to_pylist())]
+    return pa.array([p for p, _ in rows]), pa.array([c for _, c in rows])
 
 
 def _dpo_table(cfg: PrepareConfig, log: FeedbackLog, oriented: np.ndarray) -> tuple[pa.Table, dict[str, int]]:

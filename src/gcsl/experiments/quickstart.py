@@ -100,10 +100,11 @@ def _summarise(out: Path, method: str) -> dict:
 
 def _threshold(goals: dict, request: str) -> str:
     """What a goal request asks for, briefly: its level's word (when the goals have words) and threshold."""
-    level = goals["inference_goal"]["level"] if request == "top" else (
-        int(request.split(":")[1]) if request.startswith("level:") else None)
-    if level is None:
+    from gcsl.goals import GoalSetup, inference_goal
+
+    setup = GoalSetup.from_json(goals)
+    goal = inference_goal(setup, request)
+    if goal.level is None:
         return request
-    words = goals.get("level_words") or []
-    word = f"{words[level - 1]}, " if len(words) >= level else ""
-    return f"{word}score >= {goals['thresholds'][level - 1]}"
+    word = setup.level_word(goal.level)
+    return f"{word + ', ' if word else ''}score >= {goals['thresholds'][goal.level - 1]}"

@@ -38,7 +38,7 @@ from gcsl.errors import ConfigError
 from gcsl.runinfo import atomic_path, atomic_write_json, atomic_write_text, package_versions
 
 __all__ = ["ExperimentConfig", "Variant", "run_experiment", "expand_variants", "stage_paths", "variant_goals",
-           "curve_goals", "trained_levels", "held_out_prompts", "split_validation", "training_data",
+           "curve_goals", "held_out_prompts", "split_validation", "training_data",
            "is_goal_conditioned", "goal_request_problem", "TRAINED"]
 
 # Goal-curve keyword: the goals the variant was trained on, one `level:K` per trained level.
@@ -158,14 +158,10 @@ class ExperimentConfig:
             resolve_config(task_cls, overrides=dict(self.evaluate))
         except ConfigError as exc:
             problems.append(f"evaluate: {exc}")
-        try:
-            from gcsl.probe import ProbeConfig
-        except ModuleNotFoundError as exc:
-            if exc.name != "gcsl.probe":
-                raise
-        else:
-            known = {f.name for f in dataclasses.fields(ProbeConfig)}
-            problems.extend(f"probe.{key}: unknown option of ProbeConfig" for key in self.probe if key not in known)
+        from gcsl.probe import ProbeConfig
+
+        known = {f.name for f in dataclasses.fields(ProbeConfig)}
+        problems.extend(f"probe.{key}: unknown option of ProbeConfig" for key in self.probe if key not in known)
         return problems
 
 
@@ -267,22 +263,12 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def trained_levels(goals: dict[str, Any]) -> list[int]:
-    """Levels a prepared variant trained on, from its goals.json: its retained levels.
-
-    Beyond methods keep only the retained thresholds (all of them with ``filter: false``);
-    prepare retains every level for the other methods, so one rule covers both.
-
-    >>> trained_levels({"levels": [1, 2, 3, 4], "retained_levels": [3, 4]})
-    [3, 4]
-    """
-    return sorted(int(k) for k in goals.get("retained_levels") or goals.get("levels") or [])
-
-
 def _expand(root: Path, v: Variant, goals: list[str]) -> list[str]:
     """``goals`` with `trained` replaced by the variant's trained levels (dropped while not prepared)."""
+    from gcsl.goals import GoalSetup
+
     prepared = _read_json(stage_paths(root, v.name, 0)["prepared"] / "goals.json")
-    levels = [f"level:{k}" for k in trained_levels(prepared)] if prepared else []
+    levels = [f"level:{k}" for k in GoalSetup.from_json(prepared).trained_levels] if prepared else []
     return _dedupe(g for goal in goals for g in (levels if goal == TRAINED else [goal]))
 
 
@@ -413,13 +399,8 @@ def _copy_generations(source: Path, out: Path, request: str) -> None:
 
 def _probe(cfg: ExperimentConfig, paths: dict[str, Path], seed: int) -> None:
     """Runs the goal-sensitivity probe on the validation rows (cached: skipped once probe.json exists)."""
-    try:
-        from gcsl.probe import ProbeConfig, run_probe
-    except ModuleNotFoundError as exc:
-        if exc.name != "gcsl.probe":
-            raise
-        _say("  probe skipped: gcsl.probe is not part of this installation")
-        return
+    from gcsl.probe import ProbeConfig, run_probe
+
     fresh = not (paths["probe"] / "probe.json").exists()
     if fresh:
         _say(f"  probe -> {paths['probe']}")

@@ -14,6 +14,7 @@ __all__ = [
     "render_goal",
     "reward_token",
     "place_goal",
+    "training_row",
     "TEMPLATE_FIELDS",
 ]
 
@@ -183,3 +184,24 @@ def place_goal(prompt: str | list[dict[str, str]], goal: str | None, placement: 
     content = messages[user_idx]["content"]
     messages[user_idx]["content"] = content + separator + goal if placement == "after" else goal + separator + content
     return messages
+
+
+def training_row(prompt: str | list[dict[str, str]], goal: str | None, response: str, placement: Placement = "after",
+                 separator: str = "\n\n", *, chat: bool) -> tuple[Any, Any]:
+    """(prompt with the goal in place, completion) in the form training reads them.
+
+    Text prompts stay text with the response as the completion; in a chat log (``chat``), or once
+    a system goal turns a text prompt into messages, the prompt is messages (text becomes one user
+    message) and the completion one assistant message.
+
+    >>> training_row("Hi", "Be kind.", "Hello!", chat=False)
+    ('Hi\\n\\nBe kind.', 'Hello!')
+    >>> training_row("Hi", None, "Hello!", chat=True)
+    ([{'role': 'user', 'content': 'Hi'}], [{'role': 'assistant', 'content': 'Hello!'}])
+    """
+    placed = place_goal(prompt, goal, placement, separator)
+    if isinstance(placed, str) and not chat:
+        return placed, response
+    messages = ([{"role": "user", "content": placed}] if isinstance(placed, str) else
+                [{"role": m["role"], "content": m["content"]} for m in placed])
+    return messages, [{"role": "assistant", "content": response}]

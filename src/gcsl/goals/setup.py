@@ -64,6 +64,11 @@ class GoalSetup:
         return tuple(range(1, len(self.thresholds) + 1))
 
     @property
+    def trained_levels(self) -> tuple[int, ...]:
+        """Levels with a goal in the training data: the retained ones for beyond methods, else all."""
+        return tuple(sorted(self.retained_levels)) if self.method in _BEYOND_METHODS else self.levels
+
+    @property
     def special_tokens(self) -> list[str]:
         if self.style not in ("token", "token-bey"):
             return []
@@ -241,9 +246,9 @@ def inference_goal(setup: GoalSetup, request: str | float = "top") -> Goal:
     if scalar_goal:
         return Goal(setup.value_text(value), value=value, request=request_text)
     oriented = -value if metric.below else value
-    level = int(assign_levels(np.array([oriented]), setup.thresholds)[0])
+    level = setup.level_of(value)
     if style in ("token", "token-bey", "range"):
-        trained = _trained_levels(setup)
+        trained = setup.trained_levels
         note = None
         if level not in trained:
             # Nearest trained threshold, ties to the more ambitious level: with filtering the
@@ -260,11 +265,6 @@ def inference_goal(setup: GoalSetup, request: str | float = "top") -> Goal:
         return Goal(setup.goal_text(level), level, setup.threshold_display(level), request=request_text, note=note)
     text = render_goal(metric, style, setup.templates, threshold=value, level_word=setup.level_word(level))
     return Goal(text, level if level >= 1 else None, value, request=request_text)
-
-
-def _trained_levels(setup: GoalSetup) -> tuple[int, ...]:
-    """Levels with a goal in the training data: the retained ones for beyond methods, else all."""
-    return tuple(sorted(setup.retained_levels)) if setup.method in _BEYOND_METHODS else setup.levels
 
 
 def _top_value(setup: GoalSetup) -> float:
@@ -303,7 +303,7 @@ def _level_goal(setup: GoalSetup, request: str) -> Goal:
     if level not in setup.levels:
         raise ConfigError(f"goal {request!r}: this setup has levels 1..{len(setup.levels)}; use level:<k> with k "
                           "in that range")
-    trained = _trained_levels(setup)
+    trained = setup.trained_levels
     if level not in trained:
         raise ConfigError(f"goal {request!r}: level {level} was filtered out and never trained; trained levels are "
                           f"{', '.join(map(str, trained))}")

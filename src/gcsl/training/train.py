@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from gcsl.config import config_to_dict, field
 from gcsl.errors import ConfigError, DataError, StageError
+from gcsl.goals.render import GOAL_STYLE
 from gcsl.models import DEFAULT_MODEL
 from gcsl.runinfo import atomic_write_json, atomic_write_text, write_run_record
 
@@ -44,7 +45,8 @@ __all__ = ["TrainConfig", "TrainResult", "train", "partial_dir", "last_complete_
 
 EMBED_METHOD = "gcsl-noquant-embed"
 PREFERENCE_METHODS = ("dpo",)
-TOKEN_METHODS = ("gcsl", "gcsl-bey")  # goals rendered as reward tokens added to the tokenizer
+# Methods whose goals are reward tokens added to the tokenizer.
+TOKEN_METHODS = tuple(m for m, style in GOAL_STYLE.items() if style in ("token", "token-bey"))
 # The prepared goal-free prompt, in the form of ``prompt``: what the KL reference conditions on.
 REFERENCE_COLUMN = "reference_prompt"
 # Fields that change only how long or how verbosely a run goes; a resumed run may change them.
@@ -476,8 +478,6 @@ def _needs_reference(cfg: TrainConfig, method: str) -> bool:
     Methods without a goal in the prompt (SFT, SFT-aug, scalar goals, whose soft token the
     reference simply does not get) compute the reference on the batch itself.
     """
-    from gcsl.goals import GOAL_STYLE
-
     return cfg.kl_coef > 0 and GOAL_STYLE.get(method) is not None
 
 
