@@ -27,18 +27,17 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-import json
 import math
 import os
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from gcsl.config import config_to_dict, field, resolve_config
-from gcsl.errors import DataError, StageError
+from gcsl.errors import StageError
 from gcsl.metrics.stats import mean_ci
-from gcsl.runinfo import atomic_path, atomic_write_json, package_versions, write_run_record
+from gcsl.runinfo import atomic_write_json, package_versions, write_run_record
+from gcsl.stages import iter_jsonl, json_line, json_safe, read_generations, text_safe, write_jsonl
 from gcsl.tasks.base import TaskResult
 
 __all__ = [
@@ -86,97 +85,6 @@ class EvaluateConfig:
         if Path(self.out).resolve() == Path(self.generations).resolve():
             problems.append("out: must differ from --generations (it would overwrite the generations)")
         return problems
-
-
-def iter_jsonl(path: Path, what: str = "JSONL") -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yields ``(line_number, object)`` for each non-blank line; a bad line is a one-line DataError.
-
-    >>> next(iter_jsonl(Path("gens.jsonl")))  # doctest: +SKIP
-    (1, {'prompt_id': 'p1', ...})
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: {what} file not found; check the path")
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte "
-                                f"{exc.start + 1} of the line); a {what} file must be UTF-8 encoded JSON lines"
-                                ) from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                                f"each line of a {what} file must be one JSON object") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}; "
-                                f"each line of a {what} file must be one JSON object")
-            yield lineno, obj
-
-
-def read_generations(path: Path) -> list[dict[str, Any]]:
-    """Generation rows of a ``gcsl generate`` output, each with ``prompt_id`` and ``completion``.
-
-    A ``completion`` that is not text is kept: it is the model's output and the task scores it
-    as unscorable. A missing field or an empty file is the file's fault and stops here.
-
-    >>> rows = read_generations(Path("gens.jsonl"))  # doctest: +SKIP
-    """
-    rows = []
-    for lineno, obj in iter_jsonl(path, "generations"):
-        for key in ("prompt_id", "completion"):
-            if key not in obj:
-                raise DataError(f"{path}:{lineno}: missing field '{key}'; generation rows need prompt_id, prompt, "
-                                "completion (see `gcsl generate`)")
-        if not isinstance(obj["prompt_id"], (str, int)) or isinstance(obj["prompt_id"], bool):
-            raise DataError(f"{path}:{lineno}: field 'prompt_id' must be a string, got {obj['prompt_id']!r}")
-        rows.append(obj)
-    if not rows:
-        raise DataError(f"{path}: no generations in the file; run `gcsl generate` first")
-    return rows
-
-
-def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Writes one JSON object per line, atomically (NaN and infinities become null).
-
-    >>> write_jsonl(Path("prompts.jsonl"), [{"id": "p1", "prompt": "Hello"}])  # doctest: +SKIP
-    """
-    with atomic_path(Path(path)) as tmp, tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(_json_line(row))
-
-
-def _json_line(row: Any) -> str:
-    return json.dumps(_json_safe(row), ensure_ascii=False, allow_nan=False) + "\n"
-
-
-def _text_safe(text: str) -> str:
-    """``text`` itself, or with what UTF-8 cannot encode (lone surrogates) backslash-escaped."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, str):
-        return _text_safe(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {_text_safe(str(k)): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return _json_safe(obj.item())
-    return obj
 
 
 def task_config_class(task: str) -> tuple[Any, type]:
@@ -243,7 +151,7 @@ def evaluate(cfg: EvaluateConfig) -> TaskResult:
     journal = partial.open("w", encoding="utf-8")
     try:
         def keep(item: dict[str, Any]) -> None:
-            journal.write(_json_line(item))
+            journal.write(json_line(item))
             journal.flush()
 
         streams = "on_item" in inspect.signature(module.evaluate).parameters
@@ -266,14 +174,14 @@ def evaluate(cfg: EvaluateConfig) -> TaskResult:
         raise
 
     intervals, ci_notes = _intervals(result, cfg)
-    goal_requests = sorted({_text_safe(str(r.get("goal_request"))) for r in rows if r.get("goal_request") is not None})
-    goals = sorted({_text_safe(r["goal"]) for r in rows if isinstance(r.get("goal"), str)})
+    goal_requests = sorted({text_safe(str(r.get("goal_request"))) for r in rows if r.get("goal_request") is not None})
+    goals = sorted({text_safe(r["goal"]) for r in rows if isinstance(r.get("goal"), str)})
     # one record per METRICS file: several evaluations may share a directory, so not run.json
     write_run_record(run_path.parent, stage="evaluate", config=cfg, seed=cfg.ci_seed,
                      goals={"goal_requests": goal_requests, "goals": goals},
-                     extra={"task_config": _json_safe(config_to_dict(task_cfg)),
-                            "task_options_in_force": _json_safe(result.options)}, filename=run_path.name)
-    atomic_write_json(out, _json_safe({
+                     extra={"task_config": json_safe(config_to_dict(task_cfg)),
+                            "task_options_in_force": json_safe(result.options)}, filename=run_path.name)
+    atomic_write_json(out, json_safe({
         "task": result.task,
         "generations": str(cfg.generations),
         "metrics": result.metrics,

@@ -17,7 +17,8 @@ from typing import Any
 
 from gcsl import config as gcsl_config
 from gcsl.errors import ConfigError, GcslError
-from gcsl.evaluation import TASKS, EvaluateConfig, _text_safe, evaluate, task_config_class
+from gcsl.evaluation import TASKS, EvaluateConfig, evaluate, task_config_class
+from gcsl.stages import text_safe
 
 
 def _task_config_classes() -> dict[str, type]:
@@ -82,9 +83,9 @@ def run(args: argparse.Namespace) -> None:
     for name, value in result.metrics.items():
         ci = intervals.get(name)
         span = f"  [{_fmt(ci['low'])}, {_fmt(ci['high'])}] n={ci['n']}" if ci and ci.get("low") is not None else ""
-        print(f"  {_text_safe(name):<24} {_fmt(value)}{span}")
+        print(f"  {text_safe(name):<24} {_fmt(value)}{span}")
     for note in result.notes:
-        print(f"  note: {_text_safe(note)}")
+        print(f"  note: {text_safe(note)}")
 
 
 def _fmt(value: Any) -> str:
