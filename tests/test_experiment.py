@@ -14,16 +14,14 @@ import yaml
 from gcsl.config import resolve_config
 from gcsl.data.prepare import PrepareConfig, prepare
 from gcsl.errors import ConfigError
+from gcsl.experiments.layout import ExperimentLayout
 from gcsl.experiments.report import curve_statistics, write_report
 from gcsl.experiments.runner import (
     ExperimentConfig,
-    curve_goals,
     expand_variants,
     held_out_prompts,
     run_experiment,
     split_validation,
-    stage_paths,
-    variant_goals,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,7 +68,7 @@ def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir):
     val = [json.loads(x) for x in (exp / "validation.jsonl").read_text().splitlines()]
     train = [json.loads(x) for x in (exp / "train_feedback.jsonl").read_text().splitlines()]
     assert len(val) == 6 and len(train) == 18
-    prepared = stage_paths(exp, "gcsl-bey-nl", 0)["prepared"]
+    prepared = ExperimentLayout(exp).stage("gcsl-bey-nl").prepared
     assert json.loads((prepared / "run.json").read_text())["config"]["data"] == str(exp / "train_feedback.jsonl")
     # Every row and curve point carries both scorers.
     results = json.loads((exp / "results.json").read_text())
@@ -225,15 +223,15 @@ def test_trained_goal_curves_expand_from_prepared_goals(tmp_path):
     variants = {v.name: v for v in expand_variants(cfg)}
     # The unfiltered variant inherits its method's curve; before prepare `trained` has no levels yet.
     assert variants["bey-all"].curve == ["trained", "scale:1.1"]
-    assert variant_goals(cfg.out, variants["bey-all"]) == ["top", "scale:1.1"]
+    assert ExperimentLayout(cfg.out).variant_goals(variants["bey-all"]) == ["top", "scale:1.1"]
     for v in variants.values():
         prepare(resolve_config(PrepareConfig, overrides={
             "data": str(data), "method": v.method, "score_range": [0, 1], "bins": 4, **v.prepare, "quiet": True,
-            "out": stage_paths(cfg.out, v.name, 0)["prepared"]}))
+            "out": ExperimentLayout(cfg.out).stage(v.name).prepared}))
     # Scores (i % 8) / 7 in 4 equal bins: thresholds 0, 2/7, 4/7, 6/7 and mean 0.5, so filtering keeps 3 and 4.
-    assert curve_goals(cfg.out, variants["gcsl-bey-nl"]) == ["level:3", "level:4", "scale:1.1"]
-    assert curve_goals(cfg.out, variants["bey-all"]) == ["level:1", "level:2", "level:3", "level:4", "scale:1.1"]
-    assert variant_goals(cfg.out, variants["gcsl"]) == ["top", "level:1", "level:4"]
+    assert ExperimentLayout(cfg.out).curve_goals(variants["gcsl-bey-nl"]) == ["level:3", "level:4", "scale:1.1"]
+    assert ExperimentLayout(cfg.out).curve_goals(variants["bey-all"]) == ["level:1", "level:2", "level:3", "level:4", "scale:1.1"]
+    assert ExperimentLayout(cfg.out).variant_goals(variants["gcsl"]) == ["top", "level:1", "level:4"]
 
 
 def test_goal_curve_config_forms_and_errors():
@@ -269,7 +267,7 @@ def test_quickstart_settings_on_a_tiny_model_print_low_high_difference_and_probe
     run_experiment(cfg)
     summary = _summarise(tmp_path / "qs", method)
     printed = capsys.readouterr().out
-    goals = json.loads((stage_paths(cfg.out, method, 0)["prepared"] / "goals.json").read_text())
+    goals = json.loads((ExperimentLayout(cfg.out).stage(method).prepared / "goals.json").read_text())
     assert goals["level_words"] == ["positive", "mildly positive", "mixed", "negative"]
     assert "that is negative (a negative sentiment score between" in goals["inference_goal"]["text"]
     stats = summary["statistics"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,11 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    from gcsl.experiments.report import _save_fig
+    """Writes the figure atomically (a half-written PNG never looks finished) and closes it."""
+    from gcsl.runinfo import atomic_path
 
-    _save_fig(fig, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     _plt().close(fig)
     return path
 
@@ -44,15 +45,13 @@ def plot_bars(out: Path, rows: list[dict[str, Any]], metric: str) -> Path | None
     return _save(fig, out / "methods.png")
 
 
-def plot_goal_curve(out: Path, cfg, curves: dict[str, Any], metrics: list[str]) -> Path | None:
+def plot_goal_curve(out: Path, curves: dict[str, Any], metrics: list[str], feedback_scale: set[str]) -> Path | None:
     """Requested goal vs achieved score per curve variant, one panel per metric (primary, then check scorers).
 
     ``curves`` is the report's curve table (ordered goals, requested values, points per metric).
     The dotted diagonal (achieved = requested) is drawn only for a metric on the training
-    feedback's scale, where the two are comparable.
+    feedback's scale (``feedback_scale``), where the two are comparable.
     """
-    from gcsl.experiments.report import _FEEDBACK_SCALE_METRICS
-
     drawn = {n: c for n, c in curves.items() if all(c["requested"].get(g) is not None for g in c["requested"])}
     if not drawn:
         return None
@@ -67,7 +66,7 @@ def plot_goal_curve(out: Path, cfg, curves: dict[str, Any], metrics: list[str]) 
             x, y, lo, hi = (np.array([np.nan if v is None else v for v in col], dtype=float) for col in zip(*pts))
             lo, hi = np.where(np.isnan(lo), y, lo), np.where(np.isnan(hi), y, hi)
             ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", capsize=3, label=name)
-        if (cfg.task, metric) in _FEEDBACK_SCALE_METRICS:
+        if metric in feedback_scale:
             lims = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
             ax.plot(lims, lims, ls=":", color="grey", label="achieved = requested")
         ax.set_xlabel("requested goal (threshold or value, training metric)")
@@ -79,37 +78,39 @@ def plot_goal_curve(out: Path, cfg, curves: dict[str, Any], metrics: list[str]) 
 
 def plot_histogram(out: Path, cfg, variants) -> Path | None:
     """Training scores with the thresholds drawn on them (and which were kept as goals)."""
-    from gcsl.experiments.runner import stage_paths, training_data
+    from gcsl.data.load import read_feedback
+    from gcsl.experiments.layout import ExperimentLayout, training_data
 
+    layout = ExperimentLayout(out)
     # A beyond variant on the shared prepare options first: its kept goals are the experiment's own
     # (an unfiltered or re-binned variant would draw other thresholds).
-    candidates = sorted((v for v in variants if v.method.startswith("gcsl-bey")
-                         and (stage_paths(cfg.out, v.name, 0)["prepared"] / "goals.json").exists()),
+    prepared = {v.name: layout.goal_setup(v.name) for v in variants}
+    candidates = sorted((v for v in variants if prepared[v.name] is not None and _is_beyond(v.method)),
                         key=lambda v: bool(v.prepare))
     if not candidates:
         return None
-    prepared = stage_paths(cfg.out, candidates[0].name, 0)["prepared"]
-    goals = json.loads((prepared / "goals.json").read_text())
-    from gcsl.data.load import read_feedback
+    setup = prepared[candidates[0].name]
 
     # What the variants trained on: the log less the validation prompts when there are some.
     table, _ = read_feedback(training_data(cfg), score_column=cfg.prepare.get("score_column", "score"),
                              prompt_column=cfg.prepare.get("prompt_column", "prompt"),
                              response_column=cfg.prepare.get("response_column", "response"))
-    from gcsl.goals import MetricSpec
-
-    spec = MetricSpec.from_json(goals["metric"])
+    spec = setup.metric
     raw = np.asarray(table.column("score_raw").to_pylist(), dtype=float)
     scores = np.array([spec.display(v) for v in spec.orient(raw)])  # the units thresholds are written in
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     ax.hist(scores, bins=30, color="#999999")
-    for k, t in zip(goals["levels"], goals["thresholds"]):
-        kept = k in goals["retained_levels"]
+    for k in setup.levels:
+        t, kept = setup.threshold_display(k), k in setup.retained_levels
         ax.axvline(t, color="#C44E52" if kept else "#4C72B0", ls="-" if kept else "--", lw=1.2)
         ax.text(t, ax.get_ylim()[1] * 0.95, f"τ{k}", color="#C44E52" if kept else "#4C72B0", fontsize=8)
-    ax.axvline(goals["train_mean"], color="black", ls=":", lw=1)
-    ax.set_xlabel(f"training score ({goals['metric']['display_name']}); red = kept goals, dotted = mean")
+    ax.axvline(spec.display(setup.train_mean), color="black", ls=":", lw=1)
+    ax.set_xlabel(f"training score ({spec.display_name}); red = kept goals, dotted = mean")
     ax.set_ylabel("responses")
-    ax.set_title(f"Training feedback (n = {len(scores)}), K = {goals['bins_used']}")
+    ax.set_title(f"Training feedback (n = {len(scores)}), K = {len(setup.thresholds)}")
     return _save(fig, out / "training_scores.png")
+
+
+def _is_beyond(method: str) -> bool:
+    return method.startswith("gcsl-bey")

@@ -15,8 +15,12 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gcsl.config import field, load_yaml, resolve_config
+
+if TYPE_CHECKING:
+    from gcsl.goals import GoalSetup
 
 __all__ = ["QuickstartConfig", "quickstart", "resource_path"]
 
@@ -60,13 +64,16 @@ def quickstart(cfg: QuickstartConfig) -> dict:
 
 def _summarise(out: Path, method: str) -> dict:
     """Prints the base model, the low and high goals, their paired difference and the probe."""
-    results = json.loads((out / "results.json").read_text())
+    from gcsl.experiments.layout import ExperimentLayout
+
+    layout = ExperimentLayout(out)
+    results = json.loads(layout.results_json.read_text(encoding="utf-8"))
     metric, check = results["metric"], (results.get("check_metrics") or [None])[0]
     stats = results["curve_statistics"][method][metric]
     low, high = stats["bottom_goal"], stats["top_goal"]
     points = results["goal_curves"][method]
     base = next(r for r in results["rows"] if r["variant"] == "base")
-    goals = json.loads((out / "runs" / method / "prepared" / "goals.json").read_text())
+    setup = layout.goal_setup(method)
 
     def cell(p: dict) -> str:
         return f"{p['mean']:.3f} [{p['low']:.3f}, {p['high']:.3f}]"
@@ -79,13 +86,13 @@ def _summarise(out: Path, method: str) -> dict:
     lines = ["", f"Negative-sentiment score of {stats['n_units']} held-out test titles' reviews (VADER mean, 95% "
              "bootstrap CI, seed 0):",
              f"  base model               {base['mean']:.3f} [{base['ci_low']:.3f}, {base['ci_high']:.3f}]",
-             f"  {method}, low goal   {cell(points[low])}{second(low)}   ({low}: {_threshold(goals, low)})",
-             f"  {method}, high goal  {cell(points[high])}{second(high)}   ({high}: {_threshold(goals, high)})",
+             f"  {method}, low goal   {cell(points[low])}{second(low)}   ({low}: {_threshold(setup, low)})",
+             f"  {method}, high goal  {cell(points[high])}{second(high)}   ({high}: {_threshold(setup, high)})",
              f"  high minus low goal      {stats['top_minus_bottom']:+.3f} [{stats['diff_low']:+.3f}, "
              f"{stats['diff_high']:+.3f}] (paired over prompts, p={stats['diff_p']:.3f})"
              + (f"   TextBlob {check_stats['top_minus_bottom']:+.3f} [{check_stats['diff_low']:+.3f}, "
                 f"{check_stats['diff_high']:+.3f}]" if check_stats.get("top_goal") else ""),
-             f"  top training bin's mean  {goals['top_bin_mean']:.3f}"]
+             f"  top training bin's mean  {setup.metric.display(setup.top_bin_mean):.3f}"]
     probe = next((p for p in results.get("probe", []) if p["variant"] == method), None)
     if probe:
         lines.append(f"Goal sensitivity probe on {probe['n_rows']} held-out feedback rows: {probe['sensitivity']:+.4f} "
@@ -93,18 +100,17 @@ def _summarise(out: Path, method: str) -> dict:
                      f"{probe['trend']:+.4f} [{probe['trend_low']:+.4f}, {probe['trend_high']:+.4f}] per level "
                      "(> 0: the high goal favours the more negative responses; heatmap "
                      + str(out / probe["heatmap"]) + ")")
-    lines.append(f"Report: {out / 'report.md'}   plots: {out / 'goal_curve.png'}, {out / 'methods.png'}")
+    lines.append(f"Report: {layout.report}   plots: {out / 'goal_curve.png'}, {out / 'methods.png'}")
     print("\n".join(lines))
     return {"base": base, "low": points[low], "high": points[high], "statistics": stats, "probe": probe}
 
 
-def _threshold(goals: dict, request: str) -> str:
+def _threshold(setup: GoalSetup, request: str) -> str:
     """What a goal request asks for, briefly: its level's word (when the goals have words) and threshold."""
-    from gcsl.goals import GoalSetup, inference_goal
+    from gcsl.goals import inference_goal
 
-    setup = GoalSetup.from_json(goals)
     goal = inference_goal(setup, request)
     if goal.level is None:
         return request
     word = setup.level_word(goal.level)
-    return f"{word + ', ' if word else ''}score >= {goals['thresholds'][goal.level - 1]}"
+    return f"{word + ', ' if word else ''}score >= {setup.threshold_display(goal.level)}"

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gcsl.experiments.layout import ExperimentLayout, display_path, read_json
 from gcsl.metrics.stats import mean_ci, paired_bootstrap, paired_ttest
-from gcsl.runinfo import atomic_path, atomic_write_json, atomic_write_text
+from gcsl.runinfo import atomic_write_json, atomic_write_text
 
 __all__ = ["write_report", "collect_results", "curve_statistics", "training_facts", "requested_goals"]
 
@@ -20,10 +20,6 @@ __all__ = ["write_report", "collect_results", "curve_statistics", "training_fact
 _FEEDBACK_SCALE_METRICS = {("sentiment", "mean_score")}
 # Per-unit scores stay out of results.json's goal curves (one value per prompt each).
 _UNIT_KEYS = ("units", "per_seed_units")
-
-
-def _load(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _unit_means(per_seed: list[dict[str, float]]) -> dict[str, float]:
@@ -41,15 +37,14 @@ def collect_results(cfg, variants, metric: str | None = None) -> dict[str, Any]:
 
     ``metric`` defaults to the primary one; check metrics (a second scorer) are collected the same way.
     """
-    from gcsl.experiments.runner import stage_paths, variant_goals
-
+    layout = ExperimentLayout(cfg.out)
     metric = metric or cfg.primary_metric
     results: dict[str, Any] = {}
     for v in variants:
-        for goal in variant_goals(cfg.out, v):
+        for goal in layout.variant_goals(v):
             seeds, per_seed_value, per_seed_units = [], {}, {}
             for seed in v.seeds:
-                m = _load(stage_paths(cfg.out, v.name, seed, goal)["metrics"])
+                m = layout.metrics(v.name, seed, goal)
                 if m is None or metric not in m["metrics"]:
                     continue
                 seeds.append(seed)
@@ -123,11 +118,11 @@ def training_facts(model_dir: Path) -> dict[str, Any] | None:
     (rows) and trainer_state.json (epoch, global step, token count, train_runtime). A fact
     nowhere to be found is None. None for a run that has not finished.
     """
-    run = _load(Path(model_dir) / "run.json")
+    run = read_json(Path(model_dir) / "run.json")
     if run is None:
         return None
-    metrics = _load(Path(model_dir) / "train_metrics.json") or {}
-    state = _load(Path(model_dir) / "trainer_state.json") or {}
+    metrics = read_json(Path(model_dir) / "train_metrics.json") or {}
+    state = read_json(Path(model_dir) / "trainer_state.json") or {}
     summary = next((h for h in reversed(state.get("log_history") or []) if "train_runtime" in h), {})
     fallback = {"train_rows": run.get("rows"), "epochs": state.get("epoch"),
                 "optimizer_steps": metrics.get("global_step", state.get("global_step")),
@@ -138,13 +133,12 @@ def training_facts(model_dir: Path) -> dict[str, Any] | None:
 
 
 def _training_table(cfg, variants) -> list[dict[str, Any]]:
-    from gcsl.experiments.runner import stage_paths
-
+    layout = ExperimentLayout(cfg.out)
     out = []
     for v in variants:
-        facts = {seed: training_facts(stage_paths(cfg.out, v.name, seed)["model"]) for seed in v.seeds}
+        facts = {seed: training_facts(layout.stage(v.name, seed).model) for seed in v.seeds}
         facts = {seed: f for seed, f in facts.items() if f is not None}
-        if v.method == "base" or not facts:
+        if not facts:  # the base model and variants not trained yet
             continue
         out.append({"variant": v.name, "method": v.method, "seeds": sorted(facts),
                     **{k: [facts[seed][k] for seed in sorted(facts)] for k in TRAIN_FACTS}})
@@ -174,14 +168,11 @@ def requested_goals(cfg, v, goals: list[str]) -> dict[str, float | None]:
     Goal-free variants, or a variant not yet prepared, have no requested values: the curve then
     falls back to the order the goals were configured in.
     """
-    from gcsl.errors import ConfigError, StageError
-    from gcsl.experiments.runner import stage_paths
-    from gcsl.goals import GoalSetup, inference_goal
+    from gcsl.errors import ConfigError
+    from gcsl.goals import inference_goal
 
-    prepared = stage_paths(cfg.out, v.name, 0)["prepared"]
-    try:
-        setup = GoalSetup.load(prepared)
-    except StageError:
+    setup = ExperimentLayout(cfg.out).goal_setup(v.name)
+    if setup is None:
         return {g: None for g in goals}
     out: dict[str, float | None] = {}
     for g in goals:
@@ -233,11 +224,10 @@ def curve_statistics(points: dict[str, dict[str, Any]], requested: dict[str, flo
 
 def _curves(cfg, variants, by_metric: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per curve variant: its goals in order, each point under every metric, and the statistics per metric."""
-    from gcsl.experiments.runner import curve_goals
-
+    layout = ExperimentLayout(cfg.out)
     out = {}
     for v in variants:
-        goals = curve_goals(cfg.out, v)
+        goals = layout.curve_goals(v)
         if len(goals) < 2:
             continue
         requested = requested_goals(cfg, v, goals)
@@ -285,29 +275,28 @@ def _curve_lines(cfg, curves: dict[str, Any], metrics: list[str]) -> list[str]:
 # -- goal-sensitivity probe ----------------------------------------------------------------------
 
 def _probes(cfg, variants) -> list[dict[str, Any]]:
-    from gcsl.experiments.runner import stage_paths
-
+    layout = ExperimentLayout(cfg.out)
     out = []
     for v in variants:
         for seed in v.seeds:
-            folder = stage_paths(cfg.out, v.name, seed)["probe_out"]
-            probe = _load(folder / "probe.json")
+            folder = layout.stage(v.name, seed).probe_out
+            probe = read_json(folder / "probe.json")
             if probe is None:
                 continue
             heatmap = folder / "probe.png"
             out.append({"variant": v.name, "seed": seed, **{k: probe.get(k) for k in
                                                             ("sensitivity", "ci_low", "ci_high", "trend", "trend_low",
                                                              "trend_high", "n_rows")},
-                        "json": str(folder.relative_to(cfg.out) / "probe.json"),
-                        "heatmap": str(heatmap.relative_to(cfg.out)) if heatmap.exists() else None})
+                        "json": layout.relative(folder / "probe.json"),
+                        "heatmap": layout.relative(heatmap) if heatmap.exists() else None})
     return out
 
 
 def write_report(cfg, variants) -> Path:
     from gcsl.experiments.plots import plot_bars, plot_goal_curve, plot_histogram
-    from gcsl.experiments.runner import stage_paths
 
-    out = Path(cfg.out)
+    layout = ExperimentLayout(cfg.out)
+    out = layout.root
     metric = cfg.primary_metric
     metrics = [metric, *[m for m in cfg.check_metrics if m != metric]]
     by_metric = {m: collect_results(cfg, variants, m) for m in metrics}
@@ -327,13 +316,14 @@ def write_report(cfg, variants) -> Path:
     beyond_applies = (cfg.task, metric) in _FEEDBACK_SCALE_METRICS
     for v in variants if beyond_applies else ():
         r = results.get(v.name)
-        g = _load(stage_paths(cfg.out, v.name, 0)["prepared"] / "goals.json")
+        setup = layout.goal_setup(v.name)  # None for the base model
         top = r["goals"].get("top") if r else None
-        if g and top and g.get("top_bin_mean") is not None and v.method != "base":
+        if setup is not None and top and setup.top_bin_mean is not None:
+            bin_mean = setup.metric.display(setup.top_bin_mean)
             beyond.append({"variant": v.name, "top_goal_mean": top["mean"], "ci_low": top["low"],
-                           "ci_high": top["high"], "top_training_bin_mean": g["top_bin_mean"],
-                           "exceeds": bool(top["low"] is not None and top["low"] > g["top_bin_mean"]),
-                           "mean_exceeds": bool(top["mean"] > g["top_bin_mean"])})
+                           "ci_high": top["high"], "top_training_bin_mean": bin_mean,
+                           "exceeds": bool(top["low"] is not None and top["low"] > bin_mean),
+                           "mean_exceeds": bool(top["mean"] > bin_mean)})
 
     training = _training_table(cfg, variants)
     curves = _curves(cfg, variants, by_metric)
@@ -345,7 +335,7 @@ def write_report(cfg, variants) -> Path:
     writer = csv.DictWriter(buf, fieldnames=fieldnames)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out / "results.csv", buf.getvalue())
+    atomic_write_text(layout.results_csv, buf.getvalue())
 
     def curve_points(name: str, r: dict[str, Any]) -> dict[str, Any]:
         return {g: {**{k: v for k, v in d.items() if k not in _UNIT_KEYS},
@@ -353,22 +343,23 @@ def write_report(cfg, variants) -> Path:
                               for m in metrics[1:] if g in by_metric[m].get(name, {}).get("goals", {})}}
                 for g, d in r["goals"].items()}
 
-    atomic_write_json(out / "results.json", {
+    atomic_write_json(layout.results_json, {
         "metric": metric, "check_metrics": metrics[1:], "baseline": cfg.baseline, "rows": rows,
         "check_rows": check_rows, "beyond_check": beyond, "training": training,
         "goal_curves": {n: curve_points(n, r) for n, r in results.items()},
         "curve_statistics": {n: {"requested": c["requested"], **c["statistics"]} for n, c in curves.items()},
         "probe": probes})
     plots = []
-    for fn, args in ((plot_bars, (rows, metric)), (plot_goal_curve, (cfg, curves, metrics)),
+    feedback_scale = {m for m in metrics if (cfg.task, m) in _FEEDBACK_SCALE_METRICS}
+    for fn, args in ((plot_bars, (rows, metric)), (plot_goal_curve, (curves, metrics, feedback_scale)),
                      (plot_histogram, (cfg, variants))):
         path = fn(out, *args)
         if path is not None:
             plots.append(path)
 
     lines = [f"# {cfg.name}", "",
-             f"Task `{cfg.task}`, base model `{cfg.model}`, evaluation prompts `{cfg.eval_prompts}`, "
-             f"training feedback `{cfg.data}`"
+             f"Task `{cfg.task}`, base model `{cfg.model}`, evaluation prompts `{display_path(cfg.eval_prompts)}`, "
+             f"training feedback `{display_path(cfg.data)}`"
              + (f" less {cfg.validation_prompts} validation prompts (`validation.jsonl`, never trained on)."
                 if cfg.validation_prompts else "."),
              f"Metric `{metric}` at the top goal: mean over evaluation units (prompts) of each unit's score "
@@ -416,12 +407,5 @@ def write_report(cfg, variants) -> Path:
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "Per-generation completions and scores: `items/<variant>/seed<k>/<goal>.jsonl`.",
               "Reproduce: `gcsl experiment --config <this config>` (resolved config in experiment.json)."]
-    report = out / "report.md"
-    atomic_write_text(report, "\n".join(lines) + "\n")
-    return report
-
-
-def _save_fig(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    return path
+    atomic_write_text(layout.report, "\n".join(lines) + "\n")
+    return layout.report

@@ -1,66 +1,43 @@
 """`gcsl experiment`: methods x seeds, each run prepare -> train -> generate -> evaluate, then a report.
 
 Every stage writes its output atomically (or resumably), so a re-run skips finished stages,
-resumes an interrupted training or generation, and redoes nothing else. Layout under ``out``::
-
-    runs/<variant>/prepared/                 gcsl prepare output (shared by the seeds)
-    runs/<variant>/seed<k>/model/            gcsl train output
-    runs/<variant>/seed<k>/probe/            goal-sensitivity probe on the validation prompts
-    runs/<variant>/seed<k>/gens-<goal>.jsonl gcsl generate output, one file per goal request
-    runs/<variant>/seed<k>/metrics-<goal>.json
-    items/<variant>/seed<k>/<goal>.jsonl     per-generation completion and scores (small; kept
-                                             with the report so anyone can re-score them)
-    probe/<variant>/seed<k>/probe.{json,png} copies of the probe's result and heatmap
-    train_feedback.jsonl, validation.jsonl   the feedback split by prompt (validation_prompts > 0)
-    report.md, results.csv, results.json, *.png, experiment.json (resolved config + versions)
-
-Only ``runs/`` holds large files (adapters, checkpoints); everything else is small enough to
-commit. Every path comes from :func:`stage_paths`, so report and plots find a variant's files
-whatever its name.
+resumes an interrupted training or generation, and redoes nothing else. Every file's place
+comes from :class:`gcsl.experiments.layout.ExperimentLayout`, which the report, plots and
+quickstart read through too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from dataclasses import field as dc_field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from gcsl.config import config_to_dict, field, resolve_config
 from gcsl.errors import ConfigError
-from gcsl.runinfo import atomic_path, atomic_write_json, atomic_write_text, package_versions
+from gcsl.experiments.layout import (
+    TRAINED,
+    ExperimentLayout,
+    StagePaths,
+    Variant,
+    _dedupe,
+    read_json,
+    training_data,
+)
+from gcsl.runinfo import atomic_path, atomic_write_json, package_versions
 
-__all__ = ["ExperimentConfig", "Variant", "run_experiment", "expand_variants", "stage_paths", "variant_goals",
-           "curve_goals", "held_out_prompts", "split_validation", "training_data",
-           "is_goal_conditioned", "goal_request_problem", "TRAINED"]
+if TYPE_CHECKING:
+    from gcsl.goals import GoalSetup
 
-# Goal-curve keyword: the goals the variant was trained on, one `level:K` per trained level.
-TRAINED = "trained"
+__all__ = ["ExperimentConfig", "Variant", "run_experiment", "expand_variants", "held_out_prompts",
+           "split_validation", "training_data", "is_goal_conditioned", "goal_request_problem", "TRAINED"]
 
 Task = Literal["sentiment", "toxicity", "code", "recommendation"]
-
-
-@dataclass
-class Variant:
-    """One trained (or base) configuration: a method plus overrides of the shared stage options."""
-
-    name: str
-    method: str
-    prepare: dict[str, Any]
-    train: dict[str, Any]
-    generate: dict[str, Any]
-    seeds: list[int]
-    goals: list[str]
-    # The goal-following curve's requests as configured (may hold `trained`); `goals` is "top"
-    # followed by these. Statistics over the curve use these, not the extra "top".
-    curve: list[str] = dc_field(default_factory=list)
 
 
 @dataclass
@@ -165,10 +142,6 @@ class ExperimentConfig:
         return problems
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
-
-
 def goal_request_problem(goal: Any) -> str | None:
     """Why a goal request cannot be right (None if it may be): caught before hours of training.
 
@@ -192,10 +165,6 @@ def goal_request_problem(goal: Any) -> str | None:
     except ValueError:
         return f"goal {text!r}: use top, {TRAINED}, level:K, scale:F or a number"
     return None
-
-
-def _dedupe(items: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(items))
 
 
 def expand_variants(cfg: ExperimentConfig) -> list[Variant]:
@@ -245,47 +214,11 @@ def expand_variants(cfg: ExperimentConfig) -> list[Variant]:
     return out
 
 
-def stage_paths(root: Path, variant: str, seed: int, goal: str = "top") -> dict[str, Path]:
-    """Every file of one variant/seed/goal: the one place that maps names to folders."""
-    from gcsl.evaluation import output_paths
-
-    base = Path(root) / "runs" / _slug(variant)
-    run = base / f"seed{seed}"
-    metrics = run / f"metrics-{_slug(goal)}.json"
-    kept = Path(_slug(variant)) / f"seed{seed}"
-    return {"prepared": base / "prepared", "model": run / "model", "gens": run / f"gens-{_slug(goal)}.jsonl",
-            "metrics": metrics, "eval_items": output_paths(metrics)[0],
-            "items": Path(root) / "items" / kept / f"{_slug(goal)}.jsonl",
-            "probe": run / "probe", "probe_out": Path(root) / "probe" / kept}
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def _expand(root: Path, v: Variant, goals: list[str]) -> list[str]:
-    """``goals`` with `trained` replaced by the variant's trained levels (dropped while not prepared)."""
-    from gcsl.goals import GoalSetup
-
-    prepared = _read_json(stage_paths(root, v.name, 0)["prepared"] / "goals.json")
-    levels = [f"level:{k}" for k in GoalSetup.from_json(prepared).trained_levels] if prepared else []
-    return _dedupe(g for goal in goals for g in (levels if goal == TRAINED else [goal]))
-
-
-def variant_goals(root: Path, v: Variant) -> list[str]:
-    """Every goal request the variant is generated at, `trained` expanded after prepare."""
-    return _expand(root, v, v.goals)
-
-
-def curve_goals(root: Path, v: Variant) -> list[str]:
-    """The variant's goal-following curve, `trained` expanded (empty without a curve)."""
-    return _expand(root, v, v.curve)
-
-
-def is_goal_conditioned(goals: dict[str, Any]) -> bool:
+def is_goal_conditioned(setup: GoalSetup) -> bool:
     """Whether a prepared variant's model reads a goal: goal text, reward tokens or a goal embedding."""
-    inference = goals.get("inference_goal") or {}
-    return bool(inference.get("text") or goals.get("special_tokens") or goals.get("method") == "gcsl-noquant-embed")
+    from gcsl.goals import inference_goal
+
+    return bool(inference_goal(setup, "top").text or setup.special_tokens or setup.method == "gcsl-noquant-embed")
 
 
 # -- validation split ----------------------------------------------------------------------
@@ -309,11 +242,6 @@ def held_out_prompts(prompts: Iterable[Any], n: int) -> set[str]:
         raise ConfigError(f"validation_prompts: {n} would hold out all {len(keys)} distinct training prompts; "
                           "choose fewer")
     return set(keys[:n])
-
-
-def training_data(cfg: ExperimentConfig) -> str:
-    """The feedback log prepare reads: the experiment's data less the validation prompts, if any."""
-    return str(Path(cfg.out) / "train_feedback.jsonl") if cfg.validation_prompts > 0 else cfg.data
 
 
 def split_validation(cfg: ExperimentConfig) -> tuple[Path, Path] | None:
@@ -340,7 +268,7 @@ def split_validation(cfg: ExperimentConfig) -> tuple[Path, Path] | None:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
             # Variants prepared on the old split may have trained on prompts now held out.
-            if path.is_file() and any((Path(cfg.out) / "runs").glob("*/prepared/goals.json")):
+            if path.is_file() and ExperimentLayout(cfg.out).prepared_folders():
                 raise ConfigError(f"{path}: the validation split differs from the one this experiment's variants "
                                   "were prepared on (validation_prompts or data changed); choose another out")
             with atomic_path(path) as tmp:
@@ -350,7 +278,7 @@ def split_validation(cfg: ExperimentConfig) -> tuple[Path, Path] | None:
 
 def _check_prepared_data(cfg: ExperimentConfig, prepared: Path) -> None:
     """A cached prepare must have read today's training data, or validation prompts could leak into training."""
-    record = _read_json(prepared / "run.json")
+    record = read_json(prepared / "run.json")
     used = (record or {}).get("config", {}).get("data")
     if used is not None and Path(used).resolve() != Path(training_data(cfg)).resolve():
         raise ConfigError(f"{prepared}: prepared from {used}, but this experiment trains on {training_data(cfg)}; "
@@ -359,20 +287,20 @@ def _check_prepared_data(cfg: ExperimentConfig, prepared: Path) -> None:
 
 # -- copies kept with the report -----------------------------------------------------------
 
-def _keep_items(p: dict[str, Path], *, fresh: bool) -> None:
+def _keep_items(p: StagePaths, *, fresh: bool) -> None:
     """Copies each generation's completion and scores out of runs/ (not committed) into items/.
 
     ``fresh``: the evaluation just ran, so an older copy is replaced; otherwise only a missing
     copy is written (runs evaluated before copies were kept get theirs on the next run).
     """
-    if (p["items"].exists() and not fresh) or not p["eval_items"].exists():
+    if (p.items.exists() and not fresh) or not p.eval_items.exists():
         return
-    from gcsl.evaluation import iter_jsonl, write_jsonl
+    from gcsl.stages import iter_jsonl, write_jsonl
 
     keep = ("prompt_id", "sample", "completion", "status", "reason")
     rows = [{k: v for k, v in item.items() if k in keep or k.startswith("score")}
-            for _, item in iter_jsonl(p["eval_items"], "items")]
-    write_jsonl(p["items"], rows)
+            for _, item in iter_jsonl(p.eval_items, "items")]
+    write_jsonl(p.items, rows)
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
@@ -380,36 +308,36 @@ def _copy_atomic(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
-def _resolved_goal(prepared: Path, request: str) -> tuple | None:
+def _resolved_goal(setup: GoalSetup | None, request: str) -> tuple | None:
     """What a goal request asks the model for (text and value), or None for goal-free variants."""
-    from gcsl.goals import GoalSetup, inference_goal
+    from gcsl.goals import inference_goal
 
-    if not (prepared / "goals.json").is_file():
+    if setup is None:
         return None
-    goal = inference_goal(GoalSetup.load(prepared), request)
+    goal = inference_goal(setup, request)
     return None if goal.text is None and goal.value is None else (goal.text, goal.value)
 
 
 def _copy_generations(source: Path, out: Path, request: str) -> None:
     """Another request's samples of the same goal, each row relabelled with this request."""
-    rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
-    atomic_write_text(out, "".join(json.dumps({**r, "goal_request": request}, ensure_ascii=False) + "\n"
-                                   for r in rows))
+    from gcsl.stages import iter_jsonl, write_jsonl
+
+    write_jsonl(out, [{**row, "goal_request": request} for _, row in iter_jsonl(source, "generations")])
 
 
-def _probe(cfg: ExperimentConfig, paths: dict[str, Path], seed: int) -> None:
+def _probe(cfg: ExperimentConfig, paths: StagePaths, seed: int) -> None:
     """Runs the goal-sensitivity probe on the validation rows (cached: skipped once probe.json exists)."""
     from gcsl.probe import ProbeConfig, run_probe
 
-    fresh = not (paths["probe"] / "probe.json").exists()
+    fresh = not (paths.probe / "probe.json").exists()
     if fresh:
-        _say(f"  probe -> {paths['probe']}")
+        _say(f"  probe -> {paths.probe}")
         cols = {f"{k}_column": cfg.prepare.get(f"{k}_column", k) for k in ("prompt", "response", "score")}
         run_probe(resolve_config(ProbeConfig, overrides={
-            "seed": seed, **cfg.probe, **cols, "model": str(paths["model"]),
-            "data": str(Path(cfg.out) / "validation.jsonl"), "out": paths["probe"]}))
+            "seed": seed, **cfg.probe, **cols, "model": str(paths.model),
+            "data": str(ExperimentLayout(cfg.out).validation), "out": paths.probe}))
     for name in ("probe.json", "probe.png"):
-        src, dst = paths["probe"] / name, paths["probe_out"] / name
+        src, dst = paths.probe / name, paths.probe_out / name
         if src.exists() and (fresh or not dst.exists()):  # a probe run now replaces an older copy
             _copy_atomic(src, dst)
 
@@ -418,19 +346,72 @@ def _say(msg: str) -> None:
     print(f"[gcsl experiment {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run_experiment(cfg: ExperimentConfig) -> Path:
-    """Runs every variant x seed through the four stages (skipping finished ones) and writes the report."""
+# -- variant kinds ----------------------------------------------------------------------------
+# What a variant generates with, by the kind of its method: the base model as it is, or a model
+# trained by prepare -> train (-> probe). A decoding-time baseline (the base model plus a
+# generation-time component) or an online loop (rounds of generate, score, prepare, train) is one
+# more entry here, returning its model and the generate options that add its component.
+
+@dataclass(frozen=True)
+class _Generator:
+    model: str
+    generate: dict[str, Any]
+
+
+def _base_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant, seed: int,
+                    split: tuple[Path, Path] | None) -> _Generator:
+    return _Generator(cfg.model, {})
+
+
+def _trained_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant, seed: int,
+                       split: tuple[Path, Path] | None) -> _Generator:
+    """Prepares (shared by the seeds), trains and probes the variant, each stage skipped once finished."""
     from gcsl.data.prepare import PrepareConfig, prepare
+    from gcsl.training.train import TrainConfig, train
+
+    paths = layout.stage(v.name, seed)
+    if layout.goal_setup(v.name) is None:
+        _say(f"  prepare {v.method} -> {paths.prepared}")
+        # The split file is JSONL whatever the log's own format was.
+        split_format = {"data_format": "jsonl"} if split is not None else {}
+        prepare(resolve_config(PrepareConfig, overrides={
+            **cfg.prepare, **v.prepare, "data": training_data(cfg), **split_format, "method": v.method,
+            "out": paths.prepared, "overwrite": True}))
+    _check_prepared_data(cfg, paths.prepared)
+    if not (paths.model / "run.json").exists():
+        _say(f"  train -> {paths.model}")
+        partial = paths.model.with_name(paths.model.name + ".partial")
+        train(resolve_config(TrainConfig, overrides={
+            **cfg.train, **v.train, "data": paths.prepared, "model": cfg.model, "seed": seed,
+            "out": paths.model, "resume": partial.exists()}))
+    setup = layout.goal_setup(v.name)
+    if split is not None and setup is not None and is_goal_conditioned(setup):
+        if len(setup.trained_levels) < 2:
+            _say(f"  probe skipped: {v.name} trained on one goal only, so there is no goal to compare it with")
+        else:
+            _probe(cfg, paths, seed)
+    return _Generator(str(paths.model), {})
+
+
+_GENERATORS = {"base": _base_generator, "trained": _trained_generator}
+
+
+def variant_kind(method: str) -> str:
+    """The kind of a method's variants: ``base`` (the model as it is) or ``trained``."""
+    return "base" if method == "base" else "trained"
+
+
+def run_experiment(cfg: ExperimentConfig) -> Path:
+    """Runs every variant x seed through its stages (skipping finished ones) and writes the report."""
     from gcsl.evaluation import EvaluateConfig, evaluate
     from gcsl.experiments.report import write_report
     from gcsl.generation.generate import GenerateConfig, generate
-    from gcsl.training.train import TrainConfig, train
 
     variants = expand_variants(cfg)
-    root = Path(cfg.out)
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(root / "experiment.json", {"config": config_to_dict(cfg), "versions": package_versions(),
-                                                 "variants": [v.__dict__ for v in variants]})
+    layout = ExperimentLayout(cfg.out)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(layout.experiment_json, {"config": config_to_dict(cfg), "versions": package_versions(),
+                                               "variants": [v.__dict__ for v in variants]})
     split = split_validation(cfg)
     if split is not None:
         _say(f"validation split: {cfg.validation_prompts} prompts held out of training -> {split[1]}")
@@ -440,49 +421,31 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     jobs = sorted(((seed, i, v) for i, v in enumerate(todo) for seed in v.seeds), key=lambda j: (j[0], j[1]))
     for n, (seed, _, v) in enumerate(jobs, 1):
         _say(f"({n}/{len(jobs)}) {v.name}, seed {seed}")
-        paths = stage_paths(root, v.name, seed)
-        model = cfg.model
-        if v.method != "base":
-            if not (paths["prepared"] / "goals.json").exists():
-                _say(f"  prepare {v.method} -> {paths['prepared']}")
-                # The split file is JSONL whatever the log's own format was.
-                split_format = {"data_format": "jsonl"} if split is not None else {}
-                prepare(resolve_config(PrepareConfig, overrides={
-                    **cfg.prepare, **v.prepare, "data": training_data(cfg), **split_format, "method": v.method,
-                    "out": paths["prepared"], "overwrite": True}))
-            _check_prepared_data(cfg, paths["prepared"])
-            if not (paths["model"] / "run.json").exists():
-                _say(f"  train -> {paths['model']}")
-                partial = paths["model"].with_name(paths["model"].name + ".partial")
-                train(resolve_config(TrainConfig, overrides={
-                    **cfg.train, **v.train, "data": paths["prepared"], "model": cfg.model, "seed": seed,
-                    "out": paths["model"], "resume": partial.exists()}))
-            model = str(paths["model"])
-            if split is not None and is_goal_conditioned(_read_json(paths["prepared"] / "goals.json") or {}):
-                _probe(cfg, paths, seed)
+        generator = _GENERATORS[variant_kind(v.method)](cfg, layout, v, seed, split)
+        setup = layout.goal_setup(v.name)
         made: dict[tuple, Path] = {}  # resolved goal -> its generations, so one goal is sampled once
-        for goal in variant_goals(root, v):
-            p = stage_paths(root, v.name, seed, goal)
-            fresh = not p["metrics"].exists()
-            key = _resolved_goal(paths["prepared"], goal)
+        for goal in layout.variant_goals(v):
+            p = layout.stage(v.name, seed, goal)
+            fresh = not p.metrics.exists()
+            key = _resolved_goal(setup, goal)
             if fresh:
                 earlier = made.get(key) if key is not None else None
                 if earlier is not None and earlier.is_file():
                     # `top` and `level:K` often name the same goal: same text, same seed, same samples.
                     _say(f"  goal {goal} is the goal of {earlier.name}: reusing its samples")
-                    _copy_generations(earlier, p["gens"], goal)
+                    _copy_generations(earlier, p.gens, goal)
                 else:
-                    _say(f"  generate at goal {goal} -> {p['gens'].name}")
+                    _say(f"  generate at goal {goal} -> {p.gens.name}")
                     generate(resolve_config(GenerateConfig, overrides={
-                        **cfg.generate, **v.generate, "model": model, "prompts": cfg.eval_prompts,
-                        "goal": goal, "seed": seed, "out": p["gens"]}))
-                _say(f"  evaluate -> {p['metrics'].name}")
+                        **cfg.generate, **v.generate, **generator.generate, "model": generator.model,
+                        "prompts": cfg.eval_prompts, "goal": goal, "seed": seed, "out": p.gens}))
+                _say(f"  evaluate -> {p.metrics.name}")
                 evaluate(resolve_config(EvaluateConfig, overrides={
-                    "task": cfg.task, "generations": p["gens"], "out": p["metrics"],
+                    "task": cfg.task, "generations": p.gens, "out": p.metrics,
                     "task_options": cfg.evaluate, "ci_samples": cfg.ci_samples, "overwrite": True}))
             _keep_items(p, fresh=fresh)
             if key is not None:
-                made.setdefault(key, p["gens"])
+                made.setdefault(key, p.gens)
     report = write_report(cfg, variants)
     _say(f"report: {report}")
     return report

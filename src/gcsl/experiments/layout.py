@@ -1,0 +1,213 @@
+"""One experiment's folder: where every variant's stage files live, and how they are read.
+
+The runner writes through this layout, and the report, plots and quickstart read through it, so
+a variant's files are found whatever its name (a sweep variant such as ``gcsl-bey-nl[bins=3]``
+is a folder ``gcsl-bey-nl_bins=3``). Imports go one way: runner -> report -> plots -> layout.
+
+Layout under ``root``::
+
+    runs/<variant>/prepared/                 gcsl prepare output (shared by the seeds)
+    runs/<variant>/seed<k>/model/            gcsl train output
+    runs/<variant>/seed<k>/probe/            goal-sensitivity probe on the validation prompts
+    runs/<variant>/seed<k>/gens-<goal>.jsonl gcsl generate output, one file per goal request
+    runs/<variant>/seed<k>/metrics-<goal>.json
+    items/<variant>/seed<k>/<goal>.jsonl     per-generation completion and scores (small; kept
+                                             with the report so anyone can re-score them)
+    probe/<variant>/seed<k>/probe.{json,png} copies of the probe's result and heatmap
+    train_feedback.jsonl, validation.jsonl   the feedback split by prompt (validation_prompts > 0)
+    report.md, results.csv, results.json, *.png, experiment.json (resolved config + versions)
+
+Only ``runs/`` holds large files (adapters, checkpoints); everything else is small enough to
+commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gcsl.errors import StageError
+
+if TYPE_CHECKING:
+    from gcsl.goals import GoalSetup
+
+__all__ = ["TRAINED", "Variant", "StagePaths", "ExperimentLayout", "display_path", "training_data", "read_json",
+           "slug"]
+
+# Goal-curve keyword: the goals the variant was trained on, one `level:K` per trained level.
+TRAINED = "trained"
+
+
+@dataclass
+class Variant:
+    """One configuration of the experiment: a method plus overrides of the shared stage options."""
+
+    name: str
+    method: str
+    prepare: dict[str, Any]
+    train: dict[str, Any]
+    generate: dict[str, Any]
+    seeds: list[int]
+    goals: list[str]
+    # The goal-following curve's requests as configured (may hold `trained`); `goals` is "top"
+    # followed by these. Statistics over the curve use these, not the extra "top".
+    curve: list[str] = dc_field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    """Every file of one variant, seed and goal request."""
+
+    prepared: Path
+    model: Path
+    gens: Path
+    metrics: Path
+    eval_items: Path  # the evaluation's per-generation scores, beside its metrics (in runs/)
+    items: Path  # their small copy kept with the report
+    probe: Path
+    probe_out: Path
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a variant or goal name.
+
+    >>> slug("gcsl-bey-nl[bins=3]"), slug("scale:1.12")
+    ('gcsl-bey-nl_bins_3', 'scale_1.12')
+    """
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
+
+
+def _dedupe(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+@dataclass(frozen=True)
+class ExperimentLayout:
+    """The experiment folder ``root``: paths of every stage file and the typed readers of them."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # -- experiment-wide files -----------------------------------------------------------------
+    @property
+    def train_feedback(self) -> Path:
+        return self.root / "train_feedback.jsonl"
+
+    @property
+    def validation(self) -> Path:
+        return self.root / "validation.jsonl"
+
+    @property
+    def experiment_json(self) -> Path:
+        return self.root / "experiment.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def results_json(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def results_csv(self) -> Path:
+        return self.root / "results.csv"
+
+    def prepared_folders(self) -> list[Path]:
+        """Every variant's prepare output that has finished (its goals.json written last)."""
+        return sorted(p.parent for p in (self.root / "runs").glob("*/prepared/goals.json"))
+
+    # -- per variant ---------------------------------------------------------------------------
+    def stage(self, variant: str, seed: int = 0, goal: str = "top") -> StagePaths:
+        """The one place that maps a variant, seed and goal request to files."""
+        from gcsl.evaluation import output_paths
+
+        base = self.root / "runs" / slug(variant)
+        run = base / f"seed{seed}"
+        metrics = run / f"metrics-{slug(goal)}.json"
+        kept = Path(slug(variant)) / f"seed{seed}"
+        return StagePaths(prepared=base / "prepared", model=run / "model", gens=run / f"gens-{slug(goal)}.jsonl",
+                          metrics=metrics, eval_items=output_paths(metrics)[0],
+                          items=self.root / "items" / kept / f"{slug(goal)}.jsonl", probe=run / "probe",
+                          probe_out=self.root / "probe" / kept)
+
+    def goal_setup(self, variant: str) -> GoalSetup | None:
+        """The variant's goals as prepared (the one way goals.json is read here); None before prepare."""
+        from gcsl.goals import GoalSetup
+
+        try:
+            return GoalSetup.load(self.stage(variant).prepared)
+        except StageError:
+            if (self.stage(variant).prepared / "goals.json").is_file():
+                raise  # a goals file that is there but unreadable is an error, not "not prepared"
+            return None
+
+    def _expand(self, v: Variant, goals: list[str]) -> list[str]:
+        setup = self.goal_setup(v.name) if TRAINED in goals else None
+        levels = [f"level:{k}" for k in setup.trained_levels] if setup is not None else []
+        return _dedupe(g for goal in goals for g in (levels if goal == TRAINED else [goal]))
+
+    def variant_goals(self, v: Variant) -> list[str]:
+        """Every goal request the variant is generated at, `trained` expanded after prepare."""
+        return self._expand(v, v.goals)
+
+    def curve_goals(self, v: Variant) -> list[str]:
+        """The variant's goal-following curve, `trained` expanded (empty without a curve)."""
+        return self._expand(v, v.curve)
+
+    def metrics(self, variant: str, seed: int, goal: str) -> dict[str, Any] | None:
+        """A finished evaluation's METRICS.json, or None when that evaluation has not run."""
+        return read_json(self.stage(variant, seed, goal).metrics)
+
+    def relative(self, path: Path) -> str:
+        """``path`` as the report names it: relative to the experiment folder."""
+        return Path(path).relative_to(self.root).as_posix()
+
+
+def training_data(cfg: Any) -> str:
+    """The feedback log prepare reads: the experiment's data less the validation prompts, if any."""
+    return str(ExperimentLayout(cfg.out).train_feedback) if cfg.validation_prompts > 0 else str(cfg.data)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A small JSON stage file, or None when it does not exist (yet)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise StageError(f"{path}: not valid JSON ({exc}); delete it to redo that stage") from None
+
+
+def display_path(path: str | Path) -> str:
+    """A file as a report should name it: relative to the working directory when inside it, a
+    packaged resource as ``gcsl:<path in the package>``, anything else as given.
+
+    Reports are committed and read on other machines, where this machine's absolute paths mean
+    nothing.
+
+    >>> display_path(Path.cwd() / "data" / "log.jsonl")
+    'data/log.jsonl'
+    """
+    import gcsl
+
+    text = str(path)
+    p = Path(text)
+    if not p.is_absolute():
+        return p.as_posix()
+    package = Path(gcsl.__file__).resolve().parent
+    for base, prefix in ((Path.cwd().resolve(), ""), (package, "gcsl:")):
+        try:
+            return prefix + p.resolve().relative_to(base).as_posix()
+        except ValueError:
+            continue
+    return os.fspath(p)
