@@ -44,7 +44,8 @@ def _prompts(path: Path) -> Path:
     return path
 
 
-def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir):
+def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the report names files relative to where the experiment ran
     cfg = resolve_config(ExperimentConfig, overrides={
         "name": "tiny", "out": tmp_path / "exp", "task": "sentiment", "data": str(_feedback(tmp_path / "fb.jsonl")),
         "eval_prompts": str(_prompts(tmp_path / "p.jsonl")), "model": str(tiny_llama_dir),
@@ -54,7 +55,9 @@ def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir):
         # unfiltered variant, whose name needs a slug on disk
         "goal_curve": ["scale:1.1"], "goal_curves": {"gcsl-bey-nl[filter=False]": ["trained", "scale:1.1"]},
         "variants": [{"name": "gcsl-bey-nl[filter=False]", "method": "gcsl-bey-nl", "prepare": {"filter": False},
-                      "seeds": [0]}],
+                      "seeds": [0]},
+                     # two bins keep one goal: nothing for the probe to compare it with
+                     {"name": "one-goal", "method": "gcsl-bey-nl", "prepare": {"bins": 2}, "seeds": [0]}],
         "check_metrics": ["mean_score_textblob"], "validation_prompts": 3,
         "prepare": {"score_range": [0, 1], "bins": 4},
         "train": {"max_steps": 2, "per_device_batch_size": 4, "report_to": "none", "save_steps": 1},
@@ -103,8 +106,17 @@ def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir):
     assert any(b["variant"] == "gcsl-bey-nl[filter=False]" for b in results["beyond_check"])
     assert (exp / "probe" / "gcsl-bey-nl" / "seed0" / "probe.json").exists()
     assert "## Goal sensitivity" in text and not (exp / "probe" / "sft").exists()
+    # The slugged variant is in every section of the report: results, training, beyond, curves, probe.
+    assert "| gcsl-bey-nl[filter=False] | 0 | 6 |" in text
+    assert {p["variant"] for p in results["probe"]} == {"gcsl-bey-nl", "gcsl-bey-nl[filter=False]"}
+    # A variant trained on one goal is not probed (and the run goes on).
+    assert ExperimentLayout(exp).goal_setup("one-goal").trained_levels == (2,)
+    assert not (exp / "probe" / "one-goal").exists() and "| one-goal |" in text
+    # Files are named relative to where the experiment ran, never by this machine's absolute paths.
+    assert "training feedback `fb.jsonl`" in text and str(tmp_path) not in text
     results = json.loads((tmp_path / "exp" / "results.json").read_text())
-    assert {r["variant"] for r in results["rows"]} == {"base", "sft", "gcsl-bey-nl", "gcsl-bey-nl[filter=False]"}
+    assert {r["variant"] for r in results["rows"]} == {"base", "sft", "gcsl-bey-nl", "gcsl-bey-nl[filter=False]",
+                                                       "one-goal"}
     # A one-seed variant is compared with the baseline's same seed only.
     rows = {r["variant"]: r for r in results["rows"]}
     assert rows["base"]["compared_seeds"] == "1" and rows["gcsl-bey-nl"]["compared_seeds"] == "0 1"
