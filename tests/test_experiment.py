@@ -288,3 +288,17 @@ def test_quickstart_settings_on_a_tiny_model_print_low_high_difference_and_probe
     assert f"high minus low goal      {stats['top_minus_bottom']:+.3f}" in printed
     assert "Goal sensitivity probe on 6 held-out feedback rows" in printed and "TextBlob" in printed
     assert f"Report: {tmp_path / 'qs' / 'report.md'}" in printed
+
+
+def test_a_run_that_died_before_its_first_checkpoint_starts_over(tmp_path, tiny_llama_dir):
+    cfg = resolve_config(ExperimentConfig, overrides={
+        "name": "tiny", "out": tmp_path / "exp", "task": "sentiment", "data": str(_feedback(tmp_path / "fb.jsonl")),
+        "eval_prompts": str(_prompts(tmp_path / "p.jsonl")), "model": str(tiny_llama_dir), "methods": ["sft"],
+        "seeds": [0], "baseline": "sft", "prepare": {"score_range": [0, 1]},
+        "train": {"max_steps": 1, "per_device_batch_size": 4, "report_to": "none"},
+        "generate": {"max_new_tokens": 2, "batch_size": 4}, "ci_samples": 50})
+    model = ExperimentLayout(cfg.out).stage("sft").model
+    partial = model.with_name("model.partial")
+    (partial / "checkpoints").mkdir(parents=True)  # killed before any checkpoint was whole
+    run_experiment(cfg)
+    assert (model / "run.json").is_file() and not partial.exists()

@@ -39,6 +39,7 @@ import numpy as np
 from gcsl.config import field
 from gcsl.errors import ConfigError, DataError, StageError
 from gcsl.runinfo import atomic_dir, atomic_write_json, write_run_record
+from gcsl.stages import ModelFolder
 
 __all__ = ["ProbeConfig", "ProbeGoal", "probe_goals", "run_probe", "sensitivity", "trend"]
 
@@ -179,15 +180,15 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
         raise StageError(f"{out}: output directory exists and is not empty; pass --overwrite or choose another --out")
 
     # 1. The model and the goals it trained on.
-    lm = load_for_inference(cfg.model, device=cfg.device)
-    if lm.goals is None:
+    setup = ModelFolder(Path(cfg.model)).goal_setup()
+    if setup is None:
         raise ConfigError(f"{cfg.model}: no goals.json beside the weights, so there is no goal to probe; give a "
                           "`gcsl train` output folder of a goal-conditioned method")
-    setup = lm.goals
     goals = probe_goals(setup)
     if len(goals) < 2:
         raise ConfigError(f"{cfg.model}: method {setup.method} trained {len(goals)} goal(s); the probe compares "
                           "at least two (goal-free methods have none, a filtered expansion may keep one)")
+    lm = load_for_inference(cfg.model, device=cfg.device)
 
     # 2. Held-out rows, each in its bin by the model's own thresholds.
     table, fmt = read_feedback(cfg.data, prompt_column=cfg.prompt_column, response_column=cfg.response_column,

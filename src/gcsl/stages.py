@@ -4,21 +4,28 @@
   :func:`write_jsonl` the only writer (atomic; NaN and infinities become null; text that UTF-8
   cannot encode is backslash-escaped, never a crash);
 - :func:`json_safe`: the one JSON-safe conversion, used by every JSON writer of the package;
-- :func:`read_generations`: a ``gcsl generate`` output, checked line by line.
+- :func:`read_generations`: a ``gcsl generate`` output, checked line by line;
+- :class:`ModelFolder`: a ``gcsl train`` output, finished or not, with its goals and the
+  checkpoint an interrupted run resumes from.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from gcsl.errors import DataError
 from gcsl.runinfo import atomic_path
 
-__all__ = ["iter_jsonl", "write_jsonl", "json_line", "json_safe", "text_safe", "read_generations"]
+if TYPE_CHECKING:
+    from gcsl.goals import GoalSetup
+
+__all__ = ["iter_jsonl", "write_jsonl", "json_line", "json_safe", "text_safe", "read_generations", "ModelFolder"]
 
 
 def iter_jsonl(path: Path, what: str = "JSONL") -> Iterator[tuple[int, dict[str, Any]]]:
@@ -110,3 +117,58 @@ def json_safe(obj: Any) -> Any:
     if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
         return json_safe(obj.item())
     return obj
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A ``gcsl train`` output ``path``: finished once it exists with its run record; until then
+    the run lives in ``<path>.partial`` with its checkpoints.
+
+    >>> ModelFolder(Path("runs/a")).partial
+    PosixPath('runs/a.partial')
+    """
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def partial(self) -> Path:
+        return self.path.with_name(self.path.name + ".partial")
+
+    @property
+    def state(self) -> Literal["complete", "partial", "absent"]:
+        """``complete`` (finished: renamed into place with run.json), ``partial`` (an unfinished
+        run is in ``.partial``) or ``absent``."""
+        if (self.path / "run.json").is_file():
+            return "complete"
+        return "partial" if self.partial.exists() else "absent"
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        """The newest ``checkpoint-<step>`` of an unfinished run whose trainer_state.json (written
+        last) is whole; None when there is none to resume from."""
+        checkpoints = self.partial / "checkpoints"
+        if not checkpoints.is_dir():
+            return None
+        found = []
+        for child in checkpoints.iterdir():
+            match = re.fullmatch(r"checkpoint-(\d+)", child.name)
+            state = child / "trainer_state.json"
+            if match and state.is_file():
+                try:
+                    json.loads(state.read_text(encoding="utf-8"))
+                except ValueError:  # killed while writing it
+                    continue
+                found.append((int(match.group(1)), child))
+        return max(found)[1] if found else None
+
+    def goal_setup(self) -> GoalSetup | None:
+        """The goals the model was trained with (goals.json), or None for a goal-free model or a
+        model that is not a gcsl folder (a base model's name or path)."""
+        from gcsl.goals import GoalSetup
+
+        if not (self.path / "goals.json").is_file():
+            return None
+        return GoalSetup.load(self.path)

@@ -30,6 +30,7 @@ from gcsl.experiments.layout import (
     training_data,
 )
 from gcsl.runinfo import atomic_path, atomic_write_json, package_versions
+from gcsl.stages import ModelFolder
 
 if TYPE_CHECKING:
     from gcsl.goals import GoalSetup
@@ -378,12 +379,15 @@ def _trained_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Varia
             **cfg.prepare, **v.prepare, "data": training_data(cfg), **split_format, "method": v.method,
             "out": paths.prepared, "overwrite": True}))
     _check_prepared_data(cfg, paths.prepared)
-    if not (paths.model / "run.json").exists():
-        _say(f"  train -> {paths.model}")
-        partial = paths.model.with_name(paths.model.name + ".partial")
+    folder = ModelFolder(paths.model)
+    if folder.state != "complete":
+        # An interrupted run continues from its last whole checkpoint; one that died before its
+        # first checkpoint starts over.
+        resume = folder.last_checkpoint is not None
+        _say(f"  train -> {paths.model}" + (f" (resuming from {folder.last_checkpoint.name})" if resume else ""))
         train(resolve_config(TrainConfig, overrides={
             **cfg.train, **v.train, "data": paths.prepared, "model": cfg.model, "seed": seed,
-            "out": paths.model, "resume": partial.exists()}))
+            "out": paths.model, "resume": resume, "overwrite": folder.state == "partial" and not resume}))
     setup = layout.goal_setup(v.name)
     if split is not None and setup is not None and is_goal_conditioned(setup):
         if len(setup.trained_levels) < 2:

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from gcsl.config import config_to_dict, field
 from gcsl.errors import ConfigError, DataError, StageError
 from gcsl.runinfo import atomic_write_text, write_run_record
+from gcsl.stages import ModelFolder
 
 __all__ = ["GenerateConfig", "PromptRow", "generate", "load_prompts"]
 
@@ -126,13 +127,14 @@ def generate(cfg: GenerateConfig) -> Path:
     if not missing:
         return _finish(out, partial, prompts, done, cfg.num_samples)
 
-    lm = load_for_inference(cfg.model, device=cfg.device)
-    tokenizer, model = lm.tokenizer, lm.model
+    setup = ModelFolder(Path(cfg.model)).goal_setup()  # None for a goal-free or base model
     goal = None
-    if lm.goals is not None:
+    if setup is not None:
         from gcsl.goals import inference_goal
 
-        goal = inference_goal(lm.goals, cfg.goal)
+        goal = inference_goal(setup, cfg.goal)  # a bad goal request fails before the weights load
+    lm = load_for_inference(cfg.model, device=cfg.device)
+    tokenizer, model = lm.tokenizer, lm.model
     goal_text = goal.text if goal is not None else None
     # gcsl-noquant-embed states its goal as a number fed through a trained conditioner, not as text.
     goal_value = goal.value if goal is not None and goal_text is None else None
@@ -140,20 +142,20 @@ def generate(cfg: GenerateConfig) -> Path:
         from gcsl.training.goal_embedding import apply_goal_embedding, load_goal_embedding
 
         if load_goal_embedding(model, cfg.model) is None:
-            raise StageError(f"{cfg.model}: method {lm.method} needs its goal embedding (goal_embedding.json) "
+            raise StageError(f"{cfg.model}: method {setup.method} needs its goal embedding (goal_embedding.json) "
                              "beside the weights; re-run `gcsl train` or `gcsl merge`")
     goal_request = cfg.goal if goal_text is not None or goal_value is not None else None
 
     # Goal placement and templating mirror training: prepare placed the goal, TRL templated chat prompts.
     template_text = cfg.template_text_prompts == "always" or (
-        cfg.template_text_prompts == "auto" and lm.goals is None and tokenizer.chat_template is not None)
+        cfg.template_text_prompts == "auto" and setup is None and tokenizer.chat_template is not None)
     encoded = {}
     for p in prompts:
-        placed = lm.goals.place(p.prompt, goal_text) if goal_text is not None else p.prompt
+        placed = setup.place(p.prompt, goal_text) if goal_text is not None else p.prompt
         encoded[p.id] = _encode(tokenizer, placed, template_text, p.id)
     pad_id = tokenizer.pad_token_id
 
-    _write_record(record_path, cfg, lm, goal, complete=False, rows=len(done))
+    _write_record(record_path, cfg, lm, setup, goal, complete=False, rows=len(done))
     batches = _plan_batches(wanted, {pid: len(ids) for pid, ids in encoded.items()}, cfg.batch_size)
     partial.parent.mkdir(parents=True, exist_ok=True)
     prompt_by_id = {p.id: p for p in prompts}
@@ -187,7 +189,7 @@ def generate(cfg: GenerateConfig) -> Path:
             sink.flush()
             progress.update(len(todo))
     path = _finish(out, partial, prompts, done, cfg.num_samples)
-    _write_record(record_path, cfg, lm, goal, complete=True, rows=len(done))
+    _write_record(record_path, cfg, lm, setup, goal, complete=True, rows=len(done))
     return path
 
 
@@ -403,11 +405,11 @@ def _finish(out: Path, partial: Path, prompts: list[PromptRow], done: dict, num_
     return out
 
 
-def _write_record(path: Path, cfg: GenerateConfig, lm, goal, *, complete: bool, rows: int) -> None:
+def _write_record(path: Path, cfg: GenerateConfig, lm, setup, goal, *, complete: bool, rows: int) -> None:
     goals = None
-    if lm.goals is not None:
-        goals = {"method": lm.method, "request": cfg.goal, "text": goal.text, "level": goal.level,
-                 "threshold": goal.threshold, "value": goal.value, "setup": lm.goals.to_json()}
+    if setup is not None:
+        goals = {"method": setup.method, "request": cfg.goal, "text": goal.text, "level": goal.level,
+                 "threshold": goal.threshold, "value": goal.value, "setup": setup.to_json()}
     write_run_record(path.parent, stage="generate", config=cfg, seed=cfg.seed, goals=goals, filename=path.name,
                      extra={"base_model": lm.base_model, "dtype": str(lm.model.dtype).removeprefix("torch."),
                             "device": str(lm.model.device), "complete": complete, "rows": rows})
