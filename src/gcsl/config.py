@@ -217,16 +217,6 @@ def resolve_config(cls: type[T], *, yaml_path: Path | None = None, args: argpars
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON/YAML-safe dict of a config dataclass (paths as strings, tuples as lists)."""
+    from gcsl.jsonsafe import json_safe
 
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, Path):
-            return str(v)
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {str(k): plain(x) for k, x in v.items()}
-        return v
-
-    return plain(cfg)
+    return json_safe(cfg)

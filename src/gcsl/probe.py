@@ -29,7 +29,6 @@ matrix with each bin's mean over goals subtracted, which shows the goal's effect
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ import numpy as np
 from gcsl.config import field
 from gcsl.errors import ConfigError, DataError, StageError
 from gcsl.runinfo import atomic_dir, atomic_write_json, write_run_record
-from gcsl.stages import ModelFolder
+from gcsl.stages import ModelFolder, write_jsonl
 
 __all__ = ["ProbeConfig", "ProbeGoal", "probe_goals", "run_probe", "sensitivity", "trend"]
 
@@ -244,11 +243,10 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
     # 5. Outputs appear together, only once everything is computed.
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         atomic_write_json(tmp / "probe.json", summary)
-        with open(tmp / "rows.jsonl", "w", encoding="utf-8") as sink:
-            for i in range(len(bins)):
-                sink.write(json.dumps({"row": i, "score": float(scores[i]), "bin": int(bins[i]),
-                                       "tokens": int(tokens[i]),
-                                       "logp": {g.label: float(logp[i, j]) for j, g in enumerate(goals)}}) + "\n")
+        write_jsonl(tmp / "rows.jsonl", [{"row": i, "score": float(scores[i]), "bin": int(bins[i]),
+                                          "tokens": int(tokens[i]),
+                                          "logp": {g.label: float(logp[i, j]) for j, g in enumerate(goals)}}
+                                         for i in range(len(bins))])
         plot_probe(summary, tmp / "probe.png")
         write_run_record(tmp, stage="probe", config=cfg, seed=cfg.seed, goals=setup.to_json(),
                          extra={"sensitivity": result.mean, "ci_low": result.low, "ci_high": result.high})

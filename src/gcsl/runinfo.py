@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gcsl.config import config_to_dict
+from gcsl.jsonsafe import json_safe
 
 __all__ = ["atomic_write_text", "atomic_write_json", "atomic_path", "atomic_dir", "package_versions",
            "write_run_record"]
@@ -45,7 +46,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    """Writes ``obj`` as indented JSON by the package's one conversion (:func:`gcsl.jsonsafe.json_safe`)."""
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=True, ensure_ascii=False,
+                                       allow_nan=False) + "\n")
 
 
 @contextmanager

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from gcsl.errors import DataError
+from gcsl.jsonsafe import json_safe, text_safe
 from gcsl.runinfo import atomic_path
 
 if TYPE_CHECKING:
@@ -92,31 +92,6 @@ def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 def json_line(row: Any) -> str:
     return json.dumps(json_safe(row), ensure_ascii=False, allow_nan=False) + "\n"
-
-
-def text_safe(text: str) -> str:
-    """``text`` itself, or with what UTF-8 cannot encode (lone surrogates) backslash-escaped."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
-
-
-def json_safe(obj: Any) -> Any:
-    if isinstance(obj, str):
-        return text_safe(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {text_safe(str(k)): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return json_safe(obj.item())
-    return obj
 
 
 @dataclass(frozen=True)

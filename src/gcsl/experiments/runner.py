@@ -30,7 +30,7 @@ from gcsl.experiments.layout import (
     training_data,
 )
 from gcsl.runinfo import atomic_path, atomic_write_json, package_versions
-from gcsl.stages import ModelFolder
+from gcsl.stages import ModelFolder, json_line
 
 if TYPE_CHECKING:
     from gcsl.goals import GoalSetup
@@ -266,7 +266,7 @@ def split_validation(cfg: ExperimentConfig) -> tuple[Path, Path] | None:
     train_path, val_path = Path(training_data(cfg)), Path(cfg.out) / "validation.jsonl"
     for path, part in ((train_path, [r for r in rows if _prompt_key(r[cols["prompt"]]) not in held]),
                        (val_path, [r for r in rows if _prompt_key(r[cols["prompt"]]) in held])):
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
+        text = "".join(json_line(r) for r in part)
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
             # Variants prepared on the old split may have trained on prompts now held out.
             if path.is_file() and ExperimentLayout(cfg.out).prepared_folders():

@@ -32,7 +32,7 @@ from typing import Any, Literal
 from gcsl.config import config_to_dict, field
 from gcsl.errors import ConfigError, DataError, StageError
 from gcsl.runinfo import atomic_write_text, write_run_record
-from gcsl.stages import ModelFolder
+from gcsl.stages import ModelFolder, iter_jsonl, json_line
 
 __all__ = ["GenerateConfig", "PromptRow", "generate", "load_prompts"]
 
@@ -184,7 +184,7 @@ def generate(cfg: GenerateConfig) -> Path:
                 p = prompt_by_id[pid]
                 row = {"prompt_id": pid, "prompt": p.prompt, "goal": goal_text, "goal_request": goal_request,
                        "sample": sample, "completion": texts[i], "meta": p.meta}
-                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+                sink.write(json_line(row))
                 done[batch[i]] = row
             sink.flush()
             progress.update(len(todo))
@@ -203,7 +203,8 @@ def load_prompts(source: str | Path, *, id_field: str = "id", prompt_field: str 
     'p0'
     """
     path = Path(str(source)).expanduser()
-    records = _jsonl_records(path) if path.suffix in (".jsonl", ".json") else _dataset_records(str(source), split)
+    records = (((f"{path}:{n}", obj) for n, obj in iter_jsonl(path, "prompts")) if path.suffix in (".jsonl", ".json")
+               else _dataset_records(str(source), split))
     rows: list[PromptRow] = []
     first_seen: dict[str, str] = {}
     for number, (where, record) in enumerate(records):
@@ -218,25 +219,6 @@ def load_prompts(source: str | Path, *, id_field: str = "id", prompt_field: str 
     if not rows:
         raise DataError(f"{source}: no prompts found; give a file with one prompt per line")
     return rows
-
-
-def _jsonl_records(path: Path):
-    if not path.is_file():
-        raise DataError(f"{path}: prompts file not found; check --prompts")
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.args[0] if exc.args else exc}); each line must be "
-                                "one JSON object") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object such as {{\"id\": ..., \"prompt\": ...}}, "
-                                f"got {type(record).__name__}")
-            yield where, record
 
 
 def _dataset_records(source: str, split: str):
@@ -345,7 +327,8 @@ def _batch_seed(seed: int, batch: list[tuple[str, int]]) -> int:
 
 
 def _read_existing(out: Path, partial: Path, wanted: set[tuple[str, int]]) -> dict[tuple[str, int], dict]:
-    """Rows already written to ``out`` or ``partial``.
+    """Rows already written to ``out`` or ``partial`` (the resume journal's own reader: unlike
+    :func:`gcsl.stages.iter_jsonl` it forgives a torn last line).
 
     Lines are written whole and end with a newline, so only a last line without one can be torn
     by a killed run: it is dropped (and cut from the partial file before appending resumes).
@@ -398,7 +381,7 @@ def _check_same_settings(record_path: Path, cfg: GenerateConfig) -> None:
 
 
 def _finish(out: Path, partial: Path, prompts: list[PromptRow], done: dict, num_samples: int) -> Path:
-    lines = [json.dumps(done[(p.id, s)], ensure_ascii=False) + "\n" for p in prompts for s in range(num_samples)]
+    lines = [json_line(done[(p.id, s)]) for p in prompts for s in range(num_samples)]
     atomic_write_text(out, "".join(lines))
     if partial.exists():
         os.unlink(partial)
