@@ -55,9 +55,9 @@ def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir, monkeypatc
         # unfiltered variant, whose name needs a slug on disk
         "goal_curve": ["scale:1.1"], "goal_curves": {"gcsl-bey-nl[filter=False]": ["trained", "scale:1.1"]},
         "variants": [{"name": "gcsl-bey-nl[filter=False]", "method": "gcsl-bey-nl", "prepare": {"filter": False},
-                      "seeds": [0]},
-                     # two bins keep one goal: nothing for the probe to compare it with
-                     {"name": "one-goal", "method": "gcsl-bey-nl", "prepare": {"bins": 2}, "seeds": [0]}],
+                      "seeds": [0]}],
+        # a sweep variant; two bins keep one goal, so the probe has nothing to compare it with
+        "sweeps": [{"method": "gcsl-bey-nl", "option": "prepare.bins", "values": [2], "seeds": [0]}],
         "check_metrics": ["mean_score_textblob"], "validation_prompts": 3,
         "prepare": {"score_range": [0, 1], "bins": 4},
         "train": {"max_steps": 2, "per_device_batch_size": 4, "report_to": "none", "save_steps": 1},
@@ -109,14 +109,17 @@ def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir, monkeypatc
     # The slugged variant is in every section of the report: results, training, beyond, curves, probe.
     assert "| gcsl-bey-nl[filter=False] | 0 | 6 |" in text
     assert {p["variant"] for p in results["probe"]} == {"gcsl-bey-nl", "gcsl-bey-nl[filter=False]"}
-    # A variant trained on one goal is not probed (and the run goes on).
-    assert ExperimentLayout(exp).goal_setup("one-goal").trained_levels == (2,)
-    assert not (exp / "probe" / "one-goal").exists() and "| one-goal |" in text
+    # The sweep variant is in the results, training and beyond sections; trained on one goal, it is
+    # not probed (and the run goes on).
+    assert ExperimentLayout(exp).goal_setup("gcsl-bey-nl[bins=2]").trained_levels == (2,)
+    assert "| gcsl-bey-nl[bins=2] | 0 |" in text and "gcsl-bey-nl[bins=2]" in facts
+    assert any(b["variant"] == "gcsl-bey-nl[bins=2]" for b in results["beyond_check"])
+    assert not (exp / "probe" / "gcsl-bey-nl_bins_2").exists()
     # Files are named relative to where the experiment ran, never by this machine's absolute paths.
     assert "training feedback `fb.jsonl`" in text and str(tmp_path) not in text
     results = json.loads((tmp_path / "exp" / "results.json").read_text())
     assert {r["variant"] for r in results["rows"]} == {"base", "sft", "gcsl-bey-nl", "gcsl-bey-nl[filter=False]",
-                                                       "one-goal"}
+                                                       "gcsl-bey-nl[bins=2]"}
     # A one-seed variant is compared with the baseline's same seed only.
     rows = {r["variant"]: r for r in results["rows"]}
     assert rows["base"]["compared_seeds"] == "1" and rows["gcsl-bey-nl"]["compared_seeds"] == "0 1"
