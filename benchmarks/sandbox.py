@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from gcsl.sandbox import REPORT_FD_ENV, Sandbox, SandboxLimits
-from gcsl.tasks.code import _outcome, build_program, load_mercury
+from gcsl.tasks.code import build_program, load_mercury
+from gcsl.tasks.code.harness import run_outcome
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "mercury_small.jsonl"
 
@@ -40,7 +41,7 @@ def _sandbox_runs_per_second(box: Sandbox, program: str, runs: int, workers: int
     start = time.perf_counter()
     results = box.run_many([program] * runs, workers=workers)
     elapsed = time.perf_counter() - start
-    bad = [r for r in results if _outcome(r).status != "passed"]
+    bad = [r for r in results if run_outcome(r).status != "passed"]
     if bad:
         raise SystemExit(f"{len(bad)} trivial runs did not pass: {bad[0].reason or bad[0].stderr[-200:]}")
     return runs / elapsed
@@ -75,7 +76,7 @@ def _runtimes(box: Sandbox, task, code: str, clock: str, repeats: int) -> tuple[
     program = build_program(task, code, clock=clock)
     boxed, bare = [], []
     for _ in range(repeats):
-        out = _outcome(box.run_python(program))
+        out = run_outcome(box.run_python(program))
         if out.status != "passed":
             raise SystemExit(f"timed solution did not pass: {out.reason}")
         boxed.append(out.runtime_s)

@@ -17,7 +17,7 @@ import pytest
 
 import gcsl
 from gcsl.cli import main
-from gcsl.errors import DataError, StageError
+from gcsl.errors import ConfigError, DataError
 from gcsl.evaluation import EvaluateConfig, evaluate, output_paths, read_generations, task_config_class
 from gcsl.tasks import sentiment, toxicity
 
@@ -245,7 +245,7 @@ def test_every_task_module_and_config_class_resolves():
                                                                     "recommendation")}
     assert names == {"toxicity": "ToxicityEvalConfig", "sentiment": "SentimentEvalConfig",
                      "code": "CodeEvalConfig", "recommendation": "RecommendationEvalConfig"}
-    with pytest.raises(StageError, match="not one of"):
+    with pytest.raises(ConfigError, match="not one of"):
         task_config_class("poetry")
 
 

@@ -386,8 +386,13 @@ def test_evaluate_averages_generations_then_prompts(grounder):
     result = rec.evaluate(rows, cfg, grounder=grounder)
     assert isinstance(result, TaskResult)
     assert (result.task, result.n_units, result.n_generations) == ("recommendation", 2, 3)
-    assert result.unit_scores["ndcg@10"] == {"p1": 0.5, "p2": 1.0}
-    assert result.metrics["ndcg@10"] == pytest.approx(0.75)
+    # graded NDCG (the default): a 3-star target at rank 1 earns (2^3 - 1) / (2^5 - 1) = 7/31
+    assert result.unit_scores["ndcg@10"] == pytest.approx({"p1": 0.5, "p2": 7 / 31})
+    assert result.metrics["ndcg@10"] == pytest.approx((0.5 + 7 / 31) / 2)
+    target_only = rec.evaluate(rows, rec.RecommendationEvalConfig(ks=[1, 10], ndcg_ideal="target"), grounder=grounder)
+    assert target_only.unit_scores["ndcg@10"] == {"p1": 0.5, "p2": 1.0}
+    assert target_only.metrics["ndcg@10"] == pytest.approx(0.75)
+    assert target_only.metrics["err@10"] == result.metrics["err@10"]  # ERR is graded either way
     assert result.metrics["hr@1"] == pytest.approx(0.75)
     assert result.unit_scores["err@10"]["p1"] == pytest.approx(31 / 64)
     assert result.metrics["err@10"] == pytest.approx((31 / 64 + 7 / 32) / 2)
@@ -432,7 +437,12 @@ def test_prompt_file_round_trip_scores_exact_answers_perfectly(tmp_path):
     grounder = rec.TitleGrounder([i.title for i in rec.load_catalogue("amazon", FIXTURE)], CharTrigramEncoder())
     result = rec.evaluate(rows, cfg, grounder=grounder)
     assert result.n_units == 12
-    assert result.metrics["ndcg@10"] == result.metrics["hr@20"] == 1.0
+    assert result.metrics["hr@20"] == 1.0
+    # every target at rank 1: graded NDCG is its rating's gain over the top grade's, target-only NDCG is 1
+    expected_ndcg = np.mean([(2 ** r["meta"]["target_rating"] - 1) / 31 for r in rows])
+    assert result.metrics["ndcg@10"] == pytest.approx(expected_ndcg) and expected_ndcg < 1.0
+    target_cfg = rec.RecommendationEvalConfig(dataset="amazon", path=FIXTURE, ndcg_ideal="target")
+    assert rec.evaluate(rows, target_cfg, grounder=grounder).metrics["ndcg@10"] == 1.0
     expected_err = np.mean([(2 ** r["meta"]["target_rating"] - 1) / 32 for r in rows])
     assert result.metrics["err@10"] == pytest.approx(expected_err)
     assert all(item["rank"] == 1 for item in result.items)

@@ -3,7 +3,8 @@
 Read top to bottom, :func:`evaluate`
 
 1. reads the generations JSONL (``gcsl generate --out``), checking every line;
-2. builds the task's config from ``task_options`` and calls ``gcsl.tasks.<task>.evaluate``;
+2. builds the task's config from ``task_options`` and calls its ``evaluate`` (the task comes from
+   the one registry, :data:`gcsl.tasks.TASKS`);
 3. puts a percentile bootstrap interval on every metric from its per-unit scores (prompts,
    tasks or users are the units);
 4. writes ``<out stem>.items.jsonl`` (one record per generation), ``<out stem>.run.json`` (the
@@ -25,20 +26,20 @@ sandbox or sentence-transformers.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from gcsl.config import config_to_dict, field, resolve_config
 from gcsl.errors import StageError
 from gcsl.metrics.stats import mean_ci
 from gcsl.runinfo import atomic_write_json, package_versions, write_run_record
 from gcsl.stages import iter_jsonl, json_line, json_safe, read_generations, text_safe, write_jsonl
-from gcsl.tasks.base import TaskResult
+from gcsl.tasks import TASKS, get_task
+from gcsl.tasks.base import Task, TaskResult
 
 __all__ = [
     "TASKS",
@@ -51,21 +52,12 @@ __all__ = [
     "output_paths",
 ]
 
-# task -> (module, config class); the modules are imported lazily by name
-TASKS: dict[str, tuple[str, str]] = {
-    "toxicity": ("gcsl.tasks.toxicity", "ToxicityEvalConfig"),
-    "sentiment": ("gcsl.tasks.sentiment", "SentimentEvalConfig"),
-    "code": ("gcsl.tasks.code", "CodeEvalConfig"),
-    "recommendation": ("gcsl.tasks.recommendation", "RecommendationEvalConfig"),
-}
-
 
 @dataclass
 class EvaluateConfig:
     """What ``gcsl evaluate`` needs; task-specific options live in ``task_options``."""
 
-    task: Literal["toxicity", "sentiment", "code", "recommendation"] = field(
-        help="task whose evaluator scores the generations")
+    task: str = field(help="task whose evaluator scores the generations (a name in gcsl.tasks.TASKS)", cli=False)
     generations: Path = field(help="generations JSONL written by `gcsl generate`")
     out: Path = field(help="METRICS.json to write; <stem>.items.jsonl and <stem>.run.json go beside it")
     task_options: dict[str, Any] = field(
@@ -78,6 +70,8 @@ class EvaluateConfig:
 
     def validate(self) -> list[str]:
         problems = []
+        if self.task not in TASKS:
+            problems.append(f"task: {self.task!r} is not one of {', '.join(TASKS)}")
         if not 0.0 < self.ci_confidence < 1.0:
             problems.append(f"ci_confidence: must be between 0 and 1, got {self.ci_confidence}")
         if self.ci_samples < 1:
@@ -87,22 +81,14 @@ class EvaluateConfig:
         return problems
 
 
-def task_config_class(task: str) -> tuple[Any, type]:
-    """The task's module and its evaluation config class, imported on demand.
+def task_config_class(task: str) -> tuple[Task, type]:
+    """The task and its evaluate config class: an alias of :func:`gcsl.tasks.get_task` kept for its callers.
 
     >>> task_config_class("sentiment")[1].__name__
     'SentimentEvalConfig'
     """
-    if task not in TASKS:
-        raise StageError(f"task: {task!r} is not one of {', '.join(TASKS)}")
-    module_name, class_name = TASKS[task]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise
-        raise StageError(f"task {task!r} is not available in this installation ({module_name} is missing)") from None
-    return module, getattr(module, class_name)
+    found = get_task(task)
+    return found, found.eval_config
 
 
 def output_paths(out: Path) -> tuple[Path, Path]:
@@ -142,8 +128,8 @@ def evaluate(cfg: EvaluateConfig) -> TaskResult:
     if out.exists() and not cfg.overwrite:
         raise StageError(f"{out}: already exists; pass --overwrite or choose another --out")
     rows = read_generations(cfg.generations)
-    module, config_cls = task_config_class(cfg.task)
-    task_cfg = resolve_config(config_cls, overrides=dict(cfg.task_options))
+    task = get_task(cfg.task)
+    task_cfg = resolve_config(task.eval_config, overrides=dict(cfg.task_options))
     items_path, run_path = output_paths(out)
     partial = items_path.with_name(items_path.name + ".partial")
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -154,8 +140,8 @@ def evaluate(cfg: EvaluateConfig) -> TaskResult:
             journal.write(json_line(item))
             journal.flush()
 
-        streams = "on_item" in inspect.signature(module.evaluate).parameters
-        result: TaskResult = module.evaluate(rows, task_cfg, **({"on_item": keep} if streams else {}))
+        streams = "on_item" in inspect.signature(task.evaluate).parameters
+        result: TaskResult = task.evaluate(rows, task_cfg, **({"on_item": keep} if streams else {}))
         if streams:
             # The journal holds the items in completion order; the final file has them in input order.
             journal.close()

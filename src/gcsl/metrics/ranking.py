@@ -18,8 +18,11 @@ Definitions (grade g >= 0, positions i = 1, 2, ...):
   parameter here and defaults to 5, the top of a 1-5 star scale;
 - HR@k = 1 when a relevant item (g > 0) is within the first k positions.
 
-With one relevant item at rank r the ideal list has it at rank 1, so its gain cancels:
-NDCG@k = 1 / log2(r + 1) for any g > 0, while ERR@k = R(g) / r keeps the grade.
+With one relevant item of grade g at rank r, single-target NDCG depends on the ideal list
+(:func:`target_ndcg`'s ``ideal_grade``): with the target itself at rank 1 its gain cancels, so
+NDCG@k = 1 / log2(r + 1) for any g > 0 (BIGRec, D3, SPRec); with an item of the scale's top grade
+g_max at rank 1, NDCG@k = (2^g - 1) / (2^g_max - 1) / log2(r + 1), so, like ERR@k = R(g) / r, it
+values higher ratings more (the paper's graded form, the recommendation task's default).
 """
 
 from __future__ import annotations

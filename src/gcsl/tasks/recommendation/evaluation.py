@@ -1,0 +1,173 @@
+"""Scoring recommendation generations: grounded rank of the target, then NDCG@k, ERR@k and HR@k.
+
+NDCG's ideal list is an option (``ndcg_ideal``): ``g_max`` (the default, the paper's graded form:
+an item of the scale's top grade at rank 1, so a low-rated target earns less) or ``target`` (the
+target itself at rank 1, so the grade cancels and NDCG = 1/log2(rank + 1), the form BIGRec, D3
+and SPRec report). See :func:`gcsl.metrics.ranking.target_ndcg`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from gcsl.config import field
+from gcsl.errors import DataError
+from gcsl.metrics.ranking import DEFAULT_G_MAX, target_err, target_hit, target_ndcg
+from gcsl.tasks.base import TaskResult
+from gcsl.tasks.recommendation.data import as_number, load_catalogue
+from gcsl.tasks.recommendation.grounding import MINILM, TIE_POLICY, TitleGrounder, extract_title, load_encoder
+
+__all__ = ["RecommendationEvalConfig", "evaluate"]
+
+
+@dataclass
+class RecommendationEvalConfig:
+    dataset: Literal["movielens", "amazon"] = field("movielens", help="whose item titles form the catalogue "
+                                                    "that generations are ranked against")
+    path: Path | None = field(None, help="movielens: folder with ml-100k.item (default: the recbole package's "
+                              "copy); amazon: the D3-style CSV file or folder the prompts came from")
+    model: str = field(MINILM, help="sentence-transformer used for grounding: 'minilm' (the offline "
+                       "all-MiniLM-L6-v2 package) or any sentence-transformers model name or path")
+    device: str = field("cpu", help="device of the sentence-transformer")
+    batch_size: int = field(64, help="texts embedded per batch")
+    ks: list[int] = field(default_factory=lambda: [10, 20], help="cut-offs k of NDCG@k, ERR@k and HR@k")
+    g_max: float = field(DEFAULT_G_MAX, help="ERR's maximum grade: R(g) = (2^g - 1) / 2^g_max (5 for 1-5 stars)")
+    ndcg_ideal: Literal["g_max", "target"] = field(
+        "g_max", help="NDCG's ideal list: g_max = an item of grade g_max at rank 1, so higher ratings count more "
+                      "(the paper's graded NDCG); target = the target itself at rank 1, so the grade cancels and "
+                      "NDCG = 1/log2(rank+1) (BIGRec / D3 / SPRec)")
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.dataset == "amazon" and self.path is None:
+            problems.append("path: the amazon catalogue needs --path (the D3-style CSV file or folder)")
+        if not self.ks or any(k < 1 for k in self.ks):
+            problems.append(f"ks: give one or more positive cut-offs, got {self.ks}")
+        if self.batch_size < 1:
+            problems.append("batch_size: must be >= 1")
+        if not self.g_max > 0:
+            problems.append("g_max: must be > 0")
+        return problems
+
+
+def _rating(value: Any, where: str, g_max: float) -> float:
+    if isinstance(value, bool):
+        raise DataError(f"{where}: meta.target_rating must be a number, got {value!r}")
+    x = as_number(value, where, "meta.target_rating")
+    if not 0 <= x <= g_max:
+        raise DataError(f"{where}: meta.target_rating {x:g} is outside [0, {g_max:g}]; raise --g-max to the "
+                        "rating scale's maximum")
+    return x
+
+
+def _check_rows(rows: Sequence[dict[str, Any]], g_max: float) -> list[tuple[str, str, float]]:
+    """(prompt_id, target title, rating) per row; one DataError lists the first problems found."""
+    problems: list[str] = []
+    parsed: list[tuple[str, str, float]] = []
+    targets: dict[str, tuple[str, float]] = {}
+    for i, row in enumerate(rows, start=1):
+        where = f"generation row {i}"
+        try:
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object")
+            pid = row.get("prompt_id")
+            if pid is None:
+                raise DataError(f"{where}: missing prompt_id; use files written by `gcsl generate`")
+            if not isinstance(row.get("completion"), str):
+                raise DataError(f"{where}: completion must be a string")
+            meta = row.get("meta")
+            if not isinstance(meta, dict) or not isinstance(meta.get("target_title"), str) or \
+                    not meta["target_title"].strip():
+                raise DataError(f"{where}: meta.target_title is missing; generate from prompts written by "
+                                "`gcsl data recommendation`")
+            if "target_rating" not in meta:
+                raise DataError(f"{where}: meta.target_rating is missing; generate from prompts written by "
+                                "`gcsl data recommendation`")
+            title, rating = meta["target_title"].strip(), _rating(meta["target_rating"], where, g_max)
+            if targets.setdefault(str(pid), (title, rating)) != (title, rating):
+                raise DataError(f"{where}: prompt_id {pid} has target {title!r} ({rating:g}) here but "
+                                f"{targets[str(pid)][0]!r} ({targets[str(pid)][1]:g}) on an earlier row")
+            parsed.append((str(pid), title, rating))
+        except DataError as exc:
+            problems.append(str(exc))
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise DataError("; ".join(problems[:3]) + more)
+    return parsed
+
+
+def evaluate(rows: list[dict[str, Any]], config: RecommendationEvalConfig, *,
+             grounder: TitleGrounder | None = None) -> TaskResult:
+    """Grounds every generation in the catalogue and scores NDCG@k, ERR@k and HR@k per prompt.
+
+    ``grounder`` reuses already embedded catalogue titles (and fixes the encoder); by default one
+    is built from ``config.dataset``/``config.path`` and ``config.model``.
+
+    >>> result = evaluate(rows, RecommendationEvalConfig())  # doctest: +SKIP
+    >>> result.metrics["ndcg@10"]  # doctest: +SKIP
+    0.0123
+    """
+    if not rows:
+        raise DataError("no generations to evaluate; check the --generations file")
+    targets = _check_rows(rows, config.g_max)
+    if grounder is None:
+        titles = [it.title for it in load_catalogue(config.dataset, config.path)]
+        grounder = TitleGrounder(titles, load_encoder(config.model, config.device), batch_size=config.batch_size)
+    unknown = sorted({title for _, title, _ in targets if title not in grounder})
+    if unknown:
+        raise DataError(f"meta.target_title not in the {config.dataset} catalogue: {', '.join(map(repr, unknown[:3]))}"
+                        f"{' ...' if len(unknown) > 3 else ''}; set --dataset/--path to the data the prompts came from")
+
+    extracted = [extract_title(row["completion"]) for row in rows]
+    usable = [i for i, t in enumerate(extracted) if t is not None]
+    grounded = dict(zip(usable, grounder.ground([extracted[i] for i in usable], [targets[i][1] for i in usable])))
+
+    ranks = np.array([grounded[i].rank if i in grounded else np.inf for i in range(len(rows))])
+    grades = np.array([t[2] for t in targets])
+    metric_values: dict[str, np.ndarray] = {}
+    for k in config.ks:
+        metric_values[f"ndcg@{k}"] = target_ndcg(ranks, grades, k,
+                                                 ideal_grade=config.g_max if config.ndcg_ideal == "g_max" else None)
+        metric_values[f"err@{k}"] = target_err(ranks, grades, k, config.g_max)
+        metric_values[f"hr@{k}"] = target_hit(ranks, k)
+    metric_values["unparsable"] = np.array([0.0 if i in grounded else 1.0 for i in range(len(rows))])
+
+    items = []
+    for i, row in enumerate(rows):
+        g = grounded.get(i)
+        item = {"prompt_id": targets[i][0], "sample": row.get("sample"), "target_title": targets[i][1],
+                "target_rating": targets[i][2], "extracted_title": extracted[i],
+                "nearest_title": g.nearest_title if g else None,
+                "similarity": g.similarity if g else None,
+                "rank": int(g.rank) if g and np.isfinite(g.rank) else None,
+                "status": "ranked" if g else "unparsable",
+                "reason": None if g else "no title: the generation is empty or has no letters or digits"}
+        item.update({name: float(v[i]) for name, v in metric_values.items()})
+        items.append(item)
+
+    by_unit: dict[str, list[int]] = defaultdict(list)
+    for i, (pid, _, _) in enumerate(targets):
+        by_unit[pid].append(i)
+    unit_scores = {name: {pid: float(v[idx].mean()) for pid, idx in by_unit.items()}
+                   for name, v in metric_values.items()}
+    metrics = {name: float(np.mean(list(scores.values()))) for name, scores in unit_scores.items()}
+    n_unparsable = len(rows) - len(usable)
+
+    options = {"dataset": config.dataset, "path": str(config.path) if config.path else None,
+               "model": config.model, "ks": list(config.ks), "g_max": config.g_max,
+               "ndcg_ideal": config.ndcg_ideal,
+               "catalogue_items": grounder.n_items, "catalogue_unique_titles": len(grounder.unique_titles),
+               "tie_policy": TIE_POLICY}
+    notes = [f"tie policy: {TIE_POLICY}",
+             "each metric (unparsable: the share of generations naming no title) is averaged over a prompt's "
+             "generations, then over prompts"]
+    if n_unparsable:
+        notes.append(f"{n_unparsable} of {len(rows)} generation(s) named no title and scored 0")
+    return TaskResult(task="recommendation", metrics=metrics, unit_scores=unit_scores, items=items,
+                      n_units=len(by_unit), n_generations=len(rows), options=options, notes=notes)

@@ -1,0 +1,91 @@
+"""Scoring movie reviews for sentiment: VADER in the goal's direction, TextBlob as a check, dist-n.
+
+See :mod:`gcsl.tasks.sentiment` for the scores and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from gcsl.config import config_to_dict, field
+from gcsl.metrics.text import TextQualityOptions, text_quality
+from gcsl.scorers import TextBlobScorer, VaderScorer
+from gcsl.tasks.base import TaskResult, TextScorer, score_generations
+
+__all__ = ["NEUTRAL_SCORE", "CHECK_KEY", "SentimentEvalConfig", "evaluate"]
+
+NEUTRAL_SCORE = 0.5
+# Item key of the TextBlob check score; its per-prompt mean is the metric ``mean_score_textblob``.
+CHECK_KEY = "score_textblob"
+
+
+@dataclass
+class SentimentEvalConfig(TextQualityOptions):
+    """How movie-review generations are scored."""
+
+    direction: Literal["positive", "negative"] = field(
+        "positive", help="sentiment the goal asks for; scores are 1 for fully that sentiment")
+    threshold: float = field(0.5, help="a generation reaches the goal when its score is strictly above this")
+
+    def validate(self) -> list[str]:
+        problems = self.quality_problems()
+        if not 0.0 <= self.threshold <= 1.0:
+            problems.append(f"threshold: must be within [0, 1], got {self.threshold}")
+        return problems
+
+
+def evaluate(rows: Sequence[dict[str, Any]], config: SentimentEvalConfig, *, scorer: TextScorer | None = None,
+             model: Any = None, tokenizer: Any = None) -> TaskResult:
+    """Sentiment metrics of generation rows (units: prompt ids); see the module docstring.
+
+    >>> rows = [{"prompt_id": "m1", "prompt": "Review Heat.", "completion": "A wonderful, great film."},
+    ...         {"prompt_id": "m1", "prompt": "Review Heat.", "completion": ""}]
+    >>> evaluate(rows, SentimentEvalConfig()).metrics["above_threshold"]
+    0.5
+    """
+    scorer = scorer or VaderScorer(config.direction)
+    check = TextBlobScorer(config.direction)
+    items = score_generations(rows, scorer)
+    checked = score_generations(rows, check, key=CHECK_KEY)
+    for item, other in zip(items, checked):  # a review a scorer cannot read counts as neither direction
+        if item["score"] is None:
+            item.update(score=NEUTRAL_SCORE, status="neutral",
+                        reason=f"{item['reason']}; scored neutral {NEUTRAL_SCORE}")
+        item[CHECK_KEY] = other[CHECK_KEY]
+        if other[CHECK_KEY] is None:
+            item.update({CHECK_KEY: NEUTRAL_SCORE,
+                         f"{CHECK_KEY}_reason": f"{other['reason']}; scored neutral {NEUTRAL_SCORE}"})
+
+    by_prompt: dict[str, list[float]] = defaultdict(list)
+    check_by_prompt: dict[str, list[float]] = defaultdict(list)
+    for item in items:
+        by_prompt[item["prompt_id"]].append(item["score"])
+        check_by_prompt[item["prompt_id"]].append(item[CHECK_KEY])
+    mean_score = {pid: sum(s) / len(s) for pid, s in by_prompt.items()}
+    mean_check = {pid: sum(s) / len(s) for pid, s in check_by_prompt.items()}
+    above = {pid: sum(1 for x in s if x > config.threshold) / len(s) for pid, s in by_prompt.items()}
+    metrics = {"mean_score": sum(mean_score.values()) / len(mean_score) if mean_score else math.nan,
+               f"mean_{CHECK_KEY}": sum(mean_check.values()) / len(mean_check) if mean_check else math.nan,
+               "above_threshold": sum(above.values()) / len(above) if above else math.nan}
+    unit_scores = {"mean_score": mean_score, f"mean_{CHECK_KEY}": mean_check, "above_threshold": above}
+    notes = [f"sentiment scorer: {scorer.name} ({config.direction}: 1 = fully {config.direction}); "
+             f"check scorer: {check.name} (mean_{CHECK_KEY}, same mapping)"]
+    neutral = sum(1 for it in items if it["status"] == "neutral")
+    if neutral:
+        notes.append(f"{neutral} of {len(items)} generation(s) were empty or unscorable and scored neutral "
+                     f"{NEUTRAL_SCORE} (see their reason in the items)")
+    check_neutral = sum(1 for it in items if it.get(f"{CHECK_KEY}_reason"))
+    if check_neutral:
+        notes.append(f"{check.name}: {check_neutral} of {len(items)} generation(s) were empty or unscorable and "
+                     f"scored neutral {NEUTRAL_SCORE} (see {CHECK_KEY}_reason in the items)")
+
+    text_quality(rows, config, model=model, tokenizer=tokenizer).add_to(metrics, unit_scores, items, notes)
+
+    return TaskResult(task="sentiment", metrics=metrics, unit_scores=unit_scores, items=items,
+                      n_units=len(by_prompt), n_generations=len(rows),
+                      options={**config_to_dict(config), "scorer_name": scorer.name,
+                               "check_scorer_name": check.name}, notes=notes)
