@@ -262,6 +262,15 @@ def test_goal_curve_config_forms_and_errors():
         resolve_config(ExperimentConfig, overrides={**base, "validation_prompts": -1})
     with pytest.raises(ConfigError, match="goal_curves: gcsl-nl name"):
         expand_variants(resolve_config(ExperimentConfig, overrides={**base, "goal_curves": {"gcsl-nl": ["top"]}}))
+    # The task and its metrics come from the task registry, checked before any training.
+    with pytest.raises(ConfigError, match=r"primary_metric: task sentiment does not report 'beyond@1'; choose one of "
+                                          r"mean_score, mean_score_textblob"):
+        resolve_config(ExperimentConfig, overrides={**base, "primary_metric": "beyond@1"})
+    with pytest.raises(ConfigError, match=r"check_metrics: task code does not report 'mean_score'"):
+        resolve_config(ExperimentConfig, overrides={**base, "task": "code", "primary_metric": "beyond@1",
+                                                    "check_metrics": ["pass@5", "mean_score"]})
+    with pytest.raises(ConfigError, match=r"task: 'poetry' is not one of toxicity, sentiment"):
+        resolve_config(ExperimentConfig, overrides={**base, "task": "poetry"})
 
 
 def test_quickstart_settings_on_a_tiny_model_print_low_high_difference_and_probe(tmp_path, tiny_llama_dir, capsys):

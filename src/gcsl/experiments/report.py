@@ -16,8 +16,6 @@ from gcsl.runinfo import atomic_write_json, atomic_write_text
 __all__ = ["write_report", "collect_results", "curve_statistics", "training_facts", "requested_goals"]
 
 
-# (task, metric) pairs whose metric is the mean of the training feedback's own score, higher = better.
-_FEEDBACK_SCALE_METRICS = {("sentiment", "mean_score")}
 # Per-unit scores stay out of results.json's goal curves (one value per prompt each).
 _UNIT_KEYS = ("units", "per_seed_units")
 
@@ -294,6 +292,7 @@ def _probes(cfg, variants) -> list[dict[str, Any]]:
 
 def write_report(cfg, variants) -> Path:
     from gcsl.experiments.plots import plot_bars, plot_goal_curve, plot_histogram
+    from gcsl.tasks import get_task
 
     layout = ExperimentLayout(cfg.out)
     out = layout.root
@@ -313,7 +312,10 @@ def write_report(cfg, variants) -> Path:
     # The paper's "beyond" check: does the top goal beat the mean score of the top training bin?
     # It needs the evaluation to score generations as the feedback did (higher = better).
     beyond = []
-    beyond_applies = (cfg.task, metric) in _FEEDBACK_SCALE_METRICS
+    task = get_task(cfg.task)
+    # Metrics that score generations on the training feedback's own scale (higher = better).
+    feedback_scale = {m for m in metrics if (spec := task.metric(m)) is not None and spec.on_feedback_scale}
+    beyond_applies = metric in feedback_scale
     for v in variants if beyond_applies else ():
         r = results.get(v.name)
         setup = layout.goal_setup(v.name)  # None for the base model
@@ -350,7 +352,6 @@ def write_report(cfg, variants) -> Path:
         "curve_statistics": {n: {"requested": c["requested"], **c["statistics"]} for n, c in curves.items()},
         "probe": probes})
     plots = []
-    feedback_scale = {m for m in metrics if (cfg.task, m) in _FEEDBACK_SCALE_METRICS}
     for fn, args in ((plot_bars, (rows, metric)), (plot_goal_curve, (curves, metrics, feedback_scale)),
                      (plot_histogram, (cfg, variants))):
         path = fn(out, *args)

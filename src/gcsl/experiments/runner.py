@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from gcsl.config import config_to_dict, field, resolve_config
 from gcsl.errors import ConfigError
@@ -38,14 +38,12 @@ if TYPE_CHECKING:
 __all__ = ["ExperimentConfig", "Variant", "run_experiment", "expand_variants", "held_out_prompts",
            "split_validation", "training_data", "is_goal_conditioned", "goal_request_problem", "TRAINED"]
 
-Task = Literal["sentiment", "toxicity", "code", "recommendation"]
-
 
 @dataclass
 class ExperimentConfig:
     name: str = field(help="experiment name (report title)")
     out: Path = field(help="experiment directory (runs/, report.md, tables, plots)")
-    task: Task = field(help="evaluation task")
+    task: str = field(help="evaluation task: one of the registry's tasks (gcsl.tasks.TASKS), e.g. sentiment")
     data: str = field(help="feedback log for `gcsl prepare` (JSONL/CSV/Parquet/dataset)")
     eval_prompts: str = field(help="prompts JSONL for `gcsl generate` (held out from training)")
     model: str = field("smollm2-135m-instruct", help="base model for every method")
@@ -114,8 +112,8 @@ class ExperimentConfig:
         import dataclasses
 
         from gcsl.data.prepare import PrepareConfig
-        from gcsl.evaluation import task_config_class
         from gcsl.generation.generate import GenerateConfig
+        from gcsl.tasks import get_task
         from gcsl.training.train import TrainConfig
 
         problems = []
@@ -132,10 +130,19 @@ class ExperimentConfig:
             if stage in stages and key not in {f.name for f in dataclasses.fields(stages[stage])}:
                 problems.append(f"sweeps: {s['option']} is not an option of {stages[stage].__name__}")
         try:
-            _, task_cls = task_config_class(self.task)
-            resolve_config(task_cls, overrides=dict(self.evaluate))
+            task = get_task(self.task)
+        except ConfigError as exc:
+            return [*problems, str(exc)]
+        try:
+            resolve_config(task.eval_config, overrides=dict(self.evaluate))
         except ConfigError as exc:
             problems.append(f"evaluate: {exc}")
+        # A metric the task does not emit would leave the report empty after all the training.
+        for where, metric in (("primary_metric", self.primary_metric),
+                              *(("check_metrics", m) for m in self.check_metrics)):
+            if task.metric(metric) is None:
+                problems.append(f"{where}: task {self.task} does not report {metric!r}; choose one of "
+                                f"{', '.join(task.metric_names)}")
         from gcsl.probe import ProbeConfig
 
         known = {f.name for f in dataclasses.fields(ProbeConfig)}
