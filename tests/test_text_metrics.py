@@ -196,3 +196,11 @@ def test_perplexity_token_straddling_the_boundary_counts_as_generated(lm):
         loss = model(torch.tensor([joint]), labels=torch.tensor([joint])).loss.item()  # NLL of " there" alone
     # "Hello" has no prediction (position 0), so only " there" is scored
     assert res.values[0] == pytest.approx(math.exp(loss), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_perplexity_reference_model_takes_the_built_in_name():
+    """The reference model loads as every model does: the built-in SmolLM2 by name, offline."""
+    rows = [{"prompt_id": "p", "prompt": "The film was", "completion": " a quiet, moving story."}]
+    result = text_quality(rows, TextQualityOptions(reference_model="smollm2-135m-instruct", device="cpu"))
+    assert 1.0 < result.metrics["perplexity"] < 1e4

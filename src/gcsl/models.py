@@ -224,6 +224,18 @@ def choose_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float16
 
 
+def _pretrained_source(path: str) -> tuple[str, dict[str, str]]:
+    """What ``from_pretrained`` takes for ``path``: a ``.gguf`` file is its folder plus ``gguf_file``.
+
+    >>> _pretrained_source("HuggingFaceTB/SmolLM2-135M-Instruct")
+    ('HuggingFaceTB/SmolLM2-135M-Instruct', {})
+    """
+    p = Path(path)
+    if p.suffix == ".gguf" and p.is_file():
+        return str(p.parent), {"gguf_file": p.name}
+    return path, {}
+
+
 def _load_error(name: str, exc: Exception) -> ConfigError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return ConfigError(f"cannot load model {name!r} ({first}); without network access use the built-in name "
@@ -237,10 +249,10 @@ def load_tokenizer(name_or_path: str, cache_dir: Path | None = None):
     """
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path, cache_dir)
+    source, kwargs = _pretrained_source(resolve_model_path(name_or_path, cache_dir))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as exc:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
         raise _load_error(str(name_or_path), exc) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -249,7 +261,8 @@ def load_tokenizer(name_or_path: str, cache_dir: Path | None = None):
 
 def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                    cache_dir: Path | None = None):
-    """A causal LM at ``dtype`` (default: :func:`choose_dtype` of ``device``, or of the best local device).
+    """A causal LM at ``dtype`` (default: :func:`choose_dtype` of ``device``, or of the best local device):
+    a built-in name, a model folder, a ``.gguf`` file or a hub id.
 
     With ``device=None`` the model stays on the CPU for the caller (e.g. a Trainer) to place.
 
@@ -257,12 +270,12 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None, device: 
     """
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(name_or_path, cache_dir)
+    source, kwargs = _pretrained_source(resolve_model_path(name_or_path, cache_dir))
     if dtype is None:
         dtype = choose_dtype(device if device is not None else default_device())
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except OSError as exc:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
         raise _load_error(str(name_or_path), exc) from None
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.generation_config.eos_token_id

@@ -18,7 +18,6 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from gcsl.config import field
@@ -185,22 +184,20 @@ def conditional_perplexity(model: Any, tokenizer: Any, prompts: Sequence[Any], g
 
 
 def load_causal_lm(path: str, device: str | None = None) -> tuple[Any, Any]:
-    """Loads a causal LM and its tokenizer in float32 for scoring: a folder, hub id or ``.gguf`` file.
+    """The perplexity reference model and its tokenizer, in float32, loaded as every other model of
+    the package is (:mod:`gcsl.models`: a built-in name, a folder, a ``.gguf`` file or a hub id).
 
-    >>> model, tok = load_causal_lm("HuggingFaceTB/SmolLM2-135M-Instruct")  # doctest: +SKIP
+    >>> model, tok = load_causal_lm("smollm2-135m-instruct")  # doctest: +SKIP
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    p = Path(path)
-    source, kwargs = (str(p.parent), {"gguf_file": p.name}) if p.suffix == ".gguf" and p.is_file() else (path, {})
+    from gcsl import models
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"reference_model: could not load {path!r} ({str(exc).splitlines()[0][:200]}); "
-                          "give a local model folder, a .gguf file or a reachable hub id") from None
-    model.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        model = models.load_causal_lm(path, dtype=torch.float32, device=device or models.default_device())
+        tokenizer = models.load_tokenizer(path)
+    except ConfigError as exc:
+        raise ConfigError(f"reference_model: {exc}") from None
     model.eval()
     return model, tokenizer
 
