@@ -158,7 +158,7 @@ def test_tokenization_matches_sft_trainer(expansion, tiny_llama_dir, smollm2_tok
     max_length = _truncating_length(expansion, smollm2_tokenizer) if truncate else 1024
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
     args = SFTConfig(output_dir=str(tmp_path), max_length=max_length, completion_only_loss=True, bf16=False,
-                     gradient_checkpointing=False, report_to=[], use_cpu=True)
+                     activation_checkpointing=False, report_to=[], use_cpu=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=expansion.select_columns(["prompt", "completion"]),
                          processing_class=smollm2_tokenizer)
     ours = [tokenize_prompt_completion(r["prompt"], r["completion"], smollm2_tokenizer, max_length=max_length)
@@ -351,7 +351,7 @@ def test_trainer_loss_equal_on_packed_batches(expansion, tiny_llama_dir, smollm2
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
     packed = pack_prefix_shared(expansion, smollm2_tokenizer, max_tokens=300, max_length=1024)
     args = SFTConfig(output_dir=str(tmp_path), max_length=1024, completion_only_loss=True, bf16=False,
-                     gradient_checkpointing=False, report_to=[], use_cpu=True, remove_unused_columns=False,
+                     activation_checkpointing=False, report_to=[], use_cpu=True, remove_unused_columns=False,
                      dataset_kwargs={"skip_prepare_dataset": True})
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False,
                       task_type="CAUSAL_LM")

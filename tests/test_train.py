@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -109,6 +110,114 @@ def test_outputs_are_complete(bey_run, prepared, tiny_llama_dir):
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 13 and adapter["lora_dropout"] == 0.05
     assert adapter["base_model_name_or_path"] == str(Path(tiny_llama_dir).resolve())
+
+
+def _card_code(card: str) -> str:
+    """The card's one Python block (the transformers + peft snippet)."""
+    blocks = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert len(blocks) == 1, "the card holds one Python snippet"
+    return blocks[0]
+
+
+def _top_goal_row(data: Path, goals: dict) -> dict:
+    """A training row of the top goal (the level inference asks for), as prepare wrote it."""
+    rows = pq.read_table(data / "train.parquet").to_pylist()
+    return next(r for r in rows if r["goal"] == goals["inference_goal"]["text"])
+
+
+def test_card_carries_hub_metadata_and_a_prompt_built_as_in_training(bey_run, prepared, tiny_llama_dir):
+    from gcsl.training.card import PLAIN_PROMPT, read_card_metadata
+
+    out = bey_run.out
+    card = (out / "README.md").read_text()
+    meta = read_card_metadata(card)
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base).is_dir() and base == str(Path(tiny_llama_dir).resolve())
+    assert meta == {"base_model": base, "library_name": "peft", "pipeline_tag": "text-generation",
+                    "tags": ["gcsl", "gcsl-bey-nl", "lora", "goal-conditioned"]}
+    goals = json.loads((out / "goals.json").read_text())
+    row = _top_goal_row(prepared("gcsl-bey-nl"), goals)
+    code = _card_code(card)
+    assert "gcsl" not in code.replace("goal", "")  # plain transformers + peft: no gcsl import or call
+    assert f"base = {base!r}" in code and f"adapter = {str(out.resolve())!r}" in code
+    # Run the snippet's prompt-building lines with a training prompt in place of the stand-in.
+    prompt_part = code.split("# The tokenizer saved with the adapter")[0]
+    namespace: dict = {}
+    exec(prompt_part.replace(repr(PLAIN_PROMPT), repr(row["prompt_text"])), namespace)
+    assert namespace["prompt"] == row["prompt"]
+    assert namespace["prompt"].endswith("\n\n" + goals["inference_goal"]["text"])
+
+
+def test_card_snippet_runs_with_plain_transformers_and_peft(token_run, prepared, capsys):
+    """The whole snippet, reward token included, on the tiny model: the prompt is training's, generation runs."""
+    from gcsl.training.card import PLAIN_PROMPT, read_card_metadata
+
+    out = token_run.out
+    card = (out / "README.md").read_text()
+    assert read_card_metadata(card)["tags"] == ["gcsl", "gcsl", "lora", "goal-conditioned"]
+    goals = json.loads((out / "goals.json").read_text())
+    assert goals["inference_goal"]["text"] == "[R_5]"
+    row = _top_goal_row(prepared("gcsl"), goals)
+    namespace: dict = {}
+    code = _card_code(card).replace("max_new_tokens=64", "max_new_tokens=4")
+    exec(code.replace(repr(PLAIN_PROMPT), repr(row["prompt_text"])), namespace)
+    assert namespace["prompt"] == row["prompt"] == row["prompt_text"] + "\n\n[R_5]"
+    tokenizer = namespace["tokenizer"]
+    ids = namespace["inputs"]["input_ids"][0].tolist()
+    assert tokenizer.convert_tokens_to_ids("[R_5]") == ids[-1]  # one token, the trained row
+    assert namespace["output"].shape[1] > len(ids)
+
+
+@pytest.mark.parametrize(("placement", "chat", "expected"), [
+    ("after", False, "Q\n\nG"),
+    ("before", False, "G\n\nQ"),
+    ("system", False, [{"role": "system", "content": "G"}, {"role": "user", "content": "Q"}]),
+    ("after", True, [{"role": "user", "content": "Q\n\nG"}]),
+    ("before", True, [{"role": "user", "content": "G\n\nQ"}]),
+])
+def test_card_prompt_code_places_the_goal_as_place_goal_does(placement, chat, expected):
+    from gcsl.goals import place_goal
+    from gcsl.training.card import _prompt_code
+
+    namespace = {"user_prompt": "Q"}
+    exec("\n".join(_prompt_code("G", placement, "\n\n", chat)), namespace)
+    source = [{"role": "user", "content": "Q"}] if chat else "Q"
+    assert namespace["prompt"] == expected == place_goal(source, "G", placement)
+
+
+def test_card_says_where_the_base_comes_from_and_which_loss_trained():
+    from gcsl.models import BUILTIN_MODELS
+    from gcsl.training.card import read_card_metadata, render_model_card
+
+    common = dict(out_dir=Path("runs/a"), data_dir=Path("d"), goals={"metric": {"name": "rating"}}, metrics={},
+                  rows=4)
+    builtin = render_model_card(method="sft", base_model="smollm2-135m-instruct", config={},
+                                base_model_path="/cache/gcsl/models/smollm2-135m-instruct", **common)
+    assert read_card_metadata(builtin)["base_model"] == "/cache/gcsl/models/smollm2-135m-instruct"
+    assert BUILTIN_MODELS["smollm2-135m-instruct"].install in builtin
+    assert "names the base model as `/cache/gcsl/models/smollm2-135m-instruct`" in builtin
+    hub = render_model_card(method="dpo", base_model="org/m", config={"preference_loss": "simpo"}, **common)
+    assert read_card_metadata(hub) == {"base_model": "org/m", "library_name": "peft",
+                                       "pipeline_tag": "text-generation", "tags": ["gcsl", "dpo", "simpo", "lora"]}
+    assert "# a: simpo fine-tune of org/m" in hub and "a Hugging Face Hub model id" in hub
+    embed = render_model_card(method="gcsl-noquant-embed", base_model="org/m", config={}, **common)
+    assert "```python" not in embed and "goal embedding" in embed
+
+
+def test_training_raises_no_deprecation_warning_from_gcsl(prepared, tiny_llama_dir, tmp_path):
+    import warnings
+
+    import gcsl
+
+    source = str(Path(gcsl.__file__).parent)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(prepared("gcsl-bey-nl"), tmp_path / "run", tiny_llama_dir, max_steps=1)
+        _train(prepared("dpo"), tmp_path / "dpo", tiny_llama_dir, max_steps=1)
+    ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+            if issubclass(w.category, (DeprecationWarning, FutureWarning))
+            and ("is_gradient_checkpointing" in str(w.message) or w.filename.startswith(source))]
+    assert ours == []
 
 
 @pytest.mark.parametrize("kl_coef", [0.0, 0.05])
@@ -336,6 +445,12 @@ def test_merge_writes_a_standalone_model(token_run, tmp_path, capsys):
     assert (out / "goals.json").read_text() == (token_run.out / "goals.json").read_text()
     assert json.loads((out / "run.json").read_text())["stage"] == "merge"
     assert not (out / "adapter_config.json").exists()
+    from gcsl.training.card import read_card_metadata
+
+    card, adapter_card = (out / "README.md").read_text(), (token_run.out / "README.md").read_text()
+    assert read_card_metadata(card) == {**read_card_metadata(adapter_card), "library_name": "transformers"}
+    assert f"AutoModelForCausalLM.from_pretrained({str(out.resolve())!r})" in card
+    assert card.endswith(adapter_card.split("\n---\n", 1)[1])  # the training sections as they were
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     ids = tokenizer("Describe item 3.\n\n[R_5]", return_tensors="pt").input_ids
@@ -383,3 +498,7 @@ def test_real_smollm2_trains_a_few_steps(prepared, tmp_path):
     assert len(losses) == 3 and all(0 < x < 20 for x in losses)
     assert (result.out / "adapter_model.safetensors").is_file()
     assert json.loads((result.out / "run.json").read_text())["precision"] in ("fp32", "bf16", "fp16")
+    # Plain peft cannot resolve gcsl's built-in name: the adapter names the converted folder instead.
+    base = json.loads((result.out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base != "smollm2-135m-instruct" and Path(base).is_dir() and (Path(base) / "config.json").is_file()
+    assert f"names the base model as `{base}`" in (result.out / "README.md").read_text()

@@ -15,32 +15,26 @@ import pyarrow.parquet as pq
 
 from gcsl.config import field
 from gcsl.data.load import FeedbackLog, column_numpy, read_feedback, validate_feedback
-from gcsl.errors import DataError
+from gcsl.errors import ConfigError, DataError
 from gcsl.goals import (
-    GOAL_STYLE,
     Formulation,
+    FormulationInput,
     GoalSetup,
     MetricSpec,
+    Pairs,
     default_templates,
-    formulate_all,
-    formulate_beyond,
-    formulate_classic,
-    formulate_dpo_pairs,
-    formulate_sampled_pairs,
-    formulate_sft,
     quantize_feedback,
     retained_levels,
 )
 from gcsl.goals.render import TEMPLATE_FIELDS
+from gcsl.methods import get_method, trained_methods
 from gcsl.runinfo import atomic_dir, atomic_write_json, write_run_record
 
 __all__ = ["PrepareConfig", "PrepareResult", "prepare", "Method"]
 
-Method = Literal["sft", "sft-aug", "gcsl", "gcsl-nl", "gcsl-bey", "gcsl-bey-nl", "gcsl-bey-snl",
-                 "gcsl-noquant-nl", "gcsl-noquant-embed", "dpo"]
+# The --method choices, taken from the method table (gcsl.methods) when this module loads.
+Method = Literal[trained_methods()]  # type: ignore[valid-type]
 
-# Methods whose goals follow the beyond-threshold expansion (and so use goal filtering).
-_BEYOND = {"gcsl-bey", "gcsl-bey-nl", "gcsl-bey-snl", "sft-aug"}
 _SLICE = 1 << 17
 
 
@@ -173,6 +167,10 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
 
     >>> # gcsl prepare --data log.jsonl --method gcsl-bey-nl --out prepared/   (see the README)
     """
+    method = get_method(cfg.method)
+    if not method.trainable:
+        raise ConfigError(f"method: {cfg.method} is the untrained model and needs no training data; use one of "
+                          f"{', '.join(trained_methods())}")
     spec = cfg.metric_spec()
     table, fmt = read_feedback(cfg.data, prompt_column=cfg.prompt_column, response_column=cfg.response_column,
                                score_column=cfg.score_column, fmt=cfg.data_format, split=cfg.split)
@@ -183,7 +181,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     oriented = spec.orient(column_numpy(log.table.column("score")))
     quant = quantize_feedback(oriented, spec, bins=cfg.bins)
     train_mean = float(oriented.mean())
-    use_filter = cfg.filter and cfg.method in _BEYOND
+    use_filter = cfg.filter and method.filtering
     retained = retained_levels(quant.thresholds, train_mean, filter_goals=use_filter)
     top_level = quant.levels == quant.levels.max()
     templates, range_notes = _templates(cfg, spec)
@@ -197,17 +195,18 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     if use_filter and not any(t > train_mean for t in quant.thresholds):
         notes.append("no threshold is above the training mean; only the top level is kept as a goal")
 
-    if cfg.method == "dpo":
-        dpo_table, dropped = _dpo_table(cfg, log, oriented)
-        batches, rows_out = iter([dpo_table]), dpo_table.num_rows
+    prompt_text = _as_text_prompts(log)
+    form = method.formulate(_formulation_input(cfg, spec, quant.levels, oriented, retained, prompt_text))
+    if isinstance(form, Pairs):
+        pair_table = _pair_table(cfg, log, oriented, form)
+        batches, rows_out = iter([pair_table]), pair_table.num_rows
     else:
-        form = _formulate(cfg, quant.levels, oriented, retained)
         # Output rows are built and written a slice at a time, so the expansion never sits in
         # memory whole (a 1M-row log expands to several hundred MB of goal-bearing prompts).
-        prompt_text = _as_text_prompts(log)
         batches = (_goal_table(cfg, log, setup, form, oriented, prompt_text, start, start + _SLICE)
                    for start in range(0, max(len(form.rows), 1), _SLICE))
-        dropped, rows_out = form.dropped, len(form.rows)
+        rows_out = len(form.rows)
+    dropped = form.dropped
 
     counts = {
         "rows_in": log.num_rows,
@@ -267,16 +266,14 @@ def _level_words(cfg: PrepareConfig, quant) -> tuple[str, ...]:
     return tuple(cfg.level_words)
 
 
-def _formulate(cfg: PrepareConfig, levels: np.ndarray, oriented: np.ndarray, retained: tuple[int, ...]) -> Formulation:
-    if cfg.method == "sft":
-        return formulate_sft(oriented, top_fraction=cfg.sft_top,
-                             cutoff=None if cfg.sft_cutoff is None else float(cfg.metric_spec().orient(
-                                 np.array([cfg.sft_cutoff]))[0]))
-    if cfg.method in ("gcsl", "gcsl-nl"):
-        return formulate_classic(levels)
-    if cfg.method in ("gcsl-noquant-nl", "gcsl-noquant-embed"):
-        return formulate_all(len(levels))
-    return formulate_beyond(levels, retained)
+def _formulation_input(cfg: PrepareConfig, spec: MetricSpec, levels: np.ndarray, oriented: np.ndarray,
+                       retained: tuple[int, ...], prompt_text: pa.ChunkedArray) -> FormulationInput:
+    """What any method's formulation may read; the options are handed over whether it uses them or not."""
+    groups = column_numpy(pc.dictionary_encode(prompt_text.combine_chunks()).indices)
+    cutoff = None if cfg.sft_cutoff is None else float(spec.orient(np.array([cfg.sft_cutoff]))[0])
+    return FormulationInput(levels=levels, oriented=oriented, groups=groups, retained=retained, sft_top=cfg.sft_top,
+                            sft_cutoff=cutoff, pairs_per_group=cfg.dpo_pairs, negatives=cfg.dpo_negatives,
+                            seed=cfg.seed)
 
 
 def _as_text_prompts(log: FeedbackLog) -> pa.ChunkedArray:
@@ -294,8 +291,9 @@ def _goal_table(cfg: PrepareConfig, log: FeedbackLog, setup: GoalSetup, form: Fo
     row_idx = form.rows[start:stop]
     rows = pa.array(row_idx, pa.int64())
     spec = setup.metric
-    style = GOAL_STYLE[cfg.method]
-    has_goal = style is not None and cfg.method != "sft-aug"
+    method = get_method(setup.method)
+    style = method.goal_style
+    has_goal = style is not None
     display = -oriented[row_idx] if spec.below else oriented[row_idx]
 
     # One goal string and threshold per level, gathered by each output row's level.
@@ -313,7 +311,8 @@ def _goal_table(cfg: PrepareConfig, log: FeedbackLog, setup: GoalSetup, form: Fo
         level = pa.nulls(len(rows), pa.int32())
         threshold = pa.nulls(len(rows), pa.float64())
 
-    goal_value = (pa.array(display, pa.float64()) if cfg.method == "gcsl-noquant-embed"
+    # The raw score as a number, for methods that read their goal through the goal embedding.
+    goal_value = (pa.array(display, pa.float64()) if "goal_value" in method.columns
                   else pa.nulls(len(rows), pa.float64()))
     source_prompt = log.table.column("prompt").take(rows)
     response = log.table.column("response").take(rows)
@@ -353,18 +352,12 @@ def _place(cfg: PrepareConfig, chat: bool, prompt: pa.ChunkedArray, goal: pa.Arr
     return pa.array([p for p, _ in rows]), pa.array([c for _, c in rows])
 
 
-def _dpo_table(cfg: PrepareConfig, log: FeedbackLog, oriented: np.ndarray) -> tuple[pa.Table, dict[str, int]]:
-    groups = column_numpy(pc.dictionary_encode(_as_text_prompts(log).combine_chunks()).indices)
-    if cfg.dpo_negatives == "observed":
-        chosen, rejected = formulate_dpo_pairs(groups, oriented, pairs_per_group=cfg.dpo_pairs)
-        if len(chosen) == 0:
-            raise DataError(f"{cfg.data}: no prompt has two responses with different scores, so no DPO pairs exist; "
-                            "pass --dpo-negatives sampled to pair with other prompts' responses")
-        pair_type = "observed"
-    else:
-        positives = formulate_sft(oriented, top_fraction=cfg.sft_top).rows
-        chosen, rejected = formulate_sampled_pairs(groups, positives, seed=cfg.seed)
-        pair_type = "sampled-negative"
+def _pair_table(cfg: PrepareConfig, log: FeedbackLog, oriented: np.ndarray, pairs: Pairs) -> pa.Table:
+    """The preference rows: prompt, chosen and rejected responses, and where each pair came from."""
+    chosen, rejected, pair_type = pairs.chosen, pairs.rejected, pairs.pair_type
+    if len(chosen) == 0 and pair_type == "observed":
+        raise DataError(f"{cfg.data}: no prompt has two responses with different scores, so no DPO pairs exist; "
+                        "pass --dpo-negatives sampled to pair with other prompts' responses")
     spec = cfg.metric_spec()
     prompt = log.table.column("prompt").take(pa.array(chosen))
     response = pc.cast(log.table.column("response"), pa.string())
@@ -374,7 +367,7 @@ def _dpo_table(cfg: PrepareConfig, log: FeedbackLog, oriented: np.ndarray) -> tu
         chosen_text = pa.array([[{"role": "assistant", "content": r}] for r in chosen_text.to_pylist()])
         rejected_text = pa.array([[{"role": "assistant", "content": r}] for r in rejected_text.to_pylist()])
     display = -oriented if spec.below else oriented
-    table = pa.table({
+    return pa.table({
         "prompt": prompt,
         "chosen": chosen_text,
         "rejected": rejected_text,
@@ -386,8 +379,6 @@ def _dpo_table(cfg: PrepareConfig, log: FeedbackLog, oriented: np.ndarray) -> tu
         "row_id_chosen": pa.array(chosen, pa.int64()),
         "row_id_rejected": pa.array(rejected, pa.int64()),
     })
-    unpaired = int(log.num_rows - len(np.union1d(chosen, rejected)))
-    return table, ({"not in any pair": unpaired} if unpaired else {})
 
 
 def _print_report(result: PrepareResult, goals: dict) -> None:

@@ -6,6 +6,8 @@ both call these functions, so a goal is written the same way at training and at 
 
 from gcsl.goals.formulate import (
     Formulation,
+    FormulationInput,
+    Pairs,
     formulate_all,
     formulate_beyond,
     formulate_classic,
@@ -15,7 +17,7 @@ from gcsl.goals.formulate import (
     retained_levels,
 )
 from gcsl.goals.quantize import Quantization, assign_levels, quantize_feedback
-from gcsl.goals.render import GOAL_STYLE, METHODS, default_templates, place_goal, render_goal, reward_token
+from gcsl.goals.render import default_templates, place_goal, render_goal, reward_token
 from gcsl.goals.setup import Goal, GoalSetup, inference_goal
 from gcsl.goals.spec import MetricSpec
 
@@ -25,6 +27,8 @@ __all__ = [
     "quantize_feedback",
     "assign_levels",
     "Formulation",
+    "FormulationInput",
+    "Pairs",
     "retained_levels",
     "formulate_classic",
     "formulate_all",
@@ -32,8 +36,6 @@ __all__ = [
     "formulate_sft",
     "formulate_dpo_pairs",
     "formulate_sampled_pairs",
-    "METHODS",
-    "GOAL_STYLE",
     "default_templates",
     "render_goal",
     "reward_token",
@@ -42,3 +44,12 @@ __all__ = [
     "GoalSetup",
     "inference_goal",
 ]
+
+
+def __getattr__(name: str):
+    """``METHODS`` and ``GOAL_STYLE`` as before the method table (see :mod:`gcsl.methods`)."""
+    if name in ("METHODS", "GOAL_STYLE"):
+        from gcsl.goals import render
+
+        return getattr(render, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,16 +2,30 @@
 
 Every function returns row indices (and goal levels) into the feedback table, so data stay in
 Arrow and are gathered once with ``take``.
+
+Two layers. The primitives (``formulate_sft``, ``formulate_beyond`` ...) take plain arrays and
+options. The formulations (``top_fraction``, ``per_level``, ``beyond_threshold``, ``unquantized``,
+``preference_pairs``) all take one :class:`FormulationInput` and are what the method table
+(:mod:`gcsl.methods`) names, so ``gcsl prepare`` calls a method's formulation without knowing
+which method it is. A new method that needs a new row selection adds one formulation here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 __all__ = [
     "Formulation",
+    "FormulationInput",
+    "Pairs",
+    "top_fraction",
+    "per_level",
+    "beyond_threshold",
+    "unquantized",
+    "preference_pairs",
     "retained_levels",
     "formulate_classic",
     "formulate_beyond",
@@ -156,3 +170,79 @@ def formulate_sampled_pairs(group: np.ndarray, positives: np.ndarray, *, negativ
                 if picked == negatives_per_positive:
                     break
     return np.asarray(chosen, dtype=np.int64), np.asarray(rejected, dtype=np.int64)
+
+
+# -- formulations: the uniform signature the method table refers to ---------------------------
+
+@dataclass(frozen=True)
+class FormulationInput:
+    """Everything a formulation may read: per-row levels, scores and prompt groups, and the options.
+
+    ``oriented`` scores are higher-is-better; ``sft_cutoff`` is in the same oriented units.
+    """
+
+    levels: np.ndarray
+    oriented: np.ndarray
+    groups: np.ndarray
+    retained: tuple[int, ...]
+    sft_top: float = 0.25
+    sft_cutoff: float | None = None
+    pairs_per_group: int = 5
+    negatives: Literal["observed", "sampled"] = "observed"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Preference pairs: ``chosen[i]`` beats ``rejected[i]`` (row indices into the feedback table).
+
+    ``pair_type`` is ``observed`` (both rated for the same prompt) or ``sampled-negative`` (the
+    rejected response answered another prompt, so its score says nothing about this one).
+    """
+
+    chosen: np.ndarray
+    rejected: np.ndarray
+    pair_type: str
+    dropped: dict[str, int]
+
+
+def top_fraction(data: FormulationInput) -> Formulation:
+    """SFT: the best-rated rows (``sft_top`` of them, or those at or above ``sft_cutoff``), no goal."""
+    return formulate_sft(data.oriented, top_fraction=data.sft_top, cutoff=data.sft_cutoff)
+
+
+def per_level(data: FormulationInput) -> Formulation:
+    """Classic GCSL: every row once, its goal its own level."""
+    return formulate_classic(data.levels)
+
+
+def beyond_threshold(data: FormulationInput) -> Formulation:
+    """GCSL-bey: every row once per retained threshold it reaches.
+
+    >>> f = beyond_threshold(FormulationInput(np.array([1, 3, 2]), np.zeros(3), np.zeros(3), (2, 3)))
+    >>> f.rows.tolist(), f.goal_levels.tolist()
+    ([1, 1, 2], [2, 3, 2])
+    """
+    return formulate_beyond(data.levels, data.retained)
+
+
+def unquantized(data: FormulationInput) -> Formulation:
+    """No quantization: every row once; its goal is its own raw score, not a level."""
+    return formulate_all(len(data.levels))
+
+
+def preference_pairs(data: FormulationInput) -> Pairs:
+    """DPO/SimPO pairs: observed pairs of one prompt's responses, or top rows against other prompts' ones.
+
+    An empty ``observed`` result means no prompt has two differently rated responses; the caller
+    names the input and the fix (``--dpo-negatives sampled``).
+    """
+    if data.negatives == "observed":
+        chosen, rejected = formulate_dpo_pairs(data.groups, data.oriented, pairs_per_group=data.pairs_per_group)
+        pair_type = "observed"
+    else:
+        positives = formulate_sft(data.oriented, top_fraction=data.sft_top).rows
+        chosen, rejected = formulate_sampled_pairs(data.groups, positives, seed=data.seed)
+        pair_type = "sampled-negative"
+    unpaired = int(len(data.oriented) - len(np.union1d(chosen, rejected)))
+    return Pairs(chosen, rejected, pair_type, {"not in any pair": unpaired} if unpaired else {})

@@ -7,8 +7,6 @@ from typing import Any, Literal
 from gcsl.goals.spec import MetricSpec
 
 __all__ = [
-    "METHODS",
-    "GOAL_STYLE",
     "Placement",
     "default_templates",
     "render_goal",
@@ -18,20 +16,20 @@ __all__ = [
     "TEMPLATE_FIELDS",
 ]
 
-# Method -> how its goal is written.
-GOAL_STYLE: dict[str, str | None] = {
-    "sft": None,
-    "sft-aug": None,
-    "dpo": None,
-    "gcsl": "token",
-    "gcsl-nl": "range",
-    "gcsl-bey": "token-bey",
-    "gcsl-bey-nl": "bey",
-    "gcsl-bey-snl": "snl",
-    "gcsl-noquant-nl": "value",
-    "gcsl-noquant-embed": None,
-}
-METHODS = tuple(GOAL_STYLE)
+
+def __getattr__(name: str) -> Any:
+    """``GOAL_STYLE`` (method -> goal style) and ``METHODS`` (trainable names), read from :mod:`gcsl.methods`.
+
+    Kept for importers from before the method table; computed on access because the table
+    imports this package (a module-level copy would be a circular import and could go stale).
+    """
+    if name in ("GOAL_STYLE", "METHODS"):
+        from gcsl.methods import METHODS, trained_methods
+
+        names = trained_methods()
+        return {m: METHODS[m].goal_style for m in names} if name == "GOAL_STYLE" else names
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 Placement = Literal["after", "before", "system"]
 

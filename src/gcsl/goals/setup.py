@@ -12,13 +12,18 @@ import numpy as np
 
 from gcsl.errors import ConfigError, StageError
 from gcsl.goals.quantize import assign_levels
-from gcsl.goals.render import GOAL_STYLE, place_goal, render_goal
+from gcsl.goals.render import place_goal, render_goal
 from gcsl.goals.spec import MetricSpec
 
 __all__ = ["GoalSetup", "Goal", "inference_goal"]
 
-# Methods trained on the beyond-threshold expansion, whose filtered-out levels have no goal.
-_BEYOND_METHODS = frozenset({"gcsl-bey", "gcsl-bey-nl", "gcsl-bey-snl", "sft-aug"})
+
+
+def _method(name: str):
+    """The method table's entry (imported here: :mod:`gcsl.methods` imports this package)."""
+    from gcsl.methods import get_method
+
+    return get_method(name)
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,8 @@ class GoalSetup:
 
     @property
     def style(self) -> str | None:
-        return GOAL_STYLE[self.method]
+        """How this method writes its goal (:func:`render_goal`'s style); None when it writes none."""
+        return _method(self.method).goal_style
 
     @property
     def levels(self) -> tuple[int, ...]:
@@ -65,12 +71,12 @@ class GoalSetup:
 
     @property
     def trained_levels(self) -> tuple[int, ...]:
-        """Levels with a goal in the training data: the retained ones for beyond methods, else all."""
-        return tuple(sorted(self.retained_levels)) if self.method in _BEYOND_METHODS else self.levels
+        """Levels with a goal in the training data: the retained ones where goal filtering applies, else all."""
+        return tuple(sorted(self.retained_levels)) if _method(self.method).filtering else self.levels
 
     @property
     def special_tokens(self) -> list[str]:
-        if self.style not in ("token", "token-bey"):
+        if _method(self.method).goal_input != "token":
             return []
         return [render_goal(self.metric, self.style, self.templates, level=k) for k in self.levels]
 
@@ -213,11 +219,12 @@ def inference_goal(setup: GoalSetup, request: str | float = "top") -> Goal:
     ('[R_2+]', "goal '0.3' reaches only level 1 (0.20), which was not trained; using level 2 (0.50) instead")
     """
     request_text = str(request)
-    style = setup.style
+    method = _method(setup.method)
+    style = method.goal_style
     metric = setup.metric
     top_level = max(setup.retained_levels)
-    scalar_goal = style == "value" or setup.method == "gcsl-noquant-embed"
-    if style is None and setup.method != "gcsl-noquant-embed":
+    scalar_goal = method.goal_request == "value"
+    if not method.is_goal_conditioned:
         return Goal(None, request=request_text)
     if request_text == "top":
         if scalar_goal:
@@ -247,7 +254,7 @@ def inference_goal(setup: GoalSetup, request: str | float = "top") -> Goal:
         return Goal(setup.value_text(value), value=value, request=request_text)
     oriented = -value if metric.below else value
     level = setup.level_of(value)
-    if style in ("token", "token-bey", "range"):
+    if method.goal_request == "level":
         trained = setup.trained_levels
         note = None
         if level not in trained:
@@ -308,7 +315,7 @@ def _level_goal(setup: GoalSetup, request: str) -> Goal:
         raise ConfigError(f"goal {request!r}: level {level} was filtered out and never trained; trained levels are "
                           f"{', '.join(map(str, trained))}")
     threshold = setup.threshold_display(level)
-    if setup.style == "value" or setup.method == "gcsl-noquant-embed":
+    if _method(setup.method).goal_request == "value":
         value = setup.metric.round(threshold)
         return Goal(setup.value_text(value), level, threshold, value, request=request)
     return Goal(setup.goal_text(level), level, threshold, request=request)

@@ -16,7 +16,8 @@ from typing import Literal
 
 from gcsl.config import field
 from gcsl.errors import ConfigError
-from gcsl.runinfo import atomic_dir, write_run_record
+from gcsl.runinfo import atomic_dir, atomic_write_text, write_run_record
+from gcsl.training.card import merged_model_card
 
 __all__ = ["MergeConfig", "merge"]
 
@@ -66,9 +67,11 @@ def merge(cfg: MergeConfig) -> Path:
             delattr(model, GOAL_EMBEDDING_MODULE)  # not a transformers weight: keep it out of model.safetensors
         model.save_pretrained(str(tmp))
         loaded.tokenizer.save_pretrained(str(tmp))
-        for name in ("goals.json", "README.md"):
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
+        if (src / "goals.json").is_file():
+            shutil.copyfile(src / "goals.json", tmp / "goals.json")
+        if (src / "README.md").is_file():
+            card = merged_model_card((src / "README.md").read_text(encoding="utf-8"), Path(cfg.out))
+            atomic_write_text(tmp / "README.md", card)
         write_run_record(tmp, stage="merge", config=cfg, seed=None, goals=_read_goals(src),
                          extra={"base_model": loaded.base_model, "method": loaded.method})
     return Path(cfg.out)

@@ -37,16 +37,16 @@ from typing import Any, Literal
 
 from gcsl.config import config_to_dict, field
 from gcsl.errors import ConfigError, DataError, StageError
-from gcsl.goals.render import GOAL_STYLE
+from gcsl.methods import METHODS, get_method
 from gcsl.models import DEFAULT_MODEL
 from gcsl.runinfo import atomic_write_json, atomic_write_text, write_run_record
 
 __all__ = ["TrainConfig", "TrainResult", "train", "partial_dir", "last_complete_checkpoint"]
 
-EMBED_METHOD = "gcsl-noquant-embed"
-PREFERENCE_METHODS = ("dpo",)
-# Methods whose goals are reward tokens added to the tokenizer.
-TOKEN_METHODS = tuple(m for m, style in GOAL_STYLE.items() if style in ("token", "token-bey"))
+# Names kept for importers from before the method table (gcsl.methods); this module reads the table.
+EMBED_METHOD = next(m.name for m in METHODS.values() if m.trainer == "embed")
+PREFERENCE_METHODS = tuple(m.name for m in METHODS.values() if m.trainer == "preference")
+TOKEN_METHODS = tuple(m.name for m in METHODS.values() if m.goal_input == "token")
 # The prepared goal-free prompt, in the form of ``prompt``: what the KL reference conditions on.
 REFERENCE_COLUMN = "reference_prompt"
 # Fields that change only how long or how verbosely a run goes; a resumed run may change them.
@@ -233,7 +233,10 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
 
     # 5. Train (resuming restores model, optimizer, scheduler and RNG states).
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    from gcsl.training.trainer import library_deprecations_silenced
+
+    with library_deprecations_silenced():  # TRL's DPOTrainer reads a deprecated name while it trains
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - started
     trainer.save_model(str(work))  # every rank takes part (FSDP/DeepSpeed gather); the main one writes
 
@@ -268,6 +271,7 @@ def _build_trainer(cfg: TrainConfig, prepared: _Prepared, state, work: Path, cal
     from gcsl.models import load_causal_lm, load_tokenizer, resolve_model_path
 
     method = prepared.method
+    kind = get_method(method)
     # 2. Trainer arguments first: under DeepSpeed ZeRO-3 they make from_pretrained shard at load.
     precision = _resolve_precision(cfg)
     args = _trainer_config(cfg, method, _trainer_arguments(cfg, work, precision))
@@ -282,7 +286,7 @@ def _build_trainer(cfg: TrainConfig, prepared: _Prepared, state, work: Path, cal
         model.resize_token_embeddings(len(tokenizer))
     _init_goal_token_rows(model, tokenizer, prepared.goals.get("special_tokens") or [], goal_token_ids)
     modules_to_save = None
-    if method == EMBED_METHOD:
+    if kind.trainer == "embed":
         from gcsl.training.goal_embedding import GOAL_EMBEDDING_MODULE, attach_goal_embedding
 
         attach_goal_embedding(model, _goal_embedding_config(cfg, model, prepared))
@@ -301,10 +305,13 @@ def _build_trainer(cfg: TrainConfig, prepared: _Prepared, state, work: Path, cal
     with state.main_process_first():  # the main process fills the datasets cache, the others read it
         dataset, collator, packed_rows = _batches(cfg, method, dataset, model, tokenizer, args, state)
     callbacks = _callbacks(cfg, work) + list(callbacks or [])
-    if method in PREFERENCE_METHODS:
+    if kind.trainer == "preference":
+        from gcsl.training.trainer import library_deprecations_silenced
+
         trainer_cls = _preference_trainer_class(cfg)
-        trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                              peft_config=lora, callbacks=callbacks)
+        with library_deprecations_silenced():  # the trainer wraps the model with peft here
+            trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                  peft_config=lora, callbacks=callbacks)
     else:
         from gcsl.training.trainer import GcslSFTTrainer
 
@@ -321,7 +328,7 @@ def _build_trainer(cfg: TrainConfig, prepared: _Prepared, state, work: Path, cal
 def _read_prepared(data_dir: Path) -> _Prepared:
     import pyarrow.parquet as pq
 
-    from gcsl.goals import METHODS
+    from gcsl.methods import trained_methods
 
     parquet, goals_file = data_dir / "train.parquet", data_dir / "goals.json"
     for path in (parquet, goals_file):
@@ -333,17 +340,17 @@ def _read_prepared(data_dir: Path) -> _Prepared:
     except ValueError as exc:
         raise DataError(f"{goals_file}: not valid JSON ({exc}); re-run `gcsl prepare`") from None
     method = goals.get("method") if isinstance(goals, dict) else None
-    if method not in METHODS:
-        raise DataError(f"{goals_file}: method {method!r} is not one of {', '.join(METHODS)}; re-run `gcsl prepare`")
+    if method not in trained_methods():
+        raise DataError(f"{goals_file}: method {method!r} is not one of {', '.join(trained_methods())}; "
+                        "re-run `gcsl prepare`")
+    kind = get_method(method)
     try:
         handle = pq.ParquetFile(parquet)
     except Exception as exc:  # pyarrow raises several types for damaged files
         raise DataError(f"{parquet}: cannot read it as Parquet ({exc}); re-run `gcsl prepare`") from None
     columns = tuple(handle.schema_arrow.names)
     rows = handle.metadata.num_rows
-    needed = ("prompt", "chosen", "rejected") if method in PREFERENCE_METHODS else ("prompt", "completion")
-    if method == EMBED_METHOD:
-        needed = (*needed, "goal_value")
+    needed = kind.columns
     missing = [c for c in needed if c not in columns]
     if missing:
         raise DataError(f"{parquet}: column(s) {', '.join(missing)} missing for method {method}; "
@@ -355,7 +362,7 @@ def _read_prepared(data_dir: Path) -> _Prepared:
         nulls = table.column(name).null_count
         if nulls:
             raise DataError(f"{parquet}: column {name} has {nulls} empty value(s); re-run `gcsl prepare`")
-    if method == EMBED_METHOD:
+    if "goal_value" in needed:
         import numpy as np
 
         values = table.column("goal_value").to_numpy()
@@ -364,8 +371,9 @@ def _read_prepared(data_dir: Path) -> _Prepared:
             raise DataError(f"{parquet}: row {int(bad[0])}: goal_value is not a finite number; re-run `gcsl prepare`")
     # row_id groups a feedback row's goal variants for prefix sharing (older prepared data lacks it).
     available = columns
-    columns = (*needed, "row_id") if "row_id" in available and method not in PREFERENCE_METHODS else needed
-    if REFERENCE_COLUMN in available and method not in PREFERENCE_METHODS:
+    pairs = kind.trainer == "preference"
+    columns = (*needed, "row_id") if "row_id" in available and not pairs else needed
+    if REFERENCE_COLUMN in available and not pairs:
         columns = (*columns, REFERENCE_COLUMN)  # loaded only when the KL reference needs it
     return _Prepared(data_dir=data_dir, goals=goals, method=method, columns=columns, rows=rows)
 
@@ -377,17 +385,21 @@ def _check_method_options(cfg: TrainConfig, method: str, state, columns: tuple[s
         raise DataError(f"{cfg.data}: train.parquet has no {REFERENCE_COLUMN} column, the goal-free prompts the KL "
                         "reference conditions on; re-run `gcsl prepare`")
     problems = []
+    kind = get_method(method)
     sharded = state.distributed_type == DistributedType.FSDP or (
         state.distributed_type == DistributedType.DEEPSPEED and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
-    if method == EMBED_METHOD and sharded:
-        problems.append("method: gcsl-noquant-embed computes its goal embedding outside the sharded forward; "
+    if kind.trainer == "embed" and sharded:
+        problems.append(f"method: {method} computes its goal embedding outside the sharded forward; "
                         "launch it with DDP (configs/accelerate/multi_gpu_ddp.yaml) or ZeRO-2")
-    if method in PREFERENCE_METHODS and cfg.kl_coef:
+    if kind.trainer == "preference" and cfg.kl_coef:
         problems.append("kl_coef: preference losses carry their own reference term; leave --kl-coef at 0 for DPO data")
-    if cfg.goal_token_lr is not None and method not in TOKEN_METHODS:
-        problems.append(f"goal_token_lr: {method} has no reward tokens (only {' and '.join(TOKEN_METHODS)} do); "
+    if cfg.goal_token_lr is not None and kind.goal_input != "token":
+        from gcsl.methods import METHODS as table  # read now: the table may have grown since import
+
+        tokens = [m.name for m in table.values() if m.goal_input == "token"]
+        problems.append(f"goal_token_lr: {method} has no reward tokens (only {' and '.join(tokens)} do); "
                         "drop --goal-token-lr")
-    if method not in PREFERENCE_METHODS and cfg.preference_loss != "dpo":
+    if kind.trainer != "preference" and cfg.preference_loss != "dpo":
         problems.append(f"preference_loss: {cfg.preference_loss} needs DPO pairs, but {cfg.data} was prepared "
                         f"for {method}; run `gcsl prepare --method dpo`")
     if problems:
@@ -478,7 +490,7 @@ def _needs_reference(cfg: TrainConfig, method: str) -> bool:
     Methods without a goal in the prompt (SFT, SFT-aug, scalar goals, whose soft token the
     reference simply does not get) compute the reference on the batch itself.
     """
-    return cfg.kl_coef > 0 and GOAL_STYLE.get(method) is not None
+    return cfg.kl_coef > 0 and get_method(method).goal_input in ("token", "text")
 
 
 def _goal_token_text(token: str) -> str:
@@ -583,12 +595,13 @@ def _batches(cfg: TrainConfig, method: str, dataset, model, tokenizer, args, sta
     )
     from gcsl.training.trainer import GoalValueCollator, ReferenceCollator
 
-    if method in PREFERENCE_METHODS:
+    kind = get_method(method)
+    if kind.trainer == "preference":
         return dataset, None, None  # the preference trainers bring their own collators and padding
     reference = REFERENCE_COLUMN if _needs_reference(cfg, method) else None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if cfg.prefix_sharing and method != EMBED_METHOD:
+    if cfg.prefix_sharing and kind.trainer != "embed":
         notice = prefix_sharing_notice(model)
         if notice is None:
             packed = pack_prefix_shared(dataset, tokenizer, max_tokens=cfg.pack_tokens or cfg.max_length,
@@ -610,7 +623,7 @@ def _batches(cfg: TrainConfig, method: str, dataset, model, tokenizer, args, sta
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         rows = tokenize_rows(dataset, tokenizer, max_length=cfg.max_length, reference_column=reference)
         return rows, ReferenceCollator(pad), None
-    return dataset, (GoalValueCollator(pad) if method == EMBED_METHOD else pad), None
+    return dataset, (GoalValueCollator(pad) if kind.trainer == "embed" else pad), None
 
 
 def _trainer_arguments(cfg: TrainConfig, work: Path, precision: _Precision) -> dict[str, Any]:
@@ -658,12 +671,13 @@ def _callbacks(cfg: TrainConfig, work: Path) -> list:
 
 def _trainer_config(cfg: TrainConfig, method: str, arguments: dict[str, Any]):
     """SFTConfig for SFT/GCSL methods, DPOConfig or CPOConfig (SimPO) for preference pairs."""
-    if method not in PREFERENCE_METHODS:
+    kind = get_method(method)
+    if kind.trainer != "preference":
         from trl import SFTConfig
 
         return SFTConfig(**arguments, max_length=cfg.max_length, completion_only_loss=True,
                          # goal_value must reach the collator; other runs drop unused columns as usual
-                         remove_unused_columns=method != EMBED_METHOD)
+                         remove_unused_columns=kind.trainer != "embed")
     if cfg.preference_loss == "simpo":
         # SimPO (Meng et al. 2024): reference-free and length-normalised; CPO's BC term off (cpo_alpha=0).
         from trl.experimental.cpo import CPOConfig
@@ -739,27 +753,31 @@ def _finish(cfg: TrainConfig, work: Path, prepared: _Prepared, trainer, metrics:
     from gcsl.training.card import render_model_card
 
     shutil.copyfile(prepared.data_dir / "goals.json", work / "goals.json")
-    # Name the base model as the user did (a built-in name resolves on any machine), not by this
-    # machine's cache path; local folders are made absolute.
+    kind = get_method(prepared.method)
+    # Name the base model so that plain peft finds it: a local folder (a built-in model's converted
+    # copy included; gcsl's built-in names mean nothing to peft) made absolute, else the hub id.
+    # run.json keeps the name the user gave.
+    base_for_peft = _peft_base_name(base_path)
     adapter_config = work / "adapter_config.json"
     if adapter_config.is_file():
-        local = Path(cfg.model).expanduser()
         record = json.loads(adapter_config.read_text(encoding="utf-8"))
-        record["base_model_name_or_path"] = str(local.resolve()) if local.exists() else cfg.model
+        record["base_model_name_or_path"] = base_for_peft
         atomic_write_json(adapter_config, record)
-    if prepared.method == EMBED_METHOD:
+    if kind.trainer == "embed":
         from gcsl.training.goal_embedding import save_goal_embedding
 
         save_goal_embedding(trainer.model, work, weights=False)  # the weights are in the adapter
     trainer.state.save_to_json(str(work / "trainer_state.json"))
-    method = "simpo" if prepared.method in PREFERENCE_METHODS and cfg.preference_loss == "simpo" else prepared.method
+    # A run with another loss than the default DPO's is recorded under the loss's name (simpo).
+    method = cfg.preference_loss if kind.trainer == "preference" and cfg.preference_loss != "dpo" else prepared.method
     write_run_record(work, stage="train", config=cfg, seed=cfg.seed, goals=prepared.goals, extra={
         "status": "finished", "method": method, "base_model": cfg.model, "base_model_path": base_path,
         "precision": precision.name, "world_size": world_size, "rows": prepared.rows,
         "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else None, **metrics})
     atomic_write_text(work / "README.md", render_model_card(
-        out_dir=Path(cfg.out), method=method, base_model=cfg.model, data_dir=prepared.data_dir, goals=prepared.goals,
-        config=config_to_dict(cfg), metrics=metrics, rows=prepared.rows))
+        out_dir=Path(cfg.out), method=prepared.method, base_model=cfg.model, data_dir=prepared.data_dir,
+        goals=prepared.goals, config=config_to_dict(cfg), metrics=metrics, rows=prepared.rows,
+        base_model_path=base_for_peft, chat=_chat_prompts(prepared.data_dir)))
     atomic_write_json(work / "train_metrics.json", metrics)
     if not cfg.keep_checkpoints:
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
@@ -767,3 +785,22 @@ def _finish(cfg: TrainConfig, work: Path, prepared: _Prepared, trainer, metrics:
     if out.exists():  # only reachable with --overwrite (checked before training)
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     os.replace(work, out)
+
+
+def _peft_base_name(base_path: str) -> str:
+    """What adapter_config.json names as the base: an existing folder made absolute, else the hub id.
+
+    >>> _peft_base_name("HuggingFaceTB/SmolLM2-135M-Instruct")
+    'HuggingFaceTB/SmolLM2-135M-Instruct'
+    """
+    local = Path(base_path).expanduser()
+    return str(local.resolve()) if local.exists() else str(base_path)
+
+
+def _chat_prompts(data_dir: Path) -> bool:
+    """Whether the prepared prompts are chat messages (the card's snippet then templates them)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    kind = pq.read_schema(data_dir / "train.parquet").field("prompt").type
+    return not (pa.types.is_string(kind) or pa.types.is_large_string(kind))

@@ -23,6 +23,9 @@ slower) and when classic GCSL's reward tokens sit on a tied LM head: TRL's fused
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +37,25 @@ from gcsl.errors import StageError
 from gcsl.training.goal_embedding import apply_goal_embedding, insert_before_first_token
 from gcsl.training.packing import is_packed_batch, packed_token_count
 
-__all__ = ["GcslSFTTrainer", "GoalValueCollator", "ReferenceCollator"]
+__all__ = ["GcslSFTTrainer", "GoalValueCollator", "ReferenceCollator", "library_deprecations_silenced"]
+
+# Deprecation warnings raised inside the libraries by their own calls, not by any call of ours:
+# peft 0.21 (``PeftModel.__init__``, which every trainer given a ``peft_config`` runs) and TRL 1.16
+# (``trl.models.utils.disable_gradient_checkpointing``, used by DPOTrainer) still read
+# ``is_gradient_checkpointing``, which transformers 5 deprecated for ``is_activation_checkpointing``.
+# A user can do nothing about them, so they are silenced by exact message while a trainer is built
+# and run, and nowhere else. Remove an entry once the pinned library reads the new name.
+LIBRARY_DEPRECATIONS = (r"`is_gradient_checkpointing` is deprecated",)
+
+
+@contextlib.contextmanager
+def library_deprecations_silenced() -> Iterator[None]:
+    """Ignores exactly the warnings of :data:`LIBRARY_DEPRECATIONS` inside the block."""
+    with warnings.catch_warnings():
+        for message in LIBRARY_DEPRECATIONS:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        yield
+
 
 REFERENCE_PREFIX = "ref_"  # batch keys holding the KL reference's inputs
 
@@ -88,7 +109,8 @@ class GcslSFTTrainer(SFTTrainer):
     """
 
     def __init__(self, *args: Any, kl_coef: float = 0.0, goal_token_lr: float | None = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+        with library_deprecations_silenced():  # SFTTrainer wraps the model with peft here
+            super().__init__(*args, **kwargs)
         from peft import PeftModel
         from peft.utils import TrainableTokensWrapper
 

@@ -1,0 +1,168 @@
+"""The method table: every training method, and ``base``, described once.
+
+Each layer reads what it needs from a :class:`Method` instead of testing method names:
+``gcsl prepare`` calls its formulation and fills its columns, :class:`~gcsl.goals.GoalSetup`
+renders and requests goals by its goal fields, ``gcsl train`` picks the trainer and checks the
+prepared columns, and the model card quotes its summary. Adding an offline method is one entry
+in :data:`METHODS` plus, when no existing one fits, its formulation in :mod:`gcsl.goals.formulate`.
+
+Light on purpose: importing it loads numpy and the goals package, never torch.
+
+>>> get_method("gcsl-bey-nl").goal_request, get_method("gcsl-bey-nl").beyond
+('threshold', True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from gcsl.errors import ConfigError
+from gcsl.goals.formulate import (
+    Formulation,
+    FormulationInput,
+    Pairs,
+    beyond_threshold,
+    per_level,
+    preference_pairs,
+    top_fraction,
+    unquantized,
+)
+
+__all__ = [
+    "Method",
+    "METHODS",
+    "get_method",
+    "trained_methods",
+    "COMPLETION_COLUMNS",
+    "PAIR_COLUMNS",
+    "GoalInput",
+    "GoalRequest",
+    "TrainerKind",
+]
+
+# What the model reads as its goal: nothing, a reward token or goal text in the prompt, or a number
+# through the learned goal embedding (a soft token before the prompt).
+GoalInput = Literal["none", "token", "text", "embedding"]
+# What a goal request (`--goal top`, a value, `scale:F`, `level:K`) becomes: nothing; a trained
+# level (a value snaps to the nearest trained one); a threshold written into the goal text (any
+# value); or the raw value itself.
+GoalRequest = Literal["none", "level", "threshold", "value"]
+# Which trainer fits it: GcslSFTTrainer on prompt/completion rows ("embed": the same with the goal
+# embedding attached), a TRL preference trainer on pairs, or none at all (the untrained base model).
+TrainerKind = Literal["sft", "embed", "preference", "none"]
+
+# The columns `gcsl train` reads (and requires non-empty) for each data layout.
+COMPLETION_COLUMNS = ("prompt", "completion")
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method: how its data are formulated, how its goal is written, read and requested, how it trains.
+
+    ``goal_style`` is the rendering style of :func:`gcsl.goals.render_goal` (``token``,
+    ``token-bey``, ``range``, ``bey``, ``snl``, ``value``; None when no goal text is written).
+    ``beyond``: rows are the beyond-threshold expansion (one per retained threshold a response
+    reaches). ``filtering``: ``--filter`` applies, keeping only goals above the training mean.
+    ``columns``: what training reads from ``train.parquet``, each required non-empty.
+    """
+
+    name: str
+    summary: str
+    formulate: Callable[[FormulationInput], Formulation | Pairs] | None
+    goal_style: str | None = None
+    goal_input: GoalInput = "none"
+    goal_request: GoalRequest = "none"
+    beyond: bool = False
+    filtering: bool = False
+    trainer: TrainerKind = "sft"
+    columns: tuple[str, ...] = COMPLETION_COLUMNS
+
+    def __post_init__(self) -> None:
+        # A contradictory entry would train one thing and generate another; refuse it at import.
+        problems = []
+        if (self.goal_input == "none") != (self.goal_request == "none"):
+            problems.append("goal_input and goal_request must both be 'none' or both set")
+        if (self.goal_input in ("token", "text")) != (self.goal_style is not None):
+            problems.append("goal_style is needed exactly when the goal is a token or text")
+        if self.goal_input == "token" and self.goal_style not in ("token", "token-bey"):
+            problems.append("token goals need goal_style token or token-bey")
+        if (self.goal_input == "embedding") != (self.trainer == "embed"):
+            problems.append("an embedding goal and the embed trainer go together")
+        if self.trainer == "embed" and "goal_value" not in self.columns:
+            problems.append("the embed trainer needs a goal_value column")
+        if (self.trainer == "preference") != (self.columns == PAIR_COLUMNS):
+            problems.append(f"the preference trainer, and only it, reads {', '.join(PAIR_COLUMNS)}")
+        if (self.trainer == "none") != (self.formulate is None):
+            problems.append("only the untrained base has no formulation")
+        if problems:
+            raise ConfigError(f"method {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def is_goal_conditioned(self) -> bool:
+        """Whether the model reads a goal: text, a reward token or a goal embedding."""
+        return self.goal_input != "none"
+
+    @property
+    def trainable(self) -> bool:
+        """Whether `gcsl prepare` / `gcsl train` make a model of it (all but ``base``)."""
+        return self.formulate is not None
+
+
+def _entries(*methods: Method) -> dict[str, Method]:
+    return {m.name: m for m in methods}
+
+
+METHODS: Mapping[str, Method] = _entries(
+    Method("base", "the base model as it is, untrained (a baseline)", None, trainer="none", columns=()),
+    Method("sft", "supervised fine-tuning on the best-rated responses (no goal)", top_fraction),
+    Method("sft-aug", "supervised fine-tuning on the GCSL-bey expansion with the goals removed (SFT-aug)",
+           beyond_threshold, beyond=True, filtering=True),
+    Method("dpo", "preference optimisation on response pairs: DPO (TRL DPOTrainer) or, with "
+                  "`--preference-loss simpo`, SimPO (TRL CPOTrainer, loss_type=simpo)",
+           preference_pairs, trainer="preference", columns=PAIR_COLUMNS),
+    Method("gcsl", "classic GCSL: each response conditioned on its own quantized level as a reward token",
+           per_level, goal_style="token", goal_input="token", goal_request="level"),
+    Method("gcsl-nl", "classic GCSL with the level written as a natural-language score range",
+           per_level, goal_style="range", goal_input="text", goal_request="level"),
+    Method("gcsl-bey", "GCSL-bey: each response conditioned on every retained threshold it exceeds, as reward "
+                       "tokens",
+           beyond_threshold, goal_style="token-bey", goal_input="token", goal_request="level", beyond=True,
+           filtering=True),
+    Method("gcsl-bey-nl", "GCSL-bey-NL: each response conditioned on every retained threshold it exceeds, "
+                          "as a natural-language instruction",
+           beyond_threshold, goal_style="bey", goal_input="text", goal_request="threshold", beyond=True,
+           filtering=True),
+    Method("gcsl-bey-snl", "GCSL-bey-SNL: like GCSL-bey-NL with the metric's name and target only",
+           beyond_threshold, goal_style="snl", goal_input="text", goal_request="threshold", beyond=True,
+           filtering=True),
+    Method("gcsl-noquant-nl", "GCSL without quantization: the raw score written in the goal",
+           unquantized, goal_style="value", goal_input="text", goal_request="value"),
+    Method("gcsl-noquant-embed", "GCSL without quantization: the raw score fed through a learned goal embedding",
+           unquantized, goal_input="embedding", goal_request="value", trainer="embed",
+           columns=(*COMPLETION_COLUMNS, "goal_value")),
+)
+
+
+def get_method(name: str) -> Method:
+    """The table's entry for ``name``; an unknown name is a one-line ConfigError listing the valid ones.
+
+    >>> get_method("gcsl").goal_input
+    'token'
+    """
+    # Read the module's table at call time, so a table extended at run time is seen everywhere.
+    method = METHODS.get(name) if isinstance(name, str) else None
+    if method is None:
+        raise ConfigError(f"method: unknown method {name!r}; use one of {', '.join(METHODS)}")
+    return method
+
+
+def trained_methods() -> tuple[str, ...]:
+    """The names `gcsl prepare` and `gcsl train` accept: every method but the untrained ``base``.
+
+    >>> trained_methods()[:3]
+    ('sft', 'sft-aug', 'dpo')
+    """
+    return tuple(name for name, method in METHODS.items() if method.trainable)
