@@ -187,7 +187,7 @@ def _embed_model_dir(echo_llama_dir: Path, dest: Path) -> Path:
     """A merged gcsl-noquant-embed model: weights, goals.json and the scalar-goal conditioner."""
     from transformers import AutoModelForCausalLM
 
-    from gcsl.training.goal_embedding import (
+    from gcsl.goal_embedding import (
         GOAL_EMBEDDING_MODULE,
         GoalEmbeddingConfig,
         attach_goal_embedding,

@@ -23,6 +23,7 @@ from gcsl.models import (
     model_cache_dir,
     resolve_model_path,
 )
+from gcsl.stages import ModelFolder
 
 
 def _missing_package(builtin: BuiltinModel) -> BuiltinModel:
@@ -102,7 +103,7 @@ def test_tokenizer_gets_a_pad_token(tmp_path, tiny_llama_dir):
 
 def test_base_model_loads_for_inference_without_goals(tiny_llama_dir):
     lm = load_for_inference(str(tiny_llama_dir), device="cpu")
-    assert lm.goals is None and lm.method is None
+    assert ModelFolder(tiny_llama_dir).goal_setup() is None
     assert lm.base_model == str(tiny_llama_dir)
     assert not lm.model.training
 
@@ -148,7 +149,7 @@ def test_training_output_with_adapter_and_goal_tokens_loads_merged(tmp_path, tin
         expected = peft_model(input_ids=ids).logits
 
     lm = load_for_inference(str(out), device="cpu")
-    assert lm.method == "gcsl-bey" and lm.goals.special_tokens == setup.special_tokens
+    assert ModelFolder(out).goal_setup().special_tokens == setup.special_tokens
     assert lm.base_model == str(tiny_llama_dir)
     assert len(lm.tokenizer) == len(tok)
     assert not hasattr(lm.model, "peft_config")  # merged: samples at base-model speed
@@ -210,3 +211,25 @@ def test_conversion_survives_a_kill_and_concurrent_processes(tmp_path):
     assert sum("converting built-in model" in err for _, err in results) == 1
     assert not list(cache.glob(f".{DEFAULT_MODEL}.*.partial"))
     assert (cache / DEFAULT_MODEL / "model.safetensors").stat().st_size > 500_000_000
+
+
+def test_adapter_whose_converted_base_is_on_another_machine_loads_the_built_in_by_name(monkeypatch, tmp_path,
+                                                                                      tiny_llama_dir):
+    """adapter_config.json names the folder the built-in was converted to; elsewhere the run's own
+    name for the base (run.json) converts it again."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setitem(BUILTIN_MODELS, "tiny-test", _missing_package(BUILTIN_MODELS[DEFAULT_MODEL]))
+    shutil.copytree(tiny_llama_dir, tmp_path / "cache" / "tiny-test")  # converted here already
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    out = tmp_path / "run"
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(str(out))
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "/home/someone-else/.cache/gcsl/models/tiny-test"
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="someone-else"):  # without a run record: the missing folder is named
+        load_for_inference(str(out), device="cpu", cache_dir=tmp_path / "cache")
+    (out / "run.json").write_text(json.dumps({"stage": "train", "config": {"model": "tiny-test"}}))
+    lm = load_for_inference(str(out), device="cpu", cache_dir=tmp_path / "cache")
+    assert lm.base_model == "tiny-test" and lm.model.config.num_hidden_layers == 2

@@ -52,7 +52,8 @@ def _adapter(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_llama_dir):
-    from gcsl.training.train import TrainConfig, last_complete_checkpoint, partial_dir, train
+    from gcsl.stages import ModelFolder
+    from gcsl.training.train import TrainConfig, train
 
     data = _prepared(tmp_path)
     options = _options(data, tiny_llama_dir)
@@ -64,32 +65,33 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_llama_d
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "train.log", "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-        checkpoints = partial_dir(killed) / "checkpoints"
+        folder = ModelFolder(killed)
         deadline = time.monotonic() + 300
-        while last_complete_checkpoint(checkpoints) is None and proc.poll() is None and time.monotonic() < deadline:
+        while folder.last_checkpoint is None and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    resume_from = last_complete_checkpoint(checkpoints)
+    resume_from = folder.last_checkpoint
     assert resume_from is not None, (tmp_path / "train.log").read_text()[-2000:]
     killed_at = int(resume_from.name.split("-")[1])
     assert killed_at < STEPS and not killed.exists(), "the run finished before it could be killed"
 
     # What a kill during saving leaves: a newer checkpoint without trainer_state.json (written last).
+    checkpoints = folder.partial / "checkpoints"
     torn = checkpoints / "checkpoint-999"
     torn.mkdir()
     (torn / "adapter_model.safetensors").write_bytes(b"")
     half = checkpoints / "checkpoint-998"  # killed while writing trainer_state.json itself
     half.mkdir()
     (half / "trainer_state.json").write_text('{"global_step": 9', encoding="utf-8")
-    assert last_complete_checkpoint(checkpoints) == resume_from
+    assert folder.last_checkpoint == resume_from
     with pytest.raises(ConfigError, match="lora_r"):
         train(TrainConfig(out=killed, resume=True, **{**options, "lora_r": 8}))
 
     resumed = train(TrainConfig(out=killed, resume=True, **options))
     straight = train(TrainConfig(out=tmp_path / "straight", **options))
 
-    assert not partial_dir(killed).exists() and not torn.exists() and not half.exists()
+    assert not folder.partial.exists() and not torn.exists() and not half.exists()
     assert json.loads((killed / "run.json").read_text())["resumed_from_step"] == killed_at
     assert resumed.global_step == straight.global_step == STEPS
     assert resumed.train_loss == pytest.approx(straight.train_loss, abs=1e-5)

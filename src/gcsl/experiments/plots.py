@@ -80,12 +80,14 @@ def plot_histogram(out: Path, cfg, variants) -> Path | None:
     """Training scores with the thresholds drawn on them (and which were kept as goals)."""
     from gcsl.data.load import read_feedback
     from gcsl.experiments.layout import ExperimentLayout, training_data
+    from gcsl.methods import get_method
 
     layout = ExperimentLayout(out)
     # A beyond variant on the shared prepare options first: its kept goals are the experiment's own
     # (an unfiltered or re-binned variant would draw other thresholds).
     prepared = {v.name: layout.goal_setup(v.name) for v in variants}
-    candidates = sorted((v for v in variants if prepared[v.name] is not None and _is_beyond(v.method)),
+    candidates = sorted((v for v in variants if prepared[v.name] is not None and get_method(v.method).beyond
+                         and get_method(v.method).is_goal_conditioned),
                         key=lambda v: bool(v.prepare))
     if not candidates:
         return None
@@ -110,7 +112,3 @@ def plot_histogram(out: Path, cfg, variants) -> Path | None:
     ax.set_ylabel("responses")
     ax.set_title(f"Training feedback (n = {len(scores)}), K = {len(setup.thresholds)}")
     return _save(fig, out / "training_scores.png")
-
-
-def _is_beyond(method: str) -> bool:
-    return method.startswith("gcsl-bey")

@@ -83,11 +83,12 @@ class ExperimentConfig:
 
     def validate(self) -> list[str]:
         problems = []
-        from gcsl.goals import METHODS
+        from gcsl.methods import METHODS
 
-        for m in self.methods:
-            if m != "base" and m not in METHODS:
-                problems.append(f"methods: unknown method {m!r} (known: base, {', '.join(METHODS)})")
+        for m in [*self.methods, *(v.get("method", v.get("name")) for v in self.variants),
+                  *(s.get("method") for s in self.sweeps)]:
+            if m not in METHODS:
+                problems.append(f"methods: unknown method {m!r} (known: {', '.join(METHODS)})")
         if not self.seeds:
             problems.append("seeds: give at least one seed")
         if self.validation_prompts < 0:
@@ -224,9 +225,9 @@ def expand_variants(cfg: ExperimentConfig) -> list[Variant]:
 
 def is_goal_conditioned(setup: GoalSetup) -> bool:
     """Whether a prepared variant's model reads a goal: goal text, reward tokens or a goal embedding."""
-    from gcsl.goals import inference_goal
+    from gcsl.methods import get_method
 
-    return bool(inference_goal(setup, "top").text or setup.special_tokens or setup.method == "gcsl-noquant-embed")
+    return get_method(setup.method).is_goal_conditioned
 
 
 # -- validation split ----------------------------------------------------------------------
@@ -355,10 +356,11 @@ def _say(msg: str) -> None:
 
 
 # -- variant kinds ----------------------------------------------------------------------------
-# What a variant generates with, by the kind of its method: the base model as it is, or a model
-# trained by prepare -> train (-> probe). A decoding-time baseline (the base model plus a
-# generation-time component) or an online loop (rounds of generate, score, prepare, train) is one
-# more entry here, returning its model and the generate options that add its component.
+# What a variant generates with, by its method's kind (gcsl.methods.Method.variant_kind): the base
+# model as it is, or a model trained by prepare -> train (-> probe). A decoding-time baseline (the
+# base model plus a generation-time component) or an online loop (rounds of generate, score,
+# prepare, train) is one more kind in the table and one more entry here, returning its model and
+# the generate options that add its component.
 
 @dataclass(frozen=True)
 class _Generator:
@@ -407,16 +409,12 @@ def _trained_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Varia
 _GENERATORS = {"base": _base_generator, "trained": _trained_generator}
 
 
-def variant_kind(method: str) -> str:
-    """The kind of a method's variants: ``base`` (the model as it is) or ``trained``."""
-    return "base" if method == "base" else "trained"
-
-
 def run_experiment(cfg: ExperimentConfig) -> Path:
     """Runs every variant x seed through its stages (skipping finished ones) and writes the report."""
     from gcsl.evaluation import EvaluateConfig, evaluate
     from gcsl.experiments.report import write_report
     from gcsl.generation.generate import GenerateConfig, generate
+    from gcsl.methods import get_method
 
     variants = expand_variants(cfg)
     layout = ExperimentLayout(cfg.out)
@@ -432,7 +430,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     jobs = sorted(((seed, i, v) for i, v in enumerate(todo) for seed in v.seeds), key=lambda j: (j[0], j[1]))
     for n, (seed, _, v) in enumerate(jobs, 1):
         _say(f"({n}/{len(jobs)}) {v.name}, seed {seed}")
-        generator = _GENERATORS[variant_kind(v.method)](cfg, layout, v, seed, split)
+        generator = _GENERATORS[get_method(v.method).variant_kind](cfg, layout, v, seed, split)
         setup = layout.goal_setup(v.name)
         made: dict[tuple, Path] = {}  # resolved goal -> its generations, so one goal is sampled once
         for goal in layout.variant_goals(v):

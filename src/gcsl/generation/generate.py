@@ -139,7 +139,7 @@ def generate(cfg: GenerateConfig) -> Path:
     # gcsl-noquant-embed states its goal as a number fed through a trained conditioner, not as text.
     goal_value = goal.value if goal is not None and goal_text is None else None
     if goal_value is not None:
-        from gcsl.training.goal_embedding import apply_goal_embedding, load_goal_embedding
+        from gcsl.goal_embedding import apply_goal_embedding, load_goal_embedding
 
         if load_goal_embedding(model, cfg.model) is None:
             raise StageError(f"{cfg.model}: method {setup.method} needs its goal embedding (goal_embedding.json) "

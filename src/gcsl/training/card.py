@@ -70,6 +70,8 @@ def render_model_card(*, out_dir: Path, method: str, base_model: str, data_dir: 
     >>> read_card_metadata(card)["tags"], card.splitlines()[9]
     (['gcsl', 'sft', 'lora'], '# a: sft fine-tune of org/m')
     """
+    from gcsl.models import BUILTIN_MODELS
+
     entry = get_method(method)
     loss = config.get("preference_loss") if entry.trainer == "preference" else None
     # Named as run.json names it: after the loss when it is not the default DPO's (a SimPO model).
@@ -83,7 +85,11 @@ def render_model_card(*, out_dir: Path, method: str, base_model: str, data_dir: 
     tags = ["gcsl", method, *([loss] if loss and loss != method else []), "lora"]
     if entry.is_goal_conditioned:
         tags.append("goal-conditioned")
-    header = yaml.safe_dump({"base_model": base_path, "library_name": "peft", "pipeline_tag": "text-generation",
+    # The Hub links a card to its base by model id: a built-in model's original id, not this
+    # machine's converted folder.
+    builtin = BUILTIN_MODELS.get(str(base_model).lower())
+    header = yaml.safe_dump({"base_model": builtin.hub_id if builtin else base_path, "library_name": "peft",
+                             "pipeline_tag": "text-generation",
                              "tags": tags}, sort_keys=False, allow_unicode=True)
     lines = [
         "---",
@@ -176,7 +182,7 @@ def _plain_use(goal_input: str, out_dir: Path, base_path: str, goals: dict[str, 
     if goal_input == "embedding":
         return ["This method feeds its goal, a number, through a learned goal embedding (`goal_embedding.json` and "
                 "the adapter's `goal_embedding` weights) that plain transformers cannot apply; use "
-                "`gcsl generate` above, or `gcsl merge` and `gcsl.training.goal_embedding.load_goal_embedding`."]
+                "`gcsl generate` above, or `gcsl merge` and `gcsl.goal_embedding.load_goal_embedding`."]
     goal = (goals.get("inference_goal") or {}).get("text") if goal_input != "none" else None
     code = ["from peft import PeftModel",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",

@@ -4,7 +4,7 @@ The result loads with plain ``AutoModelForCausalLM.from_pretrained`` (no PEFT), 
 tokenizer that holds any reward tokens and the ``goals.json`` needed to write goals. For
 ``gcsl-noquant-embed`` runs the goal conditioner is not part of the transformer, so it is saved
 beside it (``goal_embedding.json`` + ``goal_embedding.safetensors``) and
-:func:`gcsl.training.goal_embedding.load_goal_embedding` attaches it again.
+:func:`gcsl.goal_embedding.load_goal_embedding` attaches it again.
 """
 
 from __future__ import annotations
@@ -48,12 +48,14 @@ def merge(cfg: MergeConfig) -> Path:
     """
     import torch
 
+    from gcsl.goal_embedding import GOAL_EMBEDDING_MODULE, load_goal_embedding, save_goal_embedding
     from gcsl.models import load_for_inference
-    from gcsl.training.goal_embedding import GOAL_EMBEDDING_MODULE, load_goal_embedding, save_goal_embedding
+    from gcsl.stages import ModelFolder
 
     src = Path(cfg.model)
     if not (src / "adapter_config.json").is_file():
         raise ConfigError(f"{src}: no adapter_config.json; give a `gcsl train` output folder to --model")
+    setup = ModelFolder(src).goal_setup()
     loaded = load_for_inference(str(src), device=cfg.device)  # merges the adapter into the base weights
     model = loaded.model
     if cfg.dtype != "auto":
@@ -72,16 +74,9 @@ def merge(cfg: MergeConfig) -> Path:
         if (src / "README.md").is_file():
             card = merged_model_card((src / "README.md").read_text(encoding="utf-8"), Path(cfg.out))
             atomic_write_text(tmp / "README.md", card)
-        write_run_record(tmp, stage="merge", config=cfg, seed=None, goals=_read_goals(src),
-                         extra={"base_model": loaded.base_model, "method": loaded.method})
+        write_run_record(tmp, stage="merge", config=cfg, seed=None, goals=setup.to_json() if setup else None,
+                         extra={"base_model": loaded.base_model, "method": setup.method if setup else None})
     return Path(cfg.out)
-
-
-def _read_goals(folder: Path) -> dict | None:
-    import json
-
-    path = folder / "goals.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def _saved_dtype(base_model: str):

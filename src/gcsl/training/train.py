@@ -37,11 +37,13 @@ from typing import Any, Literal
 
 from gcsl.config import config_to_dict, field
 from gcsl.errors import ConfigError, DataError, StageError
+from gcsl.goals import GoalSetup
 from gcsl.methods import METHODS, get_method
 from gcsl.models import DEFAULT_MODEL
 from gcsl.runinfo import atomic_write_json, atomic_write_text, write_run_record
+from gcsl.stages import ModelFolder
 
-__all__ = ["TrainConfig", "TrainResult", "train", "partial_dir", "last_complete_checkpoint"]
+__all__ = ["TrainConfig", "TrainResult", "train"]
 
 # Names kept for importers from before the method table (gcsl.methods); this module reads the table.
 EMBED_METHOD = next(m.name for m in METHODS.values() if m.trainer == "embed")
@@ -157,7 +159,7 @@ class TrainResult:
 @dataclass(frozen=True)
 class _Prepared:
     data_dir: Path
-    goals: dict[str, Any]
+    goals: GoalSetup
     method: str
     columns: tuple[str, ...]
     rows: int
@@ -170,37 +172,6 @@ class _Precision:
     bf16: bool
     fp16: bool
     gradient_checkpointing: bool
-
-
-def partial_dir(out: Path) -> Path:
-    """Where a run into ``out`` lives until it finishes: ``OUT.partial`` beside it.
-
-    >>> partial_dir(Path("runs/a"))
-    PosixPath('runs/a.partial')
-    """
-    out = Path(out)
-    return out.with_name(out.name + ".partial")
-
-
-def last_complete_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest ``checkpoint-<step>`` folder whose trainer_state.json (written last) is whole.
-
-    >>> last_complete_checkpoint(Path("runs/a.partial/checkpoints"))  # doctest: +SKIP
-    PosixPath('runs/a.partial/checkpoints/checkpoint-200')
-    """
-    if not Path(checkpoints).is_dir():
-        return None
-    found = []
-    for child in Path(checkpoints).iterdir():
-        match = re.fullmatch(r"checkpoint-(\d+)", child.name)
-        state = child / "trainer_state.json"
-        if match and state.is_file():
-            try:
-                json.loads(state.read_text(encoding="utf-8"))
-            except ValueError:  # killed while writing it
-                continue
-            found.append((int(match.group(1)), child))
-    return max(found)[1] if found else None
 
 
 def train(cfg: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
@@ -220,7 +191,7 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
     prepared = _read_prepared(Path(cfg.data))
     method = prepared.method
     _check_method_options(cfg, method, state, prepared.columns)
-    work = partial_dir(cfg.out)
+    work = ModelFolder(cfg.out).partial
     checkpoint = _check_outputs(cfg, work)
     state.wait_for_everyone()
     if state.is_main_process:
@@ -233,7 +204,7 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
 
     # 5. Train (resuming restores model, optimizer, scheduler and RNG states).
     started = time.perf_counter()
-    from gcsl.training.trainer import library_deprecations_silenced
+    from gcsl.models import library_deprecations_silenced
 
     with library_deprecations_silenced():  # TRL's DPOTrainer reads a deprecated name while it trains
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -280,14 +251,14 @@ def _build_trainer(cfg: TrainConfig, prepared: _Prepared, state, work: Path, cal
     set_seed(cfg.seed)
     base_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
-    goal_token_ids = _add_goal_tokens(tokenizer, prepared.goals.get("special_tokens") or [])
+    goal_token_ids = _add_goal_tokens(tokenizer, prepared.goals.special_tokens)
     model = load_causal_lm(cfg.model, dtype=precision.dtype)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
-    _init_goal_token_rows(model, tokenizer, prepared.goals.get("special_tokens") or [], goal_token_ids)
+    _init_goal_token_rows(model, tokenizer, prepared.goals.special_tokens, goal_token_ids)
     modules_to_save = None
     if kind.trainer == "embed":
-        from gcsl.training.goal_embedding import GOAL_EMBEDDING_MODULE, attach_goal_embedding
+        from gcsl.goal_embedding import GOAL_EMBEDDING_MODULE, attach_goal_embedding
 
         attach_goal_embedding(model, _goal_embedding_config(cfg, model, prepared))
         modules_to_save = [GOAL_EMBEDDING_MODULE]
@@ -306,7 +277,7 @@ def _build_trainer(cfg: TrainConfig, prepared: _Prepared, state, work: Path, cal
         dataset, collator, packed_rows = _batches(cfg, method, dataset, model, tokenizer, args, state)
     callbacks = _callbacks(cfg, work) + list(callbacks or [])
     if kind.trainer == "preference":
-        from gcsl.training.trainer import library_deprecations_silenced
+        from gcsl.models import library_deprecations_silenced
 
         trainer_cls = _preference_trainer_class(cfg)
         with library_deprecations_silenced():  # the trainer wraps the model with peft here
@@ -336,10 +307,10 @@ def _read_prepared(data_dir: Path) -> _Prepared:
             raise DataError(f"{data_dir}: not a prepared data directory ({path.name} is missing); "
                             f"run `gcsl prepare --out {data_dir}` first")
     try:
-        goals = json.loads(goals_file.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise DataError(f"{goals_file}: not valid JSON ({exc}); re-run `gcsl prepare`") from None
-    method = goals.get("method") if isinstance(goals, dict) else None
+        goals = GoalSetup.load(goals_file)
+    except StageError as exc:
+        raise DataError(str(exc)) from None
+    method = goals.method
     if method not in trained_methods():
         raise DataError(f"{goals_file}: method {method!r} is not one of {', '.join(trained_methods())}; "
                         "re-run `gcsl prepare`")
@@ -423,7 +394,7 @@ def _check_outputs(cfg: TrainConfig, work: Path) -> Path | None:
             raise StageError(f"{work}: an unfinished run is here; pass --resume to continue it or --overwrite to "
                              "start over")
         return None
-    checkpoint = last_complete_checkpoint(work / "checkpoints")
+    checkpoint = ModelFolder(cfg.out).last_checkpoint
     if checkpoint is None:
         raise StageError(f"{work}: no complete checkpoint to resume from; run again without --resume")
     record = work / "run.json"
@@ -453,7 +424,7 @@ def _prepare_work_dir(cfg: TrainConfig, work: Path, checkpoint: Path | None, pre
             match = re.fullmatch(r"checkpoint-(\d+)", child.name)
             if match and int(match.group(1)) > step:
                 shutil.rmtree(child)
-    write_run_record(work, stage="train", config=cfg, seed=cfg.seed, goals=prepared.goals,
+    write_run_record(work, stage="train", config=cfg, seed=cfg.seed, goals=prepared.goals.to_json(),
                      extra={"status": "running", "method": prepared.method})
 
 
@@ -556,10 +527,9 @@ def _add_goal_tokens(tokenizer, tokens: list[str]) -> list[int]:
 def _goal_embedding_config(cfg: TrainConfig, model, prepared: _Prepared):
     import pyarrow.parquet as pq
 
-    from gcsl.training.goal_embedding import GoalEmbeddingConfig
+    from gcsl.goal_embedding import GoalEmbeddingConfig
 
-    metric = prepared.goals.get("metric") or {}
-    low, high = metric.get("low"), metric.get("high")
+    low, high = prepared.goals.metric.low, prepared.goals.metric.high
     if low is None or high is None or not high > low:
         values = pq.read_table(prepared.data_dir / "train.parquet", columns=["goal_value"]).column("goal_value")
         low, high = float(values.to_numpy().min()), float(values.to_numpy().max())
@@ -764,19 +734,19 @@ def _finish(cfg: TrainConfig, work: Path, prepared: _Prepared, trainer, metrics:
         record["base_model_name_or_path"] = base_for_peft
         atomic_write_json(adapter_config, record)
     if kind.trainer == "embed":
-        from gcsl.training.goal_embedding import save_goal_embedding
+        from gcsl.goal_embedding import save_goal_embedding
 
         save_goal_embedding(trainer.model, work, weights=False)  # the weights are in the adapter
     trainer.state.save_to_json(str(work / "trainer_state.json"))
     # A run with another loss than the default DPO's is recorded under the loss's name (simpo).
     method = cfg.preference_loss if kind.trainer == "preference" and cfg.preference_loss != "dpo" else prepared.method
-    write_run_record(work, stage="train", config=cfg, seed=cfg.seed, goals=prepared.goals, extra={
+    write_run_record(work, stage="train", config=cfg, seed=cfg.seed, goals=prepared.goals.to_json(), extra={
         "status": "finished", "method": method, "base_model": cfg.model, "base_model_path": base_path,
         "precision": precision.name, "world_size": world_size, "rows": prepared.rows,
         "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else None, **metrics})
     atomic_write_text(work / "README.md", render_model_card(
         out_dir=Path(cfg.out), method=prepared.method, base_model=cfg.model, data_dir=prepared.data_dir,
-        goals=prepared.goals, config=config_to_dict(cfg), metrics=metrics, rows=prepared.rows,
+        goals=prepared.goals.to_json(), config=config_to_dict(cfg), metrics=metrics, rows=prepared.rows,
         base_model_path=base_for_peft, chat=_chat_prompts(prepared.data_dir)))
     atomic_write_json(work / "train_metrics.json", metrics)
     if not cfg.keep_checkpoints:

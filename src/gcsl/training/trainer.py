@@ -13,7 +13,7 @@
 - Packed batches (:mod:`gcsl.training.packing`) go through either loss unchanged; only the
   token count TRL logs is taken from their position ids, not their 4D mask.
 - Scalar goals (``gcsl-noquant-embed``): a batch that carries ``goal_value`` gets the goal's
-  soft token inserted into its input embeddings (:mod:`gcsl.training.goal_embedding`).
+  soft token inserted into its input embeddings (:mod:`gcsl.goal_embedding`).
 
 Without either, on GPUs the loss is TRL's own (completion-only NLL through its fused LM head).
 The same NLL is computed from the model's logits instead on CPUs (where the fused head is
@@ -23,9 +23,6 @@ slower) and when classic GCSL's reward tokens sit on a tied LM head: TRL's fused
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,28 +31,11 @@ from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from gcsl.errors import StageError
-from gcsl.training.goal_embedding import apply_goal_embedding, insert_before_first_token
+from gcsl.goal_embedding import apply_goal_embedding, insert_before_first_token
+from gcsl.models import library_deprecations_silenced
 from gcsl.training.packing import is_packed_batch, packed_token_count
 
-__all__ = ["GcslSFTTrainer", "GoalValueCollator", "ReferenceCollator", "library_deprecations_silenced"]
-
-# Deprecation warnings raised inside the libraries by their own calls, not by any call of ours:
-# peft 0.21 (``PeftModel.__init__``, which every trainer given a ``peft_config`` runs) and TRL 1.16
-# (``trl.models.utils.disable_gradient_checkpointing``, used by DPOTrainer) still read
-# ``is_gradient_checkpointing``, which transformers 5 deprecated for ``is_activation_checkpointing``.
-# A user can do nothing about them, so they are silenced by exact message while a trainer is built
-# and run, and nowhere else. Remove an entry once the pinned library reads the new name.
-LIBRARY_DEPRECATIONS = (r"`is_gradient_checkpointing` is deprecated",)
-
-
-@contextlib.contextmanager
-def library_deprecations_silenced() -> Iterator[None]:
-    """Ignores exactly the warnings of :data:`LIBRARY_DEPRECATIONS` inside the block."""
-    with warnings.catch_warnings():
-        for message in LIBRARY_DEPRECATIONS:
-            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
-        yield
-
+__all__ = ["GcslSFTTrainer", "GoalValueCollator", "ReferenceCollator"]
 
 REFERENCE_PREFIX = "ref_"  # batch keys holding the KL reference's inputs
 

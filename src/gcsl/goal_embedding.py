@@ -16,7 +16,7 @@ next to the adapter. A merged model (``gcsl merge``) keeps it in ``goal_embeddin
 Generation uses it like this::
 
     from gcsl.models import load_for_inference
-    from gcsl.training.goal_embedding import apply_goal_embedding, load_goal_embedding
+    from gcsl.goal_embedding import apply_goal_embedding, load_goal_embedding
 
     m = load_for_inference("runs/noquant-embed")
     load_goal_embedding(m.model, "runs/noquant-embed")        # attaches the trained conditioner
