@@ -39,6 +39,7 @@ class QuickstartConfig:
 def quickstart(cfg: QuickstartConfig) -> dict:
     """Runs the quickstart experiment and prints whether the goal steers; returns the printed numbers."""
     from gcsl.experiments.runner import ExperimentConfig, run_experiment
+    from gcsl.methods import get_method
 
     settings = load_yaml(resource_path("quickstart.yaml"))
     data = resource_path("sentiment", "feedback.jsonl")
@@ -50,7 +51,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
         settings["generate"]["limit"] = cfg.eval_prompts
     exp = resolve_config(ExperimentConfig, overrides={**settings, "data": str(data), "eval_prompts": str(prompts),
                                                       "out": cfg.out})
-    method = next(m for m in exp.methods if m != "base")
+    method = next(m for m in exp.methods if get_method(m).is_goal_conditioned)  # the one with goals to steer
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     say("gcsl quickstart: goal-conditioned fine-tuning, fully offline, on this machine's CPU/GPU.")
     say(f"  data: {made['feedback_rows']} reviews written by {made['model']} for {made['train_prompts']} movie titles, "
