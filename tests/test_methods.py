@@ -35,8 +35,10 @@ def prepared_all(feedback_log, tmp_path_factory):
 
 def test_the_table_is_the_expected_one():
     assert list(METHODS) == ["base", "sft", "sft-aug", "dpo", "gcsl", "gcsl-nl", "gcsl-bey", "gcsl-bey-nl",
-                             "gcsl-bey-snl", "gcsl-noquant-nl", "gcsl-noquant-embed"]
-    assert trained_methods() == tuple(m for m in METHODS if m != "base")
+                             "gcsl-bey-snl", "gcsl-noquant-nl", "gcsl-noquant-embed", "sft-bottom", "dexperts"]
+    assert trained_methods() == tuple(m for m in METHODS if m not in ("base", "dexperts"))
+    assert {m.name: m.variant_kind for m in METHODS.values() if not m.trainable} == {"base": "base",
+                                                                                     "dexperts": "decoding"}
     assert {m.name for m in METHODS.values() if m.beyond} == {"sft-aug", "gcsl-bey", "gcsl-bey-nl", "gcsl-bey-snl"}
     assert {m.name for m in METHODS.values() if m.goal_input == "token"} == {"gcsl", "gcsl-bey"}
     assert {m.name: m.goal_request for m in METHODS.values() if m.is_goal_conditioned} == {
@@ -137,7 +139,8 @@ def test_get_method_names_every_valid_method_in_one_line():
         get_method("gcsl-beyond")
     message = str(err.value)
     assert message == ("method: unknown method 'gcsl-beyond'; use one of base, sft, sft-aug, dpo, gcsl, gcsl-nl, "
-                       "gcsl-bey, gcsl-bey-nl, gcsl-bey-snl, gcsl-noquant-nl, gcsl-noquant-embed")
+                       "gcsl-bey, gcsl-bey-nl, gcsl-bey-snl, gcsl-noquant-nl, gcsl-noquant-embed, sft-bottom, "
+                       "dexperts")
     assert "\n" not in message
 
 
@@ -146,6 +149,8 @@ def test_contradictory_entries_are_refused():
         Method("x", "x", per_level, goal_style="bey", goal_input="token", goal_request="level")
     with pytest.raises(ConfigError, match="the preference trainer, and only it, reads prompt, chosen, rejected"):
         Method("y", "y", per_level, trainer="preference", columns=COMPLETION_COLUMNS)
+    with pytest.raises(ConfigError, match="a decoding-time method .* samples from the untrained base"):
+        Method("z", "z", per_level, experts=("sft", "sft-bottom"))
 
 
 def test_base_prepares_nothing(feedback_log, tmp_path):
@@ -171,5 +176,6 @@ def test_cli_choices_come_from_the_table(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     for name in trained_methods():
         assert name in help_text
-    assert "{sft,sft-aug,dpo,gcsl,gcsl-nl,gcsl-bey,gcsl-bey-nl,gcsl-bey-snl,gcsl-noquant-nl,gcsl-noquant-embed}" \
+    assert "{sft,sft-aug,dpo,gcsl,gcsl-nl,gcsl-bey,gcsl-bey-nl,gcsl-bey-snl,gcsl-noquant-nl,gcsl-noquant-embed," \
+        "sft-bottom}" \
         in help_text

@@ -24,6 +24,7 @@ from gcsl.goals.formulate import (
     FormulationInput,
     Pairs,
     beyond_threshold,
+    bottom_fraction,
     per_level,
     preference_pairs,
     top_fraction,
@@ -67,6 +68,9 @@ class Method:
     ``beyond``: rows are the beyond-threshold expansion (one per retained threshold a response
     reaches). ``filtering``: ``--filter`` applies, keeping only goals above the training mean.
     ``columns``: what training reads from ``train.parquet``, each required non-empty.
+    ``experts``: a decoding-time method (DExperts) steers the untrained base model while it samples,
+    with an expert and an anti-expert adapter trained by these two methods of the table; `gcsl
+    experiment` trains them, `gcsl prepare` / `gcsl train` do not take the method itself.
     """
 
     name: str
@@ -79,6 +83,7 @@ class Method:
     filtering: bool = False
     trainer: TrainerKind = "sft"
     columns: tuple[str, ...] = COMPLETION_COLUMNS
+    experts: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         # A contradictory entry would train one thing and generate another; refuse it at import.
@@ -96,7 +101,12 @@ class Method:
         if (self.trainer == "preference") != (self.columns == PAIR_COLUMNS):
             problems.append(f"the preference trainer, and only it, reads {', '.join(PAIR_COLUMNS)}")
         if (self.trainer == "none") != (self.formulate is None):
-            problems.append("only the untrained base has no formulation")
+            problems.append("only an untrained model (the base, or the base steered while decoding) has no "
+                            "formulation")
+        if self.experts is not None and (self.trainer != "none" or self.goal_input != "none"):
+            problems.append("a decoding-time method (experts) samples from the untrained base, without a goal")
+        if self.experts is not None and (len(self.experts) != 2 or self.name in self.experts):
+            problems.append("experts names two other methods: the expert's and the anti-expert's")
         if problems:
             raise ConfigError(f"method {self.name!r}: " + "; ".join(problems))
 
@@ -107,14 +117,15 @@ class Method:
 
     @property
     def trainable(self) -> bool:
-        """Whether `gcsl prepare` / `gcsl train` make a model of it (all but ``base``)."""
+        """Whether `gcsl prepare` / `gcsl train` make a model of it (all but ``base`` and ``dexperts``)."""
         return self.formulate is not None
 
     @property
     def variant_kind(self) -> str:
-        """How `gcsl experiment` makes what it generates with: ``trained`` (prepare -> train) or
-        ``base`` (the model as it is); a key of the runner's table of variant kinds."""
-        return "trained" if self.trainable else "base"
+        """How `gcsl experiment` makes what it generates with: ``trained`` (prepare -> train),
+        ``decoding`` (the base model steered by trained experts while sampling) or ``base`` (the
+        model as it is); a key of the runner's table of variant kinds."""
+        return "trained" if self.trainable else "decoding" if self.experts is not None else "base"
 
 
 def _entries(*methods: Method) -> dict[str, Method]:
@@ -149,6 +160,12 @@ METHODS: Mapping[str, Method] = _entries(
     Method("gcsl-noquant-embed", "GCSL without quantization: the raw score fed through a learned goal embedding",
            unquantized, goal_input="embedding", goal_request="value", trainer="embed",
            columns=(*COMPLETION_COLUMNS, "goal_value")),
+    Method("sft-bottom", "supervised fine-tuning on the worst-rated responses (no goal; the fraction is "
+                         "`sft_top`, or the rows below `sft_cutoff`): DExperts' anti-expert",
+           bottom_fraction),
+    Method("dexperts", "DExperts (Liu et al., 2021): the base model's next-token logits plus alpha x (expert - "
+                       "anti-expert), an sft and an sft-bottom adapter on the same base, combined while sampling",
+           None, trainer="none", columns=(), experts=("sft", "sft-bottom")),
 )
 
 
@@ -166,7 +183,8 @@ def get_method(name: str) -> Method:
 
 
 def trained_methods() -> tuple[str, ...]:
-    """The names `gcsl prepare` and `gcsl train` accept: every method but the untrained ``base``.
+    """The names `gcsl prepare` and `gcsl train` accept: every method but the untrained ``base`` and the
+    decoding-time ``dexperts`` (whose experts are trained as ``sft`` and ``sft-bottom``).
 
     >>> trained_methods()[:3]
     ('sft', 'sft-aug', 'dpo')

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "library_deprecations_silenced",
+    "saved_vocab_rows",
     "BuiltinModel",
     "BUILTIN_MODELS",
     "DEFAULT_MODEL",
@@ -367,7 +368,7 @@ def _load_adapter_model(folder: Path, adapter_config: Path, device, cache_dir: P
     model = load_causal_lm(base_model, device=device, cache_dir=cache_dir)
     # Grow (never shrink: many models pad their embedding matrix beyond the tokenizer) to the size
     # the trainer trained at, so the adapter's weights fit.
-    rows = _saved_vocab_rows(folder) or len(tokenizer)
+    rows = saved_vocab_rows(folder) or len(tokenizer)
     if rows > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(rows)
     try:
@@ -380,7 +381,7 @@ def _load_adapter_model(folder: Path, adapter_config: Path, device, cache_dir: P
     return model.merge_and_unload(), tokenizer, base_model
 
 
-def _saved_vocab_rows(folder: Path) -> int | None:
+def saved_vocab_rows(folder: Path) -> int | None:
     """Rows of the embedding matrix saved with the adapter (the trainer resized it for goal tokens)."""
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():

@@ -11,6 +11,8 @@ Layout under ``root``::
     runs/<variant>/seed<k>/probe/            goal-sensitivity probe on the validation prompts
     runs/<variant>/seed<k>/gens-<goal>.jsonl gcsl generate output, one file per goal request
     runs/<variant>/seed<k>/metrics-<goal>.json
+    runs/<variant>/<role>/prepared/          a decoding-time variant's (dexperts) expert and anti-expert:
+    runs/<variant>/seed<k>/<role>/           their prepare and train outputs (role: expert, anti-expert)
     items/<variant>/seed<k>/<goal>.jsonl     per-generation completion and scores (small; kept
                                              with the report so anyone can re-score them)
     probe/<variant>/seed<k>/probe.{json,png} copies of the probe's result and heatmap
@@ -37,8 +39,8 @@ from gcsl.errors import StageError
 if TYPE_CHECKING:
     from gcsl.goals import GoalSetup
 
-__all__ = ["TRAINED", "Variant", "StagePaths", "ExperimentLayout", "display_path", "training_data", "read_json",
-           "slug"]
+__all__ = ["TRAINED", "EXPERT_ROLES", "Variant", "StagePaths", "ExpertPaths", "ExperimentLayout", "display_path",
+           "training_data", "read_json", "slug"]
 
 # Goal-curve keyword: the goals the variant was trained on, one `level:K` per trained level.
 TRAINED = "trained"
@@ -72,6 +74,18 @@ class StagePaths:
     items: Path  # their small copy kept with the report
     probe: Path
     probe_out: Path
+
+
+# The two adapters a DExperts variant trains, by role: the expert's, then the anti-expert's.
+EXPERT_ROLES = ("expert", "anti-expert")
+
+
+@dataclass(frozen=True)
+class ExpertPaths:
+    """One adapter of a decoding-time variant: its prepared data (shared by the seeds) and its model."""
+
+    prepared: Path
+    model: Path
 
 
 def slug(text: str) -> str:
@@ -123,7 +137,9 @@ class ExperimentLayout:
 
     def prepared_folders(self) -> list[Path]:
         """Every variant's prepare output that has finished (its goals.json written last)."""
-        return sorted(p.parent for p in (self.root / "runs").glob("*/prepared/goals.json"))
+        runs = self.root / "runs"
+        return sorted(p.parent for pattern in ("*/prepared/goals.json", "*/*/prepared/goals.json")
+                      for p in runs.glob(pattern))
 
     # -- per variant ---------------------------------------------------------------------------
     def stage(self, variant: str, seed: int = 0, goal: str = "top") -> StagePaths:
@@ -138,6 +154,17 @@ class ExperimentLayout:
                           metrics=metrics, eval_items=output_paths(metrics)[0],
                           items=self.root / "items" / kept / f"{slug(goal)}.jsonl", probe=run / "probe",
                           probe_out=self.root / "probe" / kept)
+
+    def expert(self, variant: str, role: str, seed: int = 0) -> ExpertPaths:
+        """Where a decoding-time variant's ``role`` adapter (one of :data:`EXPERT_ROLES`) is prepared and trained.
+
+        Outside ``stage(variant).prepared``, so the variant itself stays goal-free and model-free to the
+        report (its training facts are its adapters', not listed with the trained variants).
+        """
+        if role not in EXPERT_ROLES:
+            raise ValueError(f"role must be one of {EXPERT_ROLES}, got {role!r}")
+        base = self.root / "runs" / slug(variant)
+        return ExpertPaths(prepared=base / role / "prepared", model=base / f"seed{seed}" / role)
 
     def goal_setup(self, variant: str) -> GoalSetup | None:
         """The variant's goals as prepared (the one way goals.json is read here); None before prepare."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from gcsl.experiments.layout import ExperimentLayout, display_path, read_json
+from gcsl.experiments.layout import EXPERT_ROLES, ExperimentLayout, display_path, read_json
 from gcsl.metrics.stats import mean_ci, paired_bootstrap, paired_ttest
 from gcsl.runinfo import atomic_write_json, atomic_write_text
 
@@ -131,15 +131,24 @@ def training_facts(model_dir: Path) -> dict[str, Any] | None:
 
 
 def _training_table(cfg, variants) -> list[dict[str, Any]]:
+    from gcsl.methods import get_method
+
     layout = ExperimentLayout(cfg.out)
     out = []
     for v in variants:
-        facts = {seed: training_facts(layout.stage(v.name, seed).model) for seed in v.seeds}
-        facts = {seed: f for seed, f in facts.items() if f is not None}
-        if not facts:  # the base model and variants not trained yet
-            continue
-        out.append({"variant": v.name, "method": v.method, "seeds": sorted(facts),
-                    **{k: [facts[seed][k] for seed in sorted(facts)] for k in TRAIN_FACTS}})
+        # A decoding-time variant trained its adapters (expert, anti-expert), listed one row each.
+        if get_method(v.method).variant_kind == "decoding":
+            models = {f"{v.name} ({role})": {seed: layout.expert(v.name, role, seed).model for seed in v.seeds}
+                      for role in EXPERT_ROLES}
+        else:
+            models = {v.name: {seed: layout.stage(v.name, seed).model for seed in v.seeds}}
+        for name, model_dirs in models.items():
+            facts = {seed: training_facts(folder) for seed, folder in model_dirs.items()}
+            facts = {seed: f for seed, f in facts.items() if f is not None}
+            if not facts:  # the base model and variants not trained yet
+                continue
+            out.append({"variant": name, "method": v.method, "seeds": sorted(facts),
+                        **{k: [facts[seed][k] for seed in sorted(facts)] for k in TRAIN_FACTS}})
     return out
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from gcsl.config import config_to_dict, field, resolve_config
 from gcsl.errors import ConfigError
 from gcsl.experiments.layout import (
+    EXPERT_ROLES,
     TRAINED,
     ExperimentLayout,
     StagePaths,
@@ -373,30 +374,39 @@ def _base_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant,
     return _Generator(cfg.model, {})
 
 
-def _trained_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant, seed: int,
-                       split: tuple[Path, Path] | None) -> _Generator:
-    """Prepares (shared by the seeds), trains and probes the variant, each stage skipped once finished."""
+def _prepare_and_train(cfg: ExperimentConfig, v: Variant, method: str, prepared: Path, model: Path, seed: int,
+                       split: tuple[Path, Path] | None) -> None:
+    """Prepares (once for the seeds) and trains one model of ``method`` with the variant's overrides, each
+    stage skipped once finished."""
     from gcsl.data.prepare import PrepareConfig, prepare
+    from gcsl.goals import GoalSetup
     from gcsl.training.train import TrainConfig, train
 
-    paths = layout.stage(v.name, seed)
-    if layout.goal_setup(v.name) is None:
-        _say(f"  prepare {v.method} -> {paths.prepared}")
+    if not (prepared / "goals.json").is_file():
+        _say(f"  prepare {method} -> {prepared}")
         # The split file is JSONL whatever the log's own format was.
         split_format = {"data_format": "jsonl"} if split is not None else {}
         prepare(resolve_config(PrepareConfig, overrides={
-            **cfg.prepare, **v.prepare, "data": training_data(cfg), **split_format, "method": v.method,
-            "out": paths.prepared, "overwrite": True}))
-    _check_prepared_data(cfg, paths.prepared)
-    folder = ModelFolder(paths.model)
+            **cfg.prepare, **v.prepare, "data": training_data(cfg), **split_format, "method": method,
+            "out": prepared, "overwrite": True}))
+    GoalSetup.load(prepared)  # a goals file that is there but unreadable is an error, not "not prepared"
+    _check_prepared_data(cfg, prepared)
+    folder = ModelFolder(model)
     if folder.state != "complete":
         # An interrupted run continues from its last whole checkpoint; one that died before its
         # first checkpoint starts over.
         resume = folder.last_checkpoint is not None
-        _say(f"  train -> {paths.model}" + (f" (resuming from {folder.last_checkpoint.name})" if resume else ""))
+        _say(f"  train -> {model}" + (f" (resuming from {folder.last_checkpoint.name})" if resume else ""))
         train(resolve_config(TrainConfig, overrides={
-            **cfg.train, **v.train, "data": paths.prepared, "model": cfg.model, "seed": seed,
-            "out": paths.model, "resume": resume, "overwrite": folder.state == "partial" and not resume}))
+            **cfg.train, **v.train, "data": prepared, "model": cfg.model, "seed": seed,
+            "out": model, "resume": resume, "overwrite": folder.state == "partial" and not resume}))
+
+
+def _trained_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant, seed: int,
+                       split: tuple[Path, Path] | None) -> _Generator:
+    """Prepares (shared by the seeds), trains and probes the variant, each stage skipped once finished."""
+    paths = layout.stage(v.name, seed)
+    _prepare_and_train(cfg, v, v.method, paths.prepared, paths.model, seed, split)
     setup = layout.goal_setup(v.name)
     if split is not None and setup is not None and is_goal_conditioned(setup):
         if len(setup.trained_levels) < 2:
@@ -406,7 +416,23 @@ def _trained_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Varia
     return _Generator(str(paths.model), {})
 
 
-_GENERATORS = {"base": _base_generator, "trained": _trained_generator}
+def _decoding_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant, seed: int,
+                        split: tuple[Path, Path] | None) -> _Generator:
+    """DExperts: trains the expert and the anti-expert (the methods its table entry names, with the
+    variant's prepare/train overrides) and samples from the base model steered by them."""
+    from gcsl.methods import get_method
+
+    models = []
+    for role, method in zip(EXPERT_ROLES, get_method(v.method).experts):
+        paths = layout.expert(v.name, role, seed)
+        _prepare_and_train(cfg, v, method, paths.prepared, paths.model, seed, split)
+        models.append(str(paths.model))
+    expert, anti = models
+    alpha = {**cfg.generate, **v.generate}.get("alpha", 2.0)
+    return _Generator(cfg.model, {"expert": expert, "anti_expert": anti, "alpha": alpha})
+
+
+_GENERATORS = {"base": _base_generator, "trained": _trained_generator, "decoding": _decoding_generator}
 
 
 def run_experiment(cfg: ExperimentConfig) -> Path:

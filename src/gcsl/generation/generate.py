@@ -39,7 +39,7 @@ __all__ = ["GenerateConfig", "PromptRow", "generate", "load_prompts"]
 ROW_INDEX = "#row"
 # Options that change what a row contains; rows written under other values cannot be mixed in.
 _SAMPLING_OPTIONS = ("model", "prompts", "split", "id_field", "prompt_field", "goal", "template_text_prompts",
-                     "top_p", "top_k", "temperature", "max_new_tokens", "seed")
+                     "top_p", "top_k", "temperature", "max_new_tokens", "seed", "expert", "anti_expert", "alpha")
 _TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 
@@ -67,6 +67,12 @@ class GenerateConfig:
     prompt_field: str = field("prompt", help="field holding the prompt (text or chat messages); a dotted "
                                              "name such as prompt.text reaches into a nested record")
     split: str = field("train", help="split to read when --prompts is a dataset with splits")
+    expert: str | None = field(None, help="DExperts: a `gcsl train` output folder of the expert adapter (e.g. "
+                                          "sft), trained on --model; needs --anti-expert")
+    anti_expert: str | None = field(None, help="DExperts: a `gcsl train` output folder of the anti-expert adapter "
+                                               "(e.g. sft-bottom), trained on --model")
+    alpha: float = field(2.0, help="DExperts: sample from base + alpha x (expert - anti_expert) logits; 0 = the "
+                                   "base model (the paper's default is 2.0)")
     template_text_prompts: Literal["auto", "always", "never"] = field(
         "auto", help="apply the chat template to text prompts as one user message: auto = for models not "
                      "fine-tuned by gcsl whose tokenizer has one (gcsl fine-tunes on text prompts without a "
@@ -87,6 +93,15 @@ class GenerateConfig:
             problems.append(f"limit: must be at least 1, got {self.limit}")
         if self.out.suffix == ".partial" or self.out.is_dir():
             problems.append(f"out: {self.out} must be a file name such as gens.jsonl")
+        if (self.expert is None) != (self.anti_expert is None):
+            given, missing = ("expert", "anti_expert") if self.expert is not None else ("anti_expert", "expert")
+            problems.append(f"{missing}: DExperts needs both adapters; {given} is given, give {missing} too "
+                            "(or neither)")
+        if not self.alpha >= 0:  # also refuses NaN
+            problems.append(f"alpha: must be >= 0, got {self.alpha}")
+        if self.expert is not None and (Path(str(self.model)).expanduser() / "adapter_config.json").is_file():
+            problems.append(f"model: {self.model} is an adapter folder; with expert/anti_expert give the base model "
+                            "they were trained on")
         return problems
 
 
@@ -127,13 +142,19 @@ def generate(cfg: GenerateConfig) -> Path:
     if not missing:
         return _finish(out, partial, prompts, done, cfg.num_samples)
 
-    setup = ModelFolder(Path(cfg.model)).goal_setup()  # None for a goal-free or base model
+    # DExperts samples from the base model but reads prompts as its (goal-free, gcsl-trained) experts did.
+    setup = ModelFolder(Path(cfg.expert or cfg.model)).goal_setup()  # None for a goal-free or base model
     goal = None
     if setup is not None:
         from gcsl.goals import inference_goal
 
         goal = inference_goal(setup, cfg.goal)  # a bad goal request fails before the weights load
-    lm = load_for_inference(cfg.model, device=cfg.device)
+    if cfg.expert is not None:
+        from gcsl.generation.dexperts import load_dexperts
+
+        lm = load_dexperts(cfg.model, cfg.expert, cfg.anti_expert, cfg.alpha, device=cfg.device)
+    else:
+        lm = load_for_inference(cfg.model, device=cfg.device)
     tokenizer, model = lm.tokenizer, lm.model
     goal_text = goal.text if goal is not None else None
     # gcsl-noquant-embed states its goal as a number fed through a trained conditioner, not as text.

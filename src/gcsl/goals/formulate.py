@@ -4,7 +4,7 @@ Every function returns row indices (and goal levels) into the feedback table, so
 Arrow and are gathered once with ``take``.
 
 Two layers. The primitives (``formulate_sft``, ``formulate_beyond`` ...) take plain arrays and
-options. The formulations (``top_fraction``, ``per_level``, ``beyond_threshold``, ``unquantized``,
+options. The formulations (``top_fraction``, ``bottom_fraction``, ``per_level``, ``beyond_threshold``, ``unquantized``,
 ``preference_pairs``) all take one :class:`FormulationInput` and are what the method table
 (:mod:`gcsl.methods`) names, so ``gcsl prepare`` calls a method's formulation without knowing
 which method it is. A new method that needs a new row selection adds one formulation here.
@@ -22,6 +22,7 @@ __all__ = [
     "FormulationInput",
     "Pairs",
     "top_fraction",
+    "bottom_fraction",
     "per_level",
     "beyond_threshold",
     "unquantized",
@@ -30,6 +31,7 @@ __all__ = [
     "formulate_classic",
     "formulate_beyond",
     "formulate_sft",
+    "formulate_sft_bottom",
     "formulate_all",
     "formulate_dpo_pairs",
     "formulate_sampled_pairs",
@@ -110,6 +112,29 @@ def formulate_sft(oriented: np.ndarray, *, top_fraction: float = 0.25, cutoff: f
     else:
         reason = f"below the SFT cutoff {cutoff}"
     keep = oriented >= cutoff
+    rows = np.flatnonzero(keep).astype(np.int64)
+    dropped = int(n - len(rows))
+    return Formulation(rows, np.zeros(len(rows), dtype=np.int32), {reason: dropped} if dropped else {})
+
+
+def formulate_sft_bottom(oriented: np.ndarray, *, fraction: float = 0.25, cutoff: float | None = None) -> Formulation:
+    """The mirror of :func:`formulate_sft`: the bottom ``fraction`` of rows by score, or rows with score < ``cutoff``.
+
+    Ties at the boundary are all kept, as at the top. With a cutoff the rows are exactly those
+    :func:`formulate_sft` drops, so an expert and an anti-expert (DExperts) split the log between them.
+
+    >>> formulate_sft_bottom(np.array([0.1, 0.9, 0.5, 0.7]), fraction=0.5).rows.tolist()
+    [0, 2]
+    """
+    oriented = np.asarray(oriented, dtype=np.float64)
+    n = len(oriented)
+    if cutoff is None:
+        k = max(1, int(np.ceil(fraction * n)))
+        keep = oriented <= float(np.sort(oriented)[k - 1])
+        reason = f"outside the bottom {fraction:.0%}"
+    else:
+        keep = oriented < cutoff
+        reason = f"at or above the SFT cutoff {cutoff}"
     rows = np.flatnonzero(keep).astype(np.int64)
     dropped = int(n - len(rows))
     return Formulation(rows, np.zeros(len(rows), dtype=np.int32), {reason: dropped} if dropped else {})
@@ -209,6 +234,17 @@ class Pairs:
 def top_fraction(data: FormulationInput) -> Formulation:
     """SFT: the best-rated rows (``sft_top`` of them, or those at or above ``sft_cutoff``), no goal."""
     return formulate_sft(data.oriented, top_fraction=data.sft_top, cutoff=data.sft_cutoff)
+
+
+def bottom_fraction(data: FormulationInput) -> Formulation:
+    """SFT on the worst-rated rows (DExperts' anti-expert): the bottom ``sft_top`` of them, or those
+    below ``sft_cutoff``, no goal.
+
+    >>> bottom_fraction(FormulationInput(np.zeros(4), np.array([0.1, 0.9, 0.5, 0.7]), np.zeros(4), (),
+    ...                                  sft_top=0.5)).rows.tolist()
+    [0, 2]
+    """
+    return formulate_sft_bottom(data.oriented, fraction=data.sft_top, cutoff=data.sft_cutoff)
 
 
 def per_level(data: FormulationInput) -> Formulation:
