@@ -153,9 +153,11 @@ def test_contradictory_entries_are_refused():
         Method("z", "z", per_level, experts=("sft", "sft-bottom"))
 
 
-def test_base_prepares_nothing(feedback_log, tmp_path):
+def test_base_and_decoding_methods_prepare_nothing(feedback_log, tmp_path):
     with pytest.raises(ConfigError, match="base is the untrained model"):
         _prepare(feedback_log, tmp_path / "base", "base")
+    with pytest.raises(ConfigError, match="dexperts trains its adapters with sft and sft-bottom"):
+        _prepare(feedback_log, tmp_path / "dexperts", "dexperts")
 
 
 def test_old_names_still_import():

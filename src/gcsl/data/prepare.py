@@ -50,7 +50,8 @@ class PrepareConfig:
     split: str = field("train", help="split to read from a Hugging Face dataset")
     bins: int = field(5, help="number of equal-frequency bins K for scalar feedback")
     filter: bool = field(True, help="keep only goals whose threshold is above the training mean (--no-filter: the ablation)")
-    sft_top: float = field(0.25, help="SFT keeps this top fraction of rows by score")
+    sft_top: float = field(0.25, help="SFT keeps this top fraction of rows by score (sft-bottom: this bottom "
+                                      "fraction)")
     sft_cutoff: float | None = field(None, help="SFT keeps rows with score >= this value instead of a top fraction")
     metric_name: str = field("score", help="what the feedback measures, as goals name it (e.g. toxicity, rating)")
     score_range: list[float] | None = field(None, flag="--range", nargs=2, help="LOW HIGH: the metric's range")
@@ -169,7 +170,9 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     """
     method = get_method(cfg.method)
     if not method.trainable:
-        raise ConfigError(f"method: {cfg.method} is the untrained model and needs no training data; use one of "
+        what = (f"trains its adapters with {' and '.join(method.experts)}" if method.experts
+                else "is the untrained model")
+        raise ConfigError(f"method: {cfg.method} {what} and has no training data of its own; use one of "
                           f"{', '.join(trained_methods())}")
     spec = cfg.metric_spec()
     table, fmt = read_feedback(cfg.data, prompt_column=cfg.prompt_column, response_column=cfg.response_column,
