@@ -35,10 +35,13 @@ def prepared_all(feedback_log, tmp_path_factory):
 
 def test_the_table_is_the_expected_one():
     assert list(METHODS) == ["base", "sft", "sft-aug", "dpo", "gcsl", "gcsl-nl", "gcsl-bey", "gcsl-bey-nl",
-                             "gcsl-bey-snl", "gcsl-noquant-nl", "gcsl-noquant-embed", "sft-bottom", "dexperts"]
-    assert trained_methods() == tuple(m for m in METHODS if m not in ("base", "dexperts"))
-    assert {m.name: m.variant_kind for m in METHODS.values() if not m.trainable} == {"base": "base",
-                                                                                     "dexperts": "decoding"}
+                             "gcsl-bey-snl", "gcsl-noquant-nl", "gcsl-noquant-embed", "sft-bottom", "dexperts",
+                             "random", "most-popular"]
+    assert trained_methods() == tuple(m for m in METHODS if m not in ("base", "dexperts", "random", "most-popular"))
+    assert {m.name: m.variant_kind for m in METHODS.values() if not m.trainable} == {
+        "base": "base", "dexperts": "decoding", "random": "heuristic", "most-popular": "heuristic"}
+    assert {m.name: m.tasks for m in METHODS.values() if m.tasks is not None} == {
+        "random": ("recommendation",), "most-popular": ("recommendation",)}
     assert {m.name for m in METHODS.values() if m.beyond} == {"sft-aug", "gcsl-bey", "gcsl-bey-nl", "gcsl-bey-snl"}
     assert {m.name for m in METHODS.values() if m.goal_input == "token"} == {"gcsl", "gcsl-bey"}
     assert {m.name: m.goal_request for m in METHODS.values() if m.is_goal_conditioned} == {
@@ -140,7 +143,7 @@ def test_get_method_names_every_valid_method_in_one_line():
     message = str(err.value)
     assert message == ("method: unknown method 'gcsl-beyond'; use one of base, sft, sft-aug, dpo, gcsl, gcsl-nl, "
                        "gcsl-bey, gcsl-bey-nl, gcsl-bey-snl, gcsl-noquant-nl, gcsl-noquant-embed, sft-bottom, "
-                       "dexperts")
+                       "dexperts, random, most-popular")
     assert "\n" not in message
 
 
@@ -151,6 +154,10 @@ def test_contradictory_entries_are_refused():
         Method("y", "y", per_level, trainer="preference", columns=COMPLETION_COLUMNS)
     with pytest.raises(ConfigError, match="a decoding-time method .* samples from the untrained base"):
         Method("z", "z", per_level, experts=("sft", "sft-bottom"))
+    with pytest.raises(ConfigError, match="a heuristic uses no model: no trainer, goal, experts or training columns"):
+        Method("h", "h", per_level, heuristic=True, tasks=("recommendation",))
+    with pytest.raises(ConfigError, match="a heuristic writes a task's own answers: name the tasks it applies to"):
+        Method("h", "h", None, trainer="none", columns=(), heuristic=True)
 
 
 def test_base_and_decoding_methods_prepare_nothing(feedback_log, tmp_path):

@@ -1,4 +1,4 @@
-"""The method table: every training method, and ``base``, described once.
+"""The method table: every training method, and the baselines (``base``, ``random``, ``most-popular``), described once.
 
 Each layer reads what it needs from a :class:`Method` instead of testing method names:
 ``gcsl prepare`` calls its formulation and fills its columns, :class:`~gcsl.goals.GoalSetup`
@@ -71,6 +71,9 @@ class Method:
     ``experts``: a decoding-time method (DExperts) steers the untrained base model while it samples,
     with an expert and an anti-expert adapter trained by these two methods of the table; `gcsl
     experiment` trains them, `gcsl prepare` / `gcsl train` do not take the method itself.
+    ``heuristic``: no model at all; `gcsl experiment` has the task's own module write its generations (a
+    sanity baseline such as a random or the most popular item). ``tasks``: the only tasks the method
+    makes sense for (None: every task); a heuristic names them.
     """
 
     name: str
@@ -84,6 +87,8 @@ class Method:
     trainer: TrainerKind = "sft"
     columns: tuple[str, ...] = COMPLETION_COLUMNS
     experts: tuple[str, str] | None = None
+    heuristic: bool = False
+    tasks: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # A contradictory entry would train one thing and generate another; refuse it at import.
@@ -101,12 +106,17 @@ class Method:
         if (self.trainer == "preference") != (self.columns == PAIR_COLUMNS):
             problems.append(f"the preference trainer, and only it, reads {', '.join(PAIR_COLUMNS)}")
         if (self.trainer == "none") != (self.formulate is None):
-            problems.append("only an untrained model (the base, or the base steered while decoding) has no "
-                            "formulation")
+            problems.append("only a method without a trained model of its own (the base, the base steered while "
+                            "decoding, a heuristic) has no formulation")
         if self.experts is not None and (self.trainer != "none" or self.goal_input != "none"):
             problems.append("a decoding-time method (experts) samples from the untrained base, without a goal")
         if self.experts is not None and (len(self.experts) != 2 or self.name in self.experts):
             problems.append("experts names two other methods: the expert's and the anti-expert's")
+        if self.heuristic and (self.trainer != "none" or self.goal_input != "none" or self.experts is not None
+                               or self.columns):
+            problems.append("a heuristic uses no model: no trainer, goal, experts or training columns")
+        if self.heuristic and not self.tasks:
+            problems.append("a heuristic writes a task's own answers: name the tasks it applies to")
         if problems:
             raise ConfigError(f"method {self.name!r}: " + "; ".join(problems))
 
@@ -117,15 +127,19 @@ class Method:
 
     @property
     def trainable(self) -> bool:
-        """Whether `gcsl prepare` / `gcsl train` make a model of it (all but ``base`` and ``dexperts``)."""
+        """Whether `gcsl prepare` / `gcsl train` make a model of it (all but ``base``, ``dexperts`` and the
+        heuristics)."""
         return self.formulate is not None
 
     @property
     def variant_kind(self) -> str:
         """How `gcsl experiment` makes what it generates with: ``trained`` (prepare -> train),
-        ``decoding`` (the base model steered by trained experts while sampling) or ``base`` (the
-        model as it is); a key of the runner's table of variant kinds."""
-        return "trained" if self.trainable else "decoding" if self.experts is not None else "base"
+        ``decoding`` (the base model steered by trained experts while sampling), ``heuristic`` (no
+        model: the task's module writes the generations) or ``base`` (the model as it is); a key of
+        the runner's table of variant kinds."""
+        if self.trainable:
+            return "trained"
+        return "heuristic" if self.heuristic else "decoding" if self.experts is not None else "base"
 
 
 def _entries(*methods: Method) -> dict[str, Method]:
@@ -166,6 +180,12 @@ METHODS: Mapping[str, Method] = _entries(
     Method("dexperts", "DExperts (Liu et al., 2021): the base model's next-token logits plus alpha x (expert - "
                        "anti-expert), an sft and an sft-bottom adapter on the same base, combined while sampling",
            None, trainer="none", columns=(), experts=("sft", "sft-bottom")),
+    Method("random", "a uniformly random catalogue item per generation, seeded; no model (a recommendation "
+                     "sanity baseline)",
+           None, trainer="none", columns=(), heuristic=True, tasks=("recommendation",)),
+    Method("most-popular", "the item rated most often in the training feedback that the prompt's history does "
+                           "not hold; no model (a recommendation sanity baseline)",
+           None, trainer="none", columns=(), heuristic=True, tasks=("recommendation",)),
 )
 
 
@@ -183,8 +203,9 @@ def get_method(name: str) -> Method:
 
 
 def trained_methods() -> tuple[str, ...]:
-    """The names `gcsl prepare` and `gcsl train` accept: every method but the untrained ``base`` and the
-    decoding-time ``dexperts`` (whose experts are trained as ``sft`` and ``sft-bottom``).
+    """The names `gcsl prepare` and `gcsl train` accept: every method but the untrained ``base``, the
+    decoding-time ``dexperts`` (whose experts are trained as ``sft`` and ``sft-bottom``) and the
+    model-free heuristics (``random``, ``most-popular``).
 
     >>> trained_methods()[:3]
     ('sft', 'sft-aug', 'dpo')

@@ -13,7 +13,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,7 @@ from gcsl.runinfo import atomic_path, atomic_write_json, package_versions
 from gcsl.stages import ModelFolder, json_line
 
 if TYPE_CHECKING:
+    from gcsl.generation.generate import GenerateConfig
     from gcsl.goals import GoalSetup
 
 __all__ = ["ExperimentConfig", "Variant", "run_experiment", "expand_variants", "held_out_prompts",
@@ -90,6 +91,9 @@ class ExperimentConfig:
                   *(s.get("method") for s in self.sweeps)]:
             if m not in METHODS:
                 problems.append(f"methods: unknown method {m!r} (known: {', '.join(METHODS)})")
+            elif METHODS[m].tasks is not None and self.task not in METHODS[m].tasks:
+                problems.append(f"methods: {m} is a baseline of task {' / '.join(METHODS[m].tasks)} only; drop it "
+                                f"for task {self.task}")
         if not self.seeds:
             problems.append("seeds: give at least one seed")
         if self.validation_prompts < 0:
@@ -358,15 +362,20 @@ def _say(msg: str) -> None:
 
 # -- variant kinds ----------------------------------------------------------------------------
 # What a variant generates with, by its method's kind (gcsl.methods.Method.variant_kind): the base
-# model as it is, or a model trained by prepare -> train (-> probe). A decoding-time baseline (the
-# base model plus a generation-time component) or an online loop (rounds of generate, score,
-# prepare, train) is one more kind in the table and one more entry here, returning its model and
-# the generate options that add its component.
+# model as it is, a model trained by prepare -> train (-> probe), the base model steered while
+# decoding, or no model at all (a heuristic writes the generations itself). An online loop (rounds
+# of generate, score, prepare, train) would be one more kind in the table and one more entry here,
+# returning its model and the generate options that add its component.
 
 @dataclass(frozen=True)
 class _Generator:
+    """What a variant generates with: ``model`` sampled with ``generate``'s extra options, or, when
+    ``write`` is set, no model: ``write`` makes the generations file from the resolved generate options
+    (their prompts, out, num_samples, seed, limit and prompt fields; ``model`` only names the method)."""
+
     model: str
     generate: dict[str, Any]
+    write: Callable[[GenerateConfig], Path] | None = None
 
 
 def _base_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant, seed: int,
@@ -432,7 +441,31 @@ def _decoding_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Vari
     return _Generator(cfg.model, {"expert": expert, "anti_expert": anti, "alpha": alpha})
 
 
-_GENERATORS = {"base": _base_generator, "trained": _trained_generator, "decoding": _decoding_generator}
+def _heuristic_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant, seed: int,
+                         split: tuple[Path, Path] | None) -> _Generator:
+    """A baseline with no model (random, most-popular): recommendation's baselines module writes its
+    generations, from the training feedback (less the validation prompts) and the catalogue the evaluator
+    grounds against. The method table allows heuristics for recommendation only (ExperimentConfig.validate)."""
+    from gcsl.tasks.recommendation.baselines import BaselineConfig, write_baseline_generations
+    from gcsl.tasks.recommendation.evaluation import RecommendationEvalConfig
+
+    grounding = resolve_config(RecommendationEvalConfig, overrides=dict(cfg.evaluate))
+    feedback = {f"{k}_column": cfg.prepare.get(f"{k}_column", k) for k in ("prompt", "response", "score")}
+    # The split file is JSONL whatever the log's own format was.
+    feedback["data_format"] = "jsonl" if split is not None else cfg.prepare.get("data_format", "auto")
+
+    def write(gen: GenerateConfig) -> Path:
+        return write_baseline_generations(resolve_config(BaselineConfig, overrides={
+            "kind": v.method, "prompts": gen.prompts, "out": gen.out, "dataset": grounding.dataset,
+            "path": grounding.path, "feedback": training_data(cfg), **feedback, "num_samples": gen.num_samples,
+            "seed": gen.seed, "limit": gen.limit, "id_field": gen.id_field, "prompt_field": gen.prompt_field,
+            "split": gen.split}))
+
+    return _Generator(v.method, {}, write)
+
+
+_GENERATORS = {"base": _base_generator, "trained": _trained_generator, "decoding": _decoding_generator,
+               "heuristic": _heuristic_generator}
 
 
 def run_experiment(cfg: ExperimentConfig) -> Path:
@@ -470,10 +503,15 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
                     _say(f"  goal {goal} is the goal of {earlier.name}: reusing its samples")
                     _copy_generations(earlier, p.gens, goal)
                 else:
-                    _say(f"  generate at goal {goal} -> {p.gens.name}")
-                    generate(resolve_config(GenerateConfig, overrides={
+                    gen = resolve_config(GenerateConfig, overrides={
                         **cfg.generate, **v.generate, **generator.generate, "model": generator.model,
-                        "prompts": cfg.eval_prompts, "goal": goal, "seed": seed, "out": p.gens}))
+                        "prompts": cfg.eval_prompts, "goal": goal, "seed": seed, "out": p.gens})
+                    if generator.write is not None:
+                        _say(f"  write {v.method} generations (no model) -> {p.gens.name}")
+                        generator.write(gen)
+                    else:
+                        _say(f"  generate at goal {goal} -> {p.gens.name}")
+                        generate(gen)
                 _say(f"  evaluate -> {p.metrics.name}")
                 evaluate(resolve_config(EvaluateConfig, overrides={
                     "task": cfg.task, "generations": p.gens, "out": p.metrics,

@@ -37,12 +37,20 @@ and prompt files.
 Modules: :mod:`~gcsl.tasks.recommendation.data` (records, loaders, split, sampling),
 :mod:`~gcsl.tasks.recommendation.prompts` (prompts and files),
 :mod:`~gcsl.tasks.recommendation.grounding` (titles -> ranks),
-:mod:`~gcsl.tasks.recommendation.evaluation` (the evaluator).
+:mod:`~gcsl.tasks.recommendation.evaluation` (the evaluator),
+:mod:`~gcsl.tasks.recommendation.baselines` (the ``random`` and ``most-popular`` sanity baselines, no model).
 """
 
 from __future__ import annotations
 
 from gcsl.tasks.base import MetricSpec, Task
+from gcsl.tasks.recommendation.baselines import (
+    BASELINES,
+    BaselineConfig,
+    history_titles,
+    popularity_ranking,
+    write_baseline_generations,
+)
 from gcsl.tasks.recommendation.data import (
     D3_COLUMNS,
     SPLITS,
@@ -109,6 +117,11 @@ __all__ = [
     "extract_title",
     "load_encoder",
     "evaluate",
+    "BASELINES",
+    "BaselineConfig",
+    "write_baseline_generations",
+    "popularity_ranking",
+    "history_titles",
 ]
 
 # The feedback is the user's 1-5 rating; no ranking metric is on that scale.
