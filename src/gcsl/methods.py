@@ -151,8 +151,9 @@ METHODS: Mapping[str, Method] = _entries(
     Method("sft", "supervised fine-tuning on the best-rated responses (no goal)", top_fraction),
     Method("sft-aug", "supervised fine-tuning on the GCSL-bey expansion with the goals removed (SFT-aug)",
            beyond_threshold, beyond=True, filtering=True),
-    Method("dpo", "preference optimisation on response pairs: DPO (TRL DPOTrainer) or, with "
-                  "`--preference-loss simpo`, SimPO (TRL CPOTrainer, loss_type=simpo)",
+    Method("dpo", "preference optimisation on response pairs: DPO (TRL DPOTrainer); with "
+                  "`--preference-loss simpo`, SimPO (TRL CPOTrainer, loss_type=simpo); with "
+                  "`--preference-loss alphadpo`, AlphaDPO (SimPO's loss with an adaptive per-pair margin)",
            preference_pairs, trainer="preference", columns=PAIR_COLUMNS),
     Method("gcsl", "classic GCSL: each response conditioned on its own quantized level as a reward token",
            per_level, goal_style="token", goal_input="token", goal_request="level"),

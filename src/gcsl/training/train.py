@@ -4,7 +4,9 @@ One workflow, :func:`train`, read top to bottom. Every method of ``gcsl prepare`
 the same path: SFT, SFT-aug and all GCSL variants train with completion-only loss through
 :class:`~gcsl.training.trainer.GcslSFTTrainer` (TRL's ``SFTTrainer`` plus the KL penalty and the
 scalar-goal conditioner); DPO pairs train with TRL's ``DPOTrainer``, or its ``CPOTrainer`` with
-``loss_type="simpo"`` for ``--preference-loss simpo``.
+``loss_type="simpo"`` for ``--preference-loss simpo``, or
+:class:`~gcsl.training.preference.AlphaDPOTrainer` (a ``DPOTrainer`` with AlphaDPO's loss) for
+``--preference-loss alphadpo``.
 
 Outputs and resuming. Training runs in ``OUT.partial/`` (checkpoints in
 ``OUT.partial/checkpoints/checkpoint-<step>``, TensorBoard logs in ``OUT.partial/logs``). Only a
@@ -89,10 +91,18 @@ class TrainConfig:
     goal_token_lr: float | None = field(None, help="gcsl / gcsl-bey: learning rate of the reward-token embedding "
                                                    "rows (default: --learning-rate); they start from the embedding "
                                                    "of their level's name and may need a larger step to separate")
-    preference_loss: Literal["dpo", "simpo"] = field("dpo", help="loss for DPO-prepared pairs: dpo (DPOTrainer) "
-                                                                 "or simpo (CPOTrainer, loss_type=simpo)")
-    beta: float | None = field(None, help="preference loss beta (default: 0.1 for DPO, 2.0 for SimPO)")
+    preference_loss: Literal["dpo", "simpo", "alphadpo"] = field(
+        "dpo", help="loss for DPO-prepared pairs: dpo (DPOTrainer), simpo (CPOTrainer, loss_type=simpo) or "
+                    "alphadpo (AlphaDPO, Wu et al. 2025: SimPO's length-normalised loss with an adaptive per-pair "
+                    "margin from the policy-vs-reference log-ratio; needs the reference, the base model)")
+    beta: float | None = field(None, help="preference loss beta (default: 0.1 for DPO, 2.0 for SimPO, 2.5 for "
+                                          "AlphaDPO)")
     simpo_gamma: float = field(0.5, help="SimPO target reward margin")
+    alphadpo_gamma: float | None = field(None, help="alphadpo: target reward margin gamma, in reward units "
+                                                    "(default 1.5 = beta 2.5 x 0.6)")
+    alphadpo_alpha: float | None = field(None, help="alphadpo: weight alpha >= 0 of the adaptive margin alpha * beta "
+                                                    "* M*, M* the pair's normalised log-ratio gap to the reference "
+                                                    "(default 0.2; 0 is SimPO's loss)")
     goal_embedding_layers: int = field(2, help="gcsl-noquant-embed: 1 = Linear(1, hidden), 2 = two-layer MLP")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field("auto", help="auto: bf16 on Ampere+ GPUs, fp16 "
                                                                             "autocast on older GPUs, fp32 on CPU")
@@ -120,9 +130,14 @@ class TrainConfig:
             problems.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
-        for name in ("kl_coef", "weight_decay", "simpo_gamma"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("kl_coef", "weight_decay", "simpo_gamma", "alphadpo_alpha", "alphadpo_gamma"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < math.inf:
+                problems.append(f"{name}: must be >= 0 and finite, got {value}")
+        for name in ("alphadpo_alpha", "alphadpo_gamma"):
+            if getattr(self, name) is not None and self.preference_loss != "alphadpo":
+                problems.append(f"{name}: only --preference-loss alphadpo uses it (got {self.preference_loss}); "
+                                f"drop --{name.replace('_', '-')}")
         if self.max_steps == 0 or self.max_steps < -1:
             problems.append(f"max_steps: must be positive (or -1 to use --epochs), got {self.max_steps}")
         if self.beta is not None and self.beta <= 0:
@@ -640,7 +655,7 @@ def _callbacks(cfg: TrainConfig, work: Path) -> list:
 
 
 def _trainer_config(cfg: TrainConfig, method: str, arguments: dict[str, Any]):
-    """SFTConfig for SFT/GCSL methods, DPOConfig or CPOConfig (SimPO) for preference pairs."""
+    """SFTConfig for SFT/GCSL methods; DPOConfig, CPOConfig (SimPO) or AlphaDPOConfig for preference pairs."""
     kind = get_method(method)
     if kind.trainer != "preference":
         from trl import SFTConfig
@@ -653,7 +668,17 @@ def _trainer_config(cfg: TrainConfig, method: str, arguments: dict[str, Any]):
         from trl.experimental.cpo import CPOConfig
 
         return CPOConfig(**arguments, max_length=cfg.max_length, loss_type="simpo", cpo_alpha=0.0,
-                         beta=2.0 if cfg.beta is None else cfg.beta, simpo_gamma=cfg.simpo_gamma)
+                         beta=2.0 if cfg.beta is None else cfg.beta,
+                         simpo_gamma=cfg.simpo_gamma)
+    if cfg.preference_loss == "alphadpo":
+        from gcsl.training.preference import ALPHADPO_DEFAULTS, AlphaDPOConfig
+
+        def given(value, name):
+            return ALPHADPO_DEFAULTS[name] if value is None else value
+
+        return AlphaDPOConfig(**arguments, max_length=cfg.max_length, beta=given(cfg.beta, "beta"),
+                              alphadpo_gamma=given(cfg.alphadpo_gamma, "gamma"),
+                              alphadpo_alpha=given(cfg.alphadpo_alpha, "alpha"))
     from trl import DPOConfig
 
     return DPOConfig(**arguments, max_length=cfg.max_length, beta=0.1 if cfg.beta is None else cfg.beta)
@@ -665,6 +690,10 @@ def _preference_trainer_class(cfg: TrainConfig):
         from trl.experimental.cpo import CPOTrainer
 
         return CPOTrainer
+    if cfg.preference_loss == "alphadpo":
+        from gcsl.training.preference import AlphaDPOTrainer
+
+        return AlphaDPOTrainer
     from trl import DPOTrainer
 
     return DPOTrainer
@@ -738,7 +767,7 @@ def _finish(cfg: TrainConfig, work: Path, prepared: _Prepared, trainer, metrics:
 
         save_goal_embedding(trainer.model, work, weights=False)  # the weights are in the adapter
     trainer.state.save_to_json(str(work / "trainer_state.json"))
-    # A run with another loss than the default DPO's is recorded under the loss's name (simpo).
+    # A run with another loss than the default DPO's is recorded under the loss's name (simpo, alphadpo).
     method = cfg.preference_loss if kind.trainer == "preference" and cfg.preference_loss != "dpo" else prepared.method
     write_run_record(work, stage="train", config=cfg, seed=cfg.seed, goals=prepared.goals.to_json(), extra={
         "status": "finished", "method": method, "base_model": cfg.model, "base_model_path": base_path,

@@ -1,4 +1,5 @@
-"""The one TRL subclass: ``SFTTrainer`` plus exactly what GCSL needs, in ``compute_loss``.
+"""The SFT/GCSL trainer: ``SFTTrainer`` plus exactly what GCSL needs, in ``compute_loss``
+(the preference trainers are TRL's own, AlphaDPO's in :mod:`gcsl.training.preference`).
 
 - A KL penalty to the base model (Quark, used by the paper with coefficient 0.05): the reference
   is the same model with the LoRA adapter disabled (no second copy is loaded), run under
