@@ -99,7 +99,7 @@ def _config(data: Path, out: Path, model: Path, **overrides):
 def test_alphadpo_trains_on_pairs(dpo_data, tiny_llama_dir, tmp_path):
     from gcsl.training.card import read_card_metadata
     from gcsl.training.preference import AlphaDPOConfig
-    from gcsl.training.train import _resolve_precision, _trainer_arguments, _trainer_config, train
+    from gcsl.training.train import _trainer_arguments, _trainer_config, resolve_precision, train
 
     result = train(_config(dpo_data, tmp_path / "alphadpo", tiny_llama_dir))
     assert result.global_step == 2 and result.method == "dpo"
@@ -117,7 +117,7 @@ def test_alphadpo_trains_on_pairs(dpo_data, tiny_llama_dir, tmp_path):
     # The paper's constants unless given.
     def trainer_config(**overrides):
         cfg = _config(dpo_data, tmp_path / "o", tiny_llama_dir, **overrides)
-        return _trainer_config(cfg, "dpo", _trainer_arguments(cfg, tmp_path / "work", _resolve_precision(cfg)))
+        return _trainer_config(cfg, "dpo", _trainer_arguments(cfg, tmp_path / "work", resolve_precision(cfg)))
 
     args = trainer_config()
     assert isinstance(args, AlphaDPOConfig)

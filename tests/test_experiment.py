@@ -226,6 +226,13 @@ def test_validation_split_is_deterministic_and_disjoint(tmp_path):
     (tmp_path / "exp" / "runs" / "sft" / "prepared" / "goals.json").write_text("{}")
     with pytest.raises(ConfigError, match="validation split differs"):
         split_validation(dataclasses.replace(cfg, validation_prompts=5))
+    # Nor under a finished model trained without a prepare stage (an online method's).
+    (tmp_path / "exp" / "runs" / "sft" / "prepared" / "goals.json").unlink()
+    split_validation(cfg)
+    (tmp_path / "exp" / "runs" / "grpo" / "seed0" / "model").mkdir(parents=True)
+    (tmp_path / "exp" / "runs" / "grpo" / "seed0" / "model" / "run.json").write_text("{}")
+    with pytest.raises(ConfigError, match="validation split differs"):
+        split_validation(dataclasses.replace(cfg, validation_prompts=5))
 
 
 def test_trained_goal_curves_expand_from_prepared_goals(tmp_path):

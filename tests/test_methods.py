@@ -36,10 +36,13 @@ def prepared_all(feedback_log, tmp_path_factory):
 def test_the_table_is_the_expected_one():
     assert list(METHODS) == ["base", "sft", "sft-aug", "dpo", "gcsl", "gcsl-nl", "gcsl-bey", "gcsl-bey-nl",
                              "gcsl-bey-snl", "gcsl-noquant-nl", "gcsl-noquant-embed", "sft-bottom", "dexperts",
-                             "random", "most-popular"]
-    assert trained_methods() == tuple(m for m in METHODS if m not in ("base", "dexperts", "random", "most-popular"))
+                             "random", "most-popular", "grpo", "rloo"]
+    assert trained_methods() == tuple(m for m in METHODS if m not in ("base", "dexperts", "random", "most-popular",
+                                                                      "grpo", "rloo"))
     assert {m.name: m.variant_kind for m in METHODS.values() if not m.trainable} == {
-        "base": "base", "dexperts": "decoding", "random": "heuristic", "most-popular": "heuristic"}
+        "base": "base", "dexperts": "decoding", "random": "heuristic", "most-popular": "heuristic",
+        "grpo": "online", "rloo": "online"}
+    assert {m.name: m.online for m in METHODS.values() if m.online} == {"grpo": "grpo", "rloo": "rloo"}
     assert {m.name: m.tasks for m in METHODS.values() if m.tasks is not None} == {
         "random": ("recommendation",), "most-popular": ("recommendation",)}
     assert {m.name for m in METHODS.values() if m.beyond} == {"sft-aug", "gcsl-bey", "gcsl-bey-nl", "gcsl-bey-snl"}
@@ -143,7 +146,7 @@ def test_get_method_names_every_valid_method_in_one_line():
     message = str(err.value)
     assert message == ("method: unknown method 'gcsl-beyond'; use one of base, sft, sft-aug, dpo, gcsl, gcsl-nl, "
                        "gcsl-bey, gcsl-bey-nl, gcsl-bey-snl, gcsl-noquant-nl, gcsl-noquant-embed, sft-bottom, "
-                       "dexperts, random, most-popular")
+                       "dexperts, random, most-popular, grpo, rloo")
     assert "\n" not in message
 
 
@@ -158,6 +161,10 @@ def test_contradictory_entries_are_refused():
         Method("h", "h", per_level, heuristic=True, tasks=("recommendation",))
     with pytest.raises(ConfigError, match="a heuristic writes a task's own answers: name the tasks it applies to"):
         Method("h", "h", None, trainer="none", columns=(), heuristic=True)
+    with pytest.raises(ConfigError, match="an online method trains on its own samples: no trainer, goal"):
+        Method("o", "o", None, trainer="none", columns=COMPLETION_COLUMNS, online="grpo")
+    with pytest.raises(ConfigError, match="online must be grpo or rloo, got 'ppo'"):
+        Method("o", "o", None, trainer="none", columns=(), online="ppo")
 
 
 def test_base_and_decoding_methods_prepare_nothing(feedback_log, tmp_path):

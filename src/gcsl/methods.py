@@ -41,6 +41,7 @@ __all__ = [
     "GoalInput",
     "GoalRequest",
     "TrainerKind",
+    "OnlineAlgorithm",
 ]
 
 # What the model reads as its goal: nothing, a reward token or goal text in the prompt, or a number
@@ -53,6 +54,8 @@ GoalRequest = Literal["none", "level", "threshold", "value"]
 # Which trainer fits it: GcslSFTTrainer on prompt/completion rows ("embed": the same with the goal
 # embedding attached), a TRL preference trainer on pairs, or none at all (the untrained base model).
 TrainerKind = Literal["sft", "embed", "preference", "none"]
+# The TRL trainer of an online RL method: GRPOTrainer or RLOOTrainer (gcsl.training.online).
+OnlineAlgorithm = Literal["grpo", "rloo"]
 
 # The columns `gcsl train` reads (and requires non-empty) for each data layout.
 COMPLETION_COLUMNS = ("prompt", "completion")
@@ -73,7 +76,9 @@ class Method:
     experiment` trains them, `gcsl prepare` / `gcsl train` do not take the method itself.
     ``heuristic``: no model at all; `gcsl experiment` has the task's own module write its generations (a
     sanity baseline such as a random or the most popular item). ``tasks``: the only tasks the method
-    makes sense for (None: every task); a heuristic names them.
+    makes sense for (None: every task); a heuristic names them. ``online``: an online RL baseline (TRL's
+    ``grpo`` or ``rloo`` trainer) that samples from its own LoRA adapter on the training prompts and learns
+    from the task's scorer (:mod:`gcsl.training.online`); no prepared data, no goal, `gcsl experiment` only.
     """
 
     name: str
@@ -89,6 +94,7 @@ class Method:
     experts: tuple[str, str] | None = None
     heuristic: bool = False
     tasks: tuple[str, ...] | None = None
+    online: OnlineAlgorithm | None = None
 
     def __post_init__(self) -> None:
         # A contradictory entry would train one thing and generate another; refuse it at import.
@@ -106,8 +112,8 @@ class Method:
         if (self.trainer == "preference") != (self.columns == PAIR_COLUMNS):
             problems.append(f"the preference trainer, and only it, reads {', '.join(PAIR_COLUMNS)}")
         if (self.trainer == "none") != (self.formulate is None):
-            problems.append("only a method without a trained model of its own (the base, the base steered while "
-                            "decoding, a heuristic) has no formulation")
+            problems.append("only a method without a prepared model of its own (the base, the base steered while "
+                            "decoding, a heuristic, an online method) has no formulation")
         if self.experts is not None and (self.trainer != "none" or self.goal_input != "none"):
             problems.append("a decoding-time method (experts) samples from the untrained base, without a goal")
         if self.experts is not None and (len(self.experts) != 2 or self.name in self.experts):
@@ -117,6 +123,12 @@ class Method:
             problems.append("a heuristic uses no model: no trainer, goal, experts or training columns")
         if self.heuristic and not self.tasks:
             problems.append("a heuristic writes a task's own answers: name the tasks it applies to")
+        if self.online is not None and (self.trainer != "none" or self.goal_input != "none" or self.columns
+                                        or self.experts is not None or self.heuristic):
+            problems.append("an online method trains on its own samples: no trainer, goal, training columns, "
+                            "experts or heuristic")
+        if self.online is not None and self.online not in ("grpo", "rloo"):
+            problems.append(f"online must be grpo or rloo, got {self.online!r}")
         if problems:
             raise ConfigError(f"method {self.name!r}: " + "; ".join(problems))
 
@@ -127,18 +139,21 @@ class Method:
 
     @property
     def trainable(self) -> bool:
-        """Whether `gcsl prepare` / `gcsl train` make a model of it (all but ``base``, ``dexperts`` and the
-        heuristics)."""
+        """Whether `gcsl prepare` / `gcsl train` make a model of it (all but ``base``, ``dexperts``, the
+        heuristics and the online methods)."""
         return self.formulate is not None
 
     @property
     def variant_kind(self) -> str:
         """How `gcsl experiment` makes what it generates with: ``trained`` (prepare -> train),
         ``decoding`` (the base model steered by trained experts while sampling), ``heuristic`` (no
-        model: the task's module writes the generations) or ``base`` (the model as it is); a key of
-        the runner's table of variant kinds."""
+        model: the task's module writes the generations), ``online`` (an adapter trained by online RL on
+        its own scored samples) or ``base`` (the model as it is); a key of the runner's table of variant
+        kinds."""
         if self.trainable:
             return "trained"
+        if self.online is not None:
+            return "online"
         return "heuristic" if self.heuristic else "decoding" if self.experts is not None else "base"
 
 
@@ -187,6 +202,12 @@ METHODS: Mapping[str, Method] = _entries(
     Method("most-popular", "the item rated most often in the training feedback that the prompt's history does "
                            "not hold; no model (a recommendation sanity baseline)",
            None, trainer="none", columns=(), heuristic=True, tasks=("recommendation",)),
+    Method("grpo", "online RL baseline: GRPO (Shao et al., 2024; TRL GRPOTrainer) trains a LoRA adapter on its own "
+                   "samples for the training prompts, rewarded by the task's scorer, group-normalised advantages",
+           None, trainer="none", columns=(), online="grpo"),
+    Method("rloo", "online RL baseline: RLOO (Ahmadian et al., 2024; TRL RLOOTrainer) trains a LoRA adapter on its "
+                   "own samples for the training prompts, rewarded by the task's scorer, leave-one-out baseline",
+           None, trainer="none", columns=(), online="rloo"),
 )
 
 
@@ -205,8 +226,9 @@ def get_method(name: str) -> Method:
 
 def trained_methods() -> tuple[str, ...]:
     """The names `gcsl prepare` and `gcsl train` accept: every method but the untrained ``base``, the
-    decoding-time ``dexperts`` (whose experts are trained as ``sft`` and ``sft-bottom``) and the
-    model-free heuristics (``random``, ``most-popular``).
+    decoding-time ``dexperts`` (whose experts are trained as ``sft`` and ``sft-bottom``), the
+    model-free heuristics (``random``, ``most-popular``) and the online ``grpo`` / ``rloo`` (trained
+    by `gcsl experiment` on their own samples).
 
     >>> trained_methods()[:3]
     ('sft', 'sft-aug', 'dpo')

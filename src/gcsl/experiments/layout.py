@@ -7,7 +7,8 @@ is a folder ``gcsl-bey-nl_bins=3``). Imports go one way: runner -> report -> plo
 Layout under ``root``::
 
     runs/<variant>/prepared/                 gcsl prepare output (shared by the seeds)
-    runs/<variant>/seed<k>/model/            gcsl train output
+    runs/<variant>/seed<k>/model/            gcsl train output (an online variant's, grpo / rloo: its adapter
+                                             trained by gcsl.training.online, no prepared/ folder)
     runs/<variant>/seed<k>/probe/            goal-sensitivity probe on the validation prompts
     runs/<variant>/seed<k>/gens-<goal>.jsonl gcsl generate output, one file per goal request
     runs/<variant>/seed<k>/metrics-<goal>.json
@@ -140,6 +141,12 @@ class ExperimentLayout:
         runs = self.root / "runs"
         return sorted(p.parent for pattern in ("*/prepared/goals.json", "*/*/prepared/goals.json")
                       for p in runs.glob(pattern))
+
+    def trained_on_split(self) -> list[Path]:
+        """Everything made from the training split: prepare outputs, and finished models of variants
+        that train without one (online methods sample their own rows from its prompts)."""
+        runs = self.root / "runs"
+        return sorted({*self.prepared_folders(), *(p.parent for p in runs.glob("*/seed*/model/run.json"))})
 
     # -- per variant ---------------------------------------------------------------------------
     def stage(self, variant: str, seed: int = 0, goal: str = "top") -> StagePaths:

@@ -390,6 +390,13 @@ def write_report(cfg, variants) -> Path:
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {t['variant']} | {' '.join(map(str, t['seeds']))} | "
                   + " | ".join(_fmt_fact(t[k], k) for k in TRAIN_FACTS) + " |" for t in training]
+        from gcsl.methods import get_method
+
+        online = [t["variant"] for t in training if get_method(t["method"]).variant_kind == "online"]
+        if online:
+            lines += ["", f"Online variants ({', '.join(online)}) train on their own samples: their rows are the "
+                          "completions they sampled for the training prompts, each scored once by the task's scorer "
+                          "(scorer calls = rows), and rows/step the completions per optimizer step."]
     if beyond:
         lines += ["", "## Beyond the top training bin?", "",
                   "| variant | top-goal mean [95% CI] | top training bin mean | interval above it |", "|---|---|---|---|"]

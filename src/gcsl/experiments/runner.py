@@ -78,6 +78,10 @@ class ExperimentConfig:
                              "validation_prompts > 0, on every goal-conditioned variant")
     prepare: dict = field(default_factory=dict, cli=False, help="PrepareConfig options shared by all variants")
     train: dict = field(default_factory=dict, cli=False, help="TrainConfig options shared by all variants")
+    online: dict = field(default_factory=dict, cli=False,
+                         help="OnlineConfig options shared by the online variants (grpo, rloo), e.g. max_steps, "
+                              "num_generations; they also take the shared train block's LoRA and precision options, "
+                              "and an online variant's own `train` block holds OnlineConfig options")
     generate: dict = field(default_factory=dict, cli=False, help="GenerateConfig options shared by all variants")
     evaluate: dict = field(default_factory=dict, cli=False, help="task evaluator options")
     ci_samples: int = field(10_000, help="bootstrap resamples per interval")
@@ -111,6 +115,36 @@ class ExperimentConfig:
             elif s["option"].split(".")[0] not in ("prepare", "train", "generate"):
                 problems.append(f"sweeps: option {s['option']!r} must start with prepare., train. or generate.")
         problems.extend(self._stage_option_problems())
+        problems.extend(self._online_problems())
+        return problems
+
+    def _online_methods(self) -> set[str]:
+        from gcsl.methods import METHODS
+
+        used = [*self.methods, *(v.get("method", v.get("name")) for v in self.variants),
+                *(s.get("method") for s in self.sweeps)]
+        return {m for m in used if m in METHODS and METHODS[m].online is not None}
+
+    def _online_problems(self) -> list[str]:
+        """Online variants need the task's scorer as a reward, and OnlineConfig options (caught before training)."""
+        import dataclasses
+
+        from gcsl.training.online import OnlineConfig, reward_hook
+
+        problems = []
+        online = self._online_methods()
+        known = {f.name for f in dataclasses.fields(OnlineConfig)}
+        problems.extend(f"online.{key}: unknown option of OnlineConfig" for key in self.online if key not in known)
+        for v in self.variants:
+            if v.get("method", v.get("name")) in online:
+                problems.extend(f"variants[{v.get('name')}].train.{key}: unknown option of OnlineConfig (an online "
+                                "variant's train block holds OnlineConfig options)"
+                                for key in v.get("train", {}) or {} if key not in known)
+        if online:
+            try:
+                reward_hook(self.task)
+            except ConfigError as exc:
+                problems.append(f"methods: {', '.join(sorted(online))}: {exc}")
         return problems
 
     def _stage_option_problems(self) -> list[str]:
@@ -124,10 +158,13 @@ class ExperimentConfig:
 
         problems = []
         stages = {"prepare": PrepareConfig, "train": TrainConfig, "generate": GenerateConfig}
+        online = self._online_methods()
         sources = [("", self.__dict__)] + [(f"variants[{v.get('name')}].", v) for v in self.variants]
         for where, holder in sources:
             for stage, cls in stages.items():
                 known = {f.name for f in dataclasses.fields(cls)}
+                if stage == "train" and holder is not self.__dict__ and holder.get("method", holder.get("name")) in online:
+                    continue  # an online variant's train block holds OnlineConfig options (_online_problems)
                 for key in holder.get(stage, {}) or {}:
                     if key not in known:
                         problems.append(f"{where}{stage}.{key}: unknown option of {cls.__name__}")
@@ -282,7 +319,7 @@ def split_validation(cfg: ExperimentConfig) -> tuple[Path, Path] | None:
         text = "".join(json_line(r) for r in part)
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
             # Variants prepared on the old split may have trained on prompts now held out.
-            if path.is_file() and ExperimentLayout(cfg.out).prepared_folders():
+            if path.is_file() and ExperimentLayout(cfg.out).trained_on_split():
                 raise ConfigError(f"{path}: the validation split differs from the one this experiment's variants "
                                   "were prepared on (validation_prompts or data changed); choose another out")
             with atomic_path(path) as tmp:
@@ -363,9 +400,8 @@ def _say(msg: str) -> None:
 # -- variant kinds ----------------------------------------------------------------------------
 # What a variant generates with, by its method's kind (gcsl.methods.Method.variant_kind): the base
 # model as it is, a model trained by prepare -> train (-> probe), the base model steered while
-# decoding, or no model at all (a heuristic writes the generations itself). An online loop (rounds
-# of generate, score, prepare, train) would be one more kind in the table and one more entry here,
-# returning its model and the generate options that add its component.
+# decoding, no model at all (a heuristic writes the generations itself), or an adapter trained online
+# (GRPO / RLOO sampling the training prompts, rewarded by the task's scorer).
 
 @dataclass(frozen=True)
 class _Generator:
@@ -464,8 +500,32 @@ def _heuristic_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Var
     return _Generator(v.method, {}, write)
 
 
+def _online_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant, seed: int,
+                      split: tuple[Path, Path] | None) -> _Generator:
+    """GRPO / RLOO: trains (once per seed; skipped once its model folder is complete) a LoRA adapter online on
+    the distinct prompts of the training feedback (less the validation prompts), rewarded by the task's scorer
+    with the experiment's evaluator options, and generates with it like any trained, goal-free model."""
+    from gcsl.methods import get_method
+    from gcsl.training.online import SHARED_TRAIN_OPTIONS, OnlineConfig, train_online
+
+    model = layout.stage(v.name, seed).model
+    folder = ModelFolder(model)
+    if folder.state != "complete":
+        _say(f"  train online ({get_method(v.method).online}) -> {model}")
+        columns = {f"{k}_column": cfg.prepare.get(f"{k}_column", k) for k in ("prompt", "response", "score")}
+        # The split file is JSONL whatever the log's own format was.
+        source = ({"data_format": "jsonl"} if split is not None else
+                  {"data_format": cfg.prepare.get("data_format", "auto"), "split": cfg.prepare.get("split", "train")})
+        shared = {k: val for k, val in cfg.train.items() if k in SHARED_TRAIN_OPTIONS}
+        train_online(resolve_config(OnlineConfig, overrides={
+            **shared, **cfg.online, **v.train, **columns, **source, "data": training_data(cfg), "out": model,
+            "model": cfg.model, "task": cfg.task, "task_options": dict(cfg.evaluate), "seed": seed,
+            "overwrite": folder.state == "partial"}), get_method(v.method).online)
+    return _Generator(str(model), {})
+
+
 _GENERATORS = {"base": _base_generator, "trained": _trained_generator, "decoding": _decoding_generator,
-               "heuristic": _heuristic_generator}
+               "heuristic": _heuristic_generator, "online": _online_generator}
 
 
 def run_experiment(cfg: ExperimentConfig) -> Path:

@@ -202,7 +202,7 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
 
     # 1. Validate everything before any process writes anything.
     # Under accelerate/torchrun this joins the process group; CPU-only ranks need cpu=True to get gloo.
-    state = PartialState(cpu=_cpu_only())
+    state = PartialState(cpu=cpu_only())
     prepared = _read_prepared(Path(cfg.data))
     method = prepared.method
     _check_method_options(cfg, method, state, prepared.columns)
@@ -259,7 +259,7 @@ def _build_trainer(cfg: TrainConfig, prepared: _Prepared, state, work: Path, cal
     method = prepared.method
     kind = get_method(method)
     # 2. Trainer arguments first: under DeepSpeed ZeRO-3 they make from_pretrained shard at load.
-    precision = _resolve_precision(cfg)
+    precision = resolve_precision(cfg)
     args = _trainer_config(cfg, method, _trainer_arguments(cfg, work, precision))
 
     # 3. Tokenizer (plus reward tokens), model at the hardware's precision, LoRA config.
@@ -277,10 +277,8 @@ def _build_trainer(cfg: TrainConfig, prepared: _Prepared, state, work: Path, cal
 
         attach_goal_embedding(model, _goal_embedding_config(cfg, model, prepared))
         modules_to_save = [GOAL_EMBEDDING_MODULE]
-    targets = cfg.lora_target_modules.strip()
     lora = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
+        **lora_settings(cfg),
         # Reward tokens train as embedding rows of their own while every other row stays frozen.
         trainable_token_indices={"embed_tokens": goal_token_ids} if goal_token_ids else None,
         modules_to_save=modules_to_save,
@@ -445,7 +443,19 @@ def _prepare_work_dir(cfg: TrainConfig, work: Path, checkpoint: Path | None, pre
 
 # -- model and data --------------------------------------------------------------------------
 
-def _cpu_only() -> bool:
+def lora_settings(cfg: Any) -> dict[str, Any]:
+    """The LoRA options every trainer of the package shares (rank, alpha, dropout, target modules).
+
+    >>> from types import SimpleNamespace
+    >>> lora_settings(SimpleNamespace(lora_r=13, lora_alpha=32, lora_dropout=0.05, lora_target_modules="q_proj, v_proj"))
+    {'r': 13, 'lora_alpha': 32, 'lora_dropout': 0.05, 'task_type': 'CAUSAL_LM', 'target_modules': ['q_proj', 'v_proj']}
+    """
+    targets = cfg.lora_target_modules.strip()
+    return {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout, "task_type": "CAUSAL_LM",
+            "target_modules": targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]}
+
+
+def cpu_only() -> bool:
     import torch
 
     xpu = getattr(torch, "xpu", None)
@@ -453,7 +463,7 @@ def _cpu_only() -> bool:
                 or torch.backends.mps.is_available())
 
 
-def _resolve_precision(cfg: TrainConfig) -> _Precision:
+def resolve_precision(cfg: TrainConfig) -> _Precision:
     import torch
 
     from gcsl.models import choose_dtype
@@ -640,7 +650,7 @@ def _trainer_arguments(cfg: TrainConfig, work: Path, precision: _Precision) -> d
         # Every trainable tensor is used on every step (LoRA, reward rows, goal embedding).
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
-        use_cpu=_cpu_only(),
+        use_cpu=cpu_only(),
     )
 
 
@@ -756,7 +766,7 @@ def _finish(cfg: TrainConfig, work: Path, prepared: _Prepared, trainer, metrics:
     # Name the base model so that plain peft finds it: a local folder (a built-in model's converted
     # copy included; gcsl's built-in names mean nothing to peft) made absolute, else the hub id.
     # run.json keeps the name the user gave.
-    base_for_peft = _peft_base_name(base_path)
+    base_for_peft = peft_base_name(base_path)
     adapter_config = work / "adapter_config.json"
     if adapter_config.is_file():
         record = json.loads(adapter_config.read_text(encoding="utf-8"))
@@ -786,10 +796,10 @@ def _finish(cfg: TrainConfig, work: Path, prepared: _Prepared, trainer, metrics:
     os.replace(work, out)
 
 
-def _peft_base_name(base_path: str) -> str:
+def peft_base_name(base_path: str) -> str:
     """What adapter_config.json names as the base: an existing folder made absolute, else the hub id.
 
-    >>> _peft_base_name("HuggingFaceTB/SmolLM2-135M-Instruct")
+    >>> peft_base_name("HuggingFaceTB/SmolLM2-135M-Instruct")
     'HuggingFaceTB/SmolLM2-135M-Instruct'
     """
     local = Path(base_path).expanduser()

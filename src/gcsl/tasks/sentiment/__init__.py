@@ -37,7 +37,13 @@ from gcsl.tasks.sentiment.data import (
     write_sentiment_data,
     write_sentiment_prompts,
 )
-from gcsl.tasks.sentiment.evaluation import CHECK_KEY, NEUTRAL_SCORE, SentimentEvalConfig, evaluate
+from gcsl.tasks.sentiment.evaluation import (
+    CHECK_KEY,
+    NEUTRAL_SCORE,
+    SentimentEvalConfig,
+    evaluate,
+    reward_function,
+)
 
 __all__ = [
     "TASK",
@@ -54,6 +60,7 @@ __all__ = [
     "write_sentiment_prompts",
     "write_sentiment_data",
     "evaluate",
+    "reward_function",
 ]
 
 TASK = Task(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,7 +16,7 @@ from gcsl.metrics.text import TextQualityOptions, text_quality
 from gcsl.scorers import TextBlobScorer, VaderScorer
 from gcsl.tasks.base import TaskResult, TextScorer, score_generations
 
-__all__ = ["NEUTRAL_SCORE", "CHECK_KEY", "SentimentEvalConfig", "evaluate"]
+__all__ = ["NEUTRAL_SCORE", "CHECK_KEY", "SentimentEvalConfig", "evaluate", "reward_function"]
 
 NEUTRAL_SCORE = 0.5
 # Item key of the TextBlob check score; its per-prompt mean is the metric ``mean_score_textblob``.
@@ -89,3 +89,22 @@ def evaluate(rows: Sequence[dict[str, Any]], config: SentimentEvalConfig, *, sco
                       n_units=len(by_prompt), n_generations=len(rows),
                       options={**config_to_dict(config), "scorer_name": scorer.name,
                                "check_scorer_name": check.name}, notes=notes)
+
+
+def reward_function(config: SentimentEvalConfig) -> Callable[[list[str]], list[float]]:
+    """The evaluator's per-generation score as an online reward: VADER in ``config.direction``.
+
+    Each completion gets exactly the ``score`` :func:`evaluate` gives its item (an empty or unreadable
+    one the neutral 0.5), so online methods (grpo, rloo) optimise the metric they are reported on.
+
+    >>> reward = reward_function(SentimentEvalConfig(direction="negative"))
+    >>> reward(["", "A dreadful, awful film."])[0], reward(["A dreadful, awful film."])[0] > 0.5
+    (0.5, True)
+    """
+    scorer = VaderScorer(config.direction)
+
+    def reward(completions: list[str]) -> list[float]:
+        items = score_generations([{"prompt_id": i, "completion": c} for i, c in enumerate(completions)], scorer)
+        return [NEUTRAL_SCORE if item["score"] is None else item["score"] for item in items]
+
+    return reward
