@@ -79,6 +79,10 @@ class Method:
     makes sense for (None: every task); a heuristic names them. ``online``: an online RL baseline (TRL's
     ``grpo`` or ``rloo`` trainer) that samples from its own LoRA adapter on the training prompts and learns
     from the task's scorer (:mod:`gcsl.training.online`); no prepared data, no goal, `gcsl experiment` only.
+    ``loop``: an online loop (:mod:`gcsl.training.online_loop`) that, round after round, samples its own model
+    on the training prompts, scores the samples with the task's scorer, adds them to a pool and prepares and
+    trains the same adapter again with this offline method of the table (e.g. ``gcsl-bey-nl``); the entry
+    itself has no trainer, goal or columns: the final model is a model of ``loop``, goals.json and all.
     """
 
     name: str
@@ -95,6 +99,7 @@ class Method:
     heuristic: bool = False
     tasks: tuple[str, ...] | None = None
     online: OnlineAlgorithm | None = None
+    loop: str | None = None
 
     def __post_init__(self) -> None:
         # A contradictory entry would train one thing and generate another; refuse it at import.
@@ -127,6 +132,12 @@ class Method:
                                         or self.experts is not None or self.heuristic):
             problems.append("an online method trains on its own samples: no trainer, goal, training columns, "
                             "experts or heuristic")
+        if self.loop is not None and (self.trainer != "none" or self.goal_input != "none" or self.columns
+                                      or self.experts is not None or self.heuristic or self.online is not None):
+            problems.append("an online loop trains with the method it names: no trainer, goal, training columns, "
+                            "experts, heuristic or online algorithm of its own")
+        if self.loop is not None and self.loop == self.name:
+            problems.append("loop names another method of the table, the offline one each round prepares with")
         if self.online is not None and self.online not in ("grpo", "rloo"):
             problems.append(f"online must be grpo or rloo, got {self.online!r}")
         if problems:
@@ -148,12 +159,14 @@ class Method:
         """How `gcsl experiment` makes what it generates with: ``trained`` (prepare -> train),
         ``decoding`` (the base model steered by trained experts while sampling), ``heuristic`` (no
         model: the task's module writes the generations), ``online`` (an adapter trained by online RL on
-        its own scored samples) or ``base`` (the model as it is); a key of the runner's table of variant
-        kinds."""
+        its own scored samples), ``loop`` (rounds of sample -> score -> pool -> prepare -> train with the
+        ``loop`` method) or ``base`` (the model as it is); a key of the runner's table of variant kinds."""
         if self.trainable:
             return "trained"
         if self.online is not None:
             return "online"
+        if self.loop is not None:
+            return "loop"
         return "heuristic" if self.heuristic else "decoding" if self.experts is not None else "base"
 
 
@@ -208,7 +221,23 @@ METHODS: Mapping[str, Method] = _entries(
     Method("rloo", "online RL baseline: RLOO (Ahmadian et al., 2024; TRL RLOOTrainer) trains a LoRA adapter on its "
                    "own samples for the training prompts, rewarded by the task's scorer, leave-one-out baseline",
            None, trainer="none", columns=(), online="rloo"),
+    Method("online-gcsl-bey-nl", "online GCSL-bey-NL (the paper's future work, in the manner of Quark): rounds of "
+                                 "sampling the model at the top goal on the training prompts, scoring the samples "
+                                 "with the task's scorer, pooling them with the feedback log, re-quantizing and "
+                                 "re-expanding the pool with gcsl-bey-nl and training the same adapter further",
+           None, trainer="none", columns=(), loop="gcsl-bey-nl"),
 )
+
+
+def _check_loops(table: Mapping[str, Method]) -> None:
+    """A loop names a method of the table that `gcsl prepare` / `gcsl train` make (checked once the table exists)."""
+    for method in table.values():
+        if method.loop is not None and (method.loop not in table or not table[method.loop].trainable):
+            raise ConfigError(f"method {method.name!r}: loop must name a trainable method of the table, got "
+                              f"{method.loop!r}")
+
+
+_check_loops(METHODS)
 
 
 def get_method(name: str) -> Method:
@@ -227,8 +256,8 @@ def get_method(name: str) -> Method:
 def trained_methods() -> tuple[str, ...]:
     """The names `gcsl prepare` and `gcsl train` accept: every method but the untrained ``base``, the
     decoding-time ``dexperts`` (whose experts are trained as ``sft`` and ``sft-bottom``), the
-    model-free heuristics (``random``, ``most-popular``) and the online ``grpo`` / ``rloo`` (trained
-    by `gcsl experiment` on their own samples).
+    model-free heuristics (``random``, ``most-popular``), the online ``grpo`` / ``rloo`` (trained
+    by `gcsl experiment` on their own samples) and the online loops (``online-gcsl-bey-nl``).
 
     >>> trained_methods()[:3]
     ('sft', 'sft-aug', 'dpo')

@@ -172,7 +172,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     if not method.trainable:
         what = (f"trains its adapters with {' and '.join(method.experts)}" if method.experts
                 else "is a model-free baseline" if method.heuristic
-                else "trains online on its own samples in `gcsl experiment`" if method.online
+                else "trains online on its own samples in `gcsl experiment`" if method.online or method.loop
                 else "is the untrained model")
         raise ConfigError(f"method: {cfg.method} {what} and has no training data of its own; use one of "
                           f"{', '.join(trained_methods())}")

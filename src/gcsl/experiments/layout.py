@@ -9,6 +9,9 @@ Layout under ``root``::
     runs/<variant>/prepared/                 gcsl prepare output (shared by the seeds)
     runs/<variant>/seed<k>/model/            gcsl train output (an online variant's, grpo / rloo: its adapter
                                              trained by gcsl.training.online, no prepared/ folder)
+    runs/<variant>/seed<k>/loop/             an online loop variant's rounds (online-gcsl-bey-nl: each round's
+                                             pool, prepared data and model; gcsl.training.online_loop); its
+                                             final model, the last round's, is seed<k>/model/
     runs/<variant>/seed<k>/probe/            goal-sensitivity probe on the validation prompts
     runs/<variant>/seed<k>/gens-<goal>.jsonl gcsl generate output, one file per goal request
     runs/<variant>/seed<k>/metrics-<goal>.json
@@ -61,6 +64,8 @@ class Variant:
     # The goal-following curve's requests as configured (may hold `trained`); `goals` is "top"
     # followed by these. Statistics over the curve use these, not the extra "top".
     curve: list[str] = dc_field(default_factory=list)
+    # An online loop variant's own LoopConfig options (over the experiment's `loop` block).
+    loop: dict[str, Any] = dc_field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,10 @@ class ExperimentLayout:
             raise ValueError(f"role must be one of {EXPERT_ROLES}, got {role!r}")
         base = self.root / "runs" / slug(variant)
         return ExpertPaths(prepared=base / role / "prepared", model=base / f"seed{seed}" / role)
+
+    def loop(self, variant: str, seed: int = 0) -> Path:
+        """Where an online loop variant's rounds are kept (its final model is ``stage(variant, seed).model``)."""
+        return self.root / "runs" / slug(variant) / f"seed{seed}" / "loop"
 
     def goal_setup(self, variant: str) -> GoalSetup | None:
         """The variant's goals as prepared (the one way goals.json is read here); None before prepare."""

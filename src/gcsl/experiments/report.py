@@ -130,6 +130,27 @@ def training_facts(model_dir: Path) -> dict[str, Any] | None:
     return {k: metrics.get(k, fallback[k]) for k in TRAIN_FACTS}
 
 
+def loop_training_facts(model_dir: Path) -> dict[str, Any] | None:
+    """An online loop's training facts, over all its rounds (rounds.json in its final model folder): rows,
+    epochs, optimizer steps, tokens and seconds summed (tokens n/a when a round did not count them), rows per
+    step the last round's; None for a loop that has not finished."""
+    from gcsl.training.online_loop import read_rounds
+
+    if read_json(Path(model_dir) / "run.json") is None:
+        return None
+    rounds = read_rounds(model_dir)
+    last = training_facts(model_dir)
+    if not rounds:
+        return last
+
+    def total(key: str) -> float | None:
+        values = [r.get(key) for r in rounds]
+        return None if any(x is None for x in values) else round(sum(values), 4)
+
+    return {**{k: total(k) for k in TRAIN_FACTS if k != "rows_per_step"},
+            "rows_per_step": (last or {}).get("rows_per_step")}
+
+
 def _training_table(cfg, variants) -> list[dict[str, Any]]:
     from gcsl.methods import get_method
 
@@ -142,8 +163,10 @@ def _training_table(cfg, variants) -> list[dict[str, Any]]:
                       for role in EXPERT_ROLES}
         else:
             models = {v.name: {seed: layout.stage(v.name, seed).model for seed in v.seeds}}
+        # An online loop's row sums its rounds.
+        read = loop_training_facts if get_method(v.method).variant_kind == "loop" else training_facts
         for name, model_dirs in models.items():
-            facts = {seed: training_facts(folder) for seed, folder in model_dirs.items()}
+            facts = {seed: read(folder) for seed, folder in model_dirs.items()}
             facts = {seed: f for seed, f in facts.items() if f is not None}
             if not facts:  # the base model and variants not trained yet
                 continue
@@ -397,6 +420,11 @@ def write_report(cfg, variants) -> Path:
             lines += ["", f"Online variants ({', '.join(online)}) train on their own samples: their rows are the "
                           "completions they sampled for the training prompts, each scored once by the task's scorer "
                           "(scorer calls = rows), and rows/step the completions per optimizer step."]
+        loops = [t["variant"] for t in training if get_method(t["method"]).variant_kind == "loop"]
+        if loops:
+            lines += ["", f"Online loop variants ({', '.join(loops)}) sum their rounds' rows, epochs, optimizer "
+                          "steps, tokens and training time (sampling and scoring not included; rows/step is the "
+                          "last round's); each round's record is in rounds.json beside its model."]
     if beyond:
         lines += ["", "## Beyond the top training bin?", "",
                   "| variant | top-goal mean [95% CI] | top training bin mean | interval above it |", "|---|---|---|---|"]

@@ -82,6 +82,12 @@ class ExperimentConfig:
                          help="OnlineConfig options shared by the online variants (grpo, rloo), e.g. max_steps, "
                               "num_generations; they also take the shared train block's LoRA and precision options, "
                               "and an online variant's own `train` block holds OnlineConfig options")
+    loop: dict = field(default_factory=dict, cli=False,
+                       help="LoopConfig options of the online loop variants (online-gcsl-bey-nl), e.g. rounds, "
+                            "samples_per_round, pool, window, goal, epochs_per_round, steps_per_round; each round "
+                            "prepares, trains and samples with the shared prepare, train and generate blocks "
+                            "(steps_per_round / epochs_per_round default to train.max_steps / train.epochs), and a "
+                            "variant's own `loop` block overrides these")
     generate: dict = field(default_factory=dict, cli=False, help="GenerateConfig options shared by all variants")
     evaluate: dict = field(default_factory=dict, cli=False, help="task evaluator options")
     ci_samples: int = field(10_000, help="bootstrap resamples per interval")
@@ -125,13 +131,31 @@ class ExperimentConfig:
                 *(s.get("method") for s in self.sweeps)]
         return {m for m in used if m in METHODS and METHODS[m].online is not None}
 
+    def _loop_methods(self) -> set[str]:
+        from gcsl.methods import METHODS
+
+        used = [*self.methods, *(v.get("method", v.get("name")) for v in self.variants),
+                *(s.get("method") for s in self.sweeps)]
+        return {m for m in used if m in METHODS and METHODS[m].loop is not None}
+
     def _online_problems(self) -> list[str]:
-        """Online variants need the task's scorer as a reward, and OnlineConfig options (caught before training)."""
+        """Online variants (and online loops) need the task's scorer as a reward, and OnlineConfig (LoopConfig)
+        options (caught before training)."""
         import dataclasses
 
         from gcsl.training.online import OnlineConfig, reward_hook
+        from gcsl.training.online_loop import loop_problems
 
         problems = []
+        loops = self._loop_methods()
+        problems.extend(loop_problems(self.loop))
+        for v in self.variants:
+            problems.extend(f"variants[{v.get('name')}].{why}" for why in loop_problems(v.get("loop", {}) or {}))
+        if loops:
+            try:
+                reward_hook(self.task)
+            except ConfigError as exc:
+                problems.append(f"methods: {', '.join(sorted(loops))}: {exc}")
         online = self._online_methods()
         known = {f.name for f in dataclasses.fields(OnlineConfig)}
         problems.extend(f"online.{key}: unknown option of OnlineConfig" for key in self.online if key not in known)
@@ -245,6 +269,7 @@ def expand_variants(cfg: ExperimentConfig) -> list[Variant]:
         curve = [str(g) for g in v["goals"] if str(g) != "top"] if "goals" in v else curve_for(name, method)
         out.append(variant(name, method, dict(v.get("prepare", {})), dict(v.get("train", {})),
                            dict(v.get("generate", {})), list(v.get("seeds", seeds_for(name, method))), curve))
+        out[-1].loop = dict(v.get("loop", {}) or {})
     for s in cfg.sweeps:
         stage, key = s["option"].split(".", 1)
         for value in s["values"]:
@@ -524,8 +549,42 @@ def _online_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Varian
     return _Generator(str(model), {})
 
 
+def _loop_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant, seed: int,
+                    split: tuple[Path, Path] | None) -> _Generator:
+    """An online loop (online-gcsl-bey-nl): rounds of sample -> score -> pool -> prepare -> train with the method
+    its table entry names, from the training feedback (less the validation prompts) and its distinct prompts,
+    scored by the task's scorer with the experiment's evaluator options; each round cached under the seed's
+    ``loop/`` folder (a re-run resumes at the first unfinished round), the last round's model copied to the
+    seed's model folder, which generates like any trained GCSL model. Skipped once that folder is complete."""
+    from gcsl.methods import get_method
+    from gcsl.training.online_loop import OWNED_OPTIONS, LoopConfig, run_online_loop
+
+    def stage_options(stage: str, *blocks: dict) -> dict:
+        merged = {k: val for block in blocks for k, val in block.items()}
+        return {k: val for k, val in merged.items() if k not in OWNED_OPTIONS[stage]}
+
+    train = {**cfg.train, **v.train}
+    per_round = {key: train[name] for key, name in (("steps_per_round", "max_steps"), ("epochs_per_round", "epochs"))
+                 if train.get(name) is not None}
+    columns = {f"{k}_column": cfg.prepare.get(f"{k}_column", k) for k in ("prompt", "response", "score")}
+    # The split file is JSONL whatever the log's own format was.
+    source = ({"data_format": "jsonl"} if split is not None else
+              {"data_format": cfg.prepare.get("data_format", "auto"), "split": cfg.prepare.get("split", "train")})
+    model = layout.stage(v.name, seed).model
+    if ModelFolder(model).state == "complete":  # like every other kind: a finished model is not made again
+        return _Generator(str(model), {})
+    _say(f"  online loop ({get_method(v.method).loop}) -> {layout.loop(v.name, seed)}")
+    run_online_loop(resolve_config(LoopConfig, overrides={
+        **per_round, **cfg.loop, **v.loop, **columns, **source, "data": training_data(cfg),
+        "out": layout.loop(v.name, seed), "model_out": model, "model": cfg.model, "method": get_method(v.method).loop,
+        "task": cfg.task, "task_options": dict(cfg.evaluate), "seed": seed,
+        "prepare": stage_options("prepare", cfg.prepare, v.prepare), "train": stage_options("train", train),
+        "generate": stage_options("generate", cfg.generate, v.generate)}))
+    return _Generator(str(model), {})
+
+
 _GENERATORS = {"base": _base_generator, "trained": _trained_generator, "decoding": _decoding_generator,
-               "heuristic": _heuristic_generator, "online": _online_generator}
+               "heuristic": _heuristic_generator, "online": _online_generator, "loop": _loop_generator}
 
 
 def run_experiment(cfg: ExperimentConfig) -> Path:

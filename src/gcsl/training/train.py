@@ -116,6 +116,10 @@ class TrainConfig:
     keep_checkpoints: bool = field(False, help="keep OUT/checkpoints after training finishes")
     report_to: str = field("tensorboard", help="loggers: tensorboard (into OUT/logs), none, or a comma-separated "
                                                "list of transformers integrations")
+    init_adapter: Path | None = field(None, help="a `gcsl train` output folder whose LoRA adapter weights this run "
+                                                 "starts from instead of a fresh adapter (same base model and LoRA "
+                                                 "settings; the optimizer and schedule start afresh), e.g. the "
+                                                 "previous round of an online loop")
     resume: bool = field(False, help="continue an interrupted run from the last complete checkpoint in OUT.partial")
     overwrite: bool = field(False, help="replace an existing OUT (or discard an unfinished OUT.partial)")
 
@@ -155,6 +159,9 @@ class TrainConfig:
             problems.append("resume/overwrite: choose one (--resume continues OUT.partial, --overwrite discards it)")
         if Path(self.out).name.endswith(".partial"):
             problems.append(f"out: {self.out} ends in .partial, which names unfinished runs; choose another name")
+        if self.init_adapter is not None and not (Path(self.init_adapter) / "adapter_config.json").is_file():
+            problems.append(f"init_adapter: {self.init_adapter} holds no adapter_config.json; give a `gcsl train` "
+                            "output folder")
         return problems
 
 
@@ -216,6 +223,8 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
     # 2-4. Trainer arguments, tokenizer and model, data and the trainer.
     built = _build_trainer(cfg, prepared, state, work, callbacks)
     trainer = built.trainer
+    if cfg.init_adapter is not None:
+        _load_init_adapter(trainer.model, Path(cfg.init_adapter))
 
     # 5. Train (resuming restores model, optimizer, scheduler and RNG states).
     started = time.perf_counter()
@@ -305,6 +314,27 @@ def _build_trainer(cfg: TrainConfig, prepared: _Prepared, state, work: Path, cal
     sequences = len(trainer.train_dataset)  # after the trainer's own preparation (it drops empty rows)
     return _Built(trainer=trainer, tokenizer=tokenizer, precision=precision, base_path=base_path,
                   train_rows=sequences if packed_rows is None else packed_rows, sequences=sequences)
+
+
+def _load_init_adapter(model, folder: Path) -> None:
+    """Starts the fresh adapter of ``model`` (a PeftModel) from the weights saved in ``folder``.
+
+    Every saved tensor must land on one of the model's: an adapter of other LoRA settings or
+    another base is an error, not a silent partial load. A resumed run's checkpoint overrides
+    these weights afterwards, as it should.
+    """
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    try:
+        weights = load_peft_weights(str(folder), device="cpu")
+        result = set_peft_model_state_dict(model, weights)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise StageError(f"init_adapter: cannot load the adapter in {folder} ({exc}); it must come from `gcsl "
+                         "train` on the same base model with the same LoRA settings") from None
+    unexpected = list(getattr(result, "unexpected_keys", None) or [])
+    if unexpected:
+        raise StageError(f"init_adapter: {len(unexpected)} tensor(s) of {folder} fit no module of this run's "
+                         f"adapter (e.g. {unexpected[0]}); train with the same LoRA settings")
 
 
 # -- validation ------------------------------------------------------------------------------
