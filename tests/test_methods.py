@@ -36,14 +36,14 @@ def prepared_all(feedback_log, tmp_path_factory):
 def test_the_table_is_the_expected_one():
     assert list(METHODS) == ["base", "sft", "sft-aug", "dpo", "gcsl", "gcsl-nl", "gcsl-bey", "gcsl-bey-nl",
                              "gcsl-bey-snl", "gcsl-noquant-nl", "gcsl-noquant-embed", "sft-bottom", "dexperts",
-                             "random", "most-popular", "grpo", "rloo", "online-gcsl-bey-nl"]
+                             "random", "most-popular", "grpo", "rloo", "online-gcsl-bey-nl", "quark"]
     assert trained_methods() == tuple(m for m in METHODS if m not in ("base", "dexperts", "random", "most-popular",
-                                                                      "grpo", "rloo", "online-gcsl-bey-nl"))
+                                                                      "grpo", "rloo", "online-gcsl-bey-nl", "quark"))
     assert {m.name: m.variant_kind for m in METHODS.values() if not m.trainable} == {
         "base": "base", "dexperts": "decoding", "random": "heuristic", "most-popular": "heuristic",
-        "grpo": "online", "rloo": "online", "online-gcsl-bey-nl": "loop"}
+        "grpo": "online", "rloo": "online", "online-gcsl-bey-nl": "loop", "quark": "loop"}
     assert {m.name: m.online for m in METHODS.values() if m.online} == {"grpo": "grpo", "rloo": "rloo"}
-    assert {m.name: m.loop for m in METHODS.values() if m.loop} == {"online-gcsl-bey-nl": "gcsl-bey-nl"}
+    assert {m.name: m.loop for m in METHODS.values() if m.loop} == {"online-gcsl-bey-nl": "gcsl-bey-nl", "quark": "gcsl"}
     assert {m.name: m.tasks for m in METHODS.values() if m.tasks is not None} == {
         "random": ("recommendation",), "most-popular": ("recommendation",)}
     assert {m.name for m in METHODS.values() if m.beyond} == {"sft-aug", "gcsl-bey", "gcsl-bey-nl", "gcsl-bey-snl"}
@@ -147,7 +147,7 @@ def test_get_method_names_every_valid_method_in_one_line():
     message = str(err.value)
     assert message == ("method: unknown method 'gcsl-beyond'; use one of base, sft, sft-aug, dpo, gcsl, gcsl-nl, "
                        "gcsl-bey, gcsl-bey-nl, gcsl-bey-snl, gcsl-noquant-nl, gcsl-noquant-embed, sft-bottom, "
-                       "dexperts, random, most-popular, grpo, rloo, online-gcsl-bey-nl")
+                       "dexperts, random, most-popular, grpo, rloo, online-gcsl-bey-nl, quark")
     assert "\n" not in message
 
 

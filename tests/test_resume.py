@@ -87,6 +87,13 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_llama_d
     assert folder.last_checkpoint == resume_from
     with pytest.raises(ConfigError, match="lora_r"):
         train(TrainConfig(out=killed, resume=True, **{**options, "lora_r": 8}))
+    # A record made before an option existed resumes at that option's default, and only there.
+    record = folder.partial / "run.json"
+    saved = json.loads(record.read_text())
+    del saved["config"]["entropy_coef"]
+    record.write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"entropy_coef differ \(was: entropy_coef=0.0\)"):
+        train(TrainConfig(out=killed, resume=True, **{**options, "entropy_coef": 0.5}))
 
     resumed = train(TrainConfig(out=killed, resume=True, **options))
     straight = train(TrainConfig(out=tmp_path / "straight", **options))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from gcsl.errors import ConfigError
 from gcsl.goals.formulate import (
@@ -83,6 +83,8 @@ class Method:
     on the training prompts, scores the samples with the task's scorer, adds them to a pool and prepares and
     trains the same adapter again with this offline method of the table (e.g. ``gcsl-bey-nl``); the entry
     itself has no trainer, goal or columns: the final model is a model of ``loop``, goals.json and all.
+    ``train_defaults``: (TrainConfig option, value) pairs a loop's rounds train with unless the experiment's own
+    ``train`` options set them (e.g. ``quark``'s KL and entropy coefficients); pairs, so the entry stays frozen.
     """
 
     name: str
@@ -100,6 +102,7 @@ class Method:
     tasks: tuple[str, ...] | None = None
     online: OnlineAlgorithm | None = None
     loop: str | None = None
+    train_defaults: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         # A contradictory entry would train one thing and generate another; refuse it at import.
@@ -138,6 +141,11 @@ class Method:
                             "experts, heuristic or online algorithm of its own")
         if self.loop is not None and self.loop == self.name:
             problems.append("loop names another method of the table, the offline one each round prepares with")
+        names = [pair[0] if isinstance(pair, tuple) and len(pair) == 2 else None for pair in self.train_defaults]
+        if None in names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+            problems.append("train_defaults holds (option, value) pairs, each option once")
+        if self.train_defaults and self.loop is None:
+            problems.append("train_defaults apply to an online loop's rounds: only an entry with loop carries them")
         if self.online is not None and self.online not in ("grpo", "rloo"):
             problems.append(f"online must be grpo or rloo, got {self.online!r}")
         if problems:
@@ -226,6 +234,13 @@ METHODS: Mapping[str, Method] = _entries(
                                  "with the task's scorer, pooling them with the feedback log, re-quantizing and "
                                  "re-expanding the pool with gcsl-bey-nl and training the same adapter further",
            None, trainer="none", columns=(), loop="gcsl-bey-nl"),
+    # Quark's settings: GXimingLu/Quark arguments.py, kl_coef 0.05 and entropy_coef 0.06 (its main.py subtracts
+    # the entropy term from the loss, a bonus); K = 5 reward quantiles is `gcsl prepare`'s default bins.
+    Method("quark", "Quark (Lu et al., NeurIPS 2022): online loop over classic gcsl, each response conditioned on its "
+                    "own quantile's reward token (K = 5), rounds of sampling at the top token, scoring, pooling, "
+                    "re-quantizing and training the same adapter further with a KL penalty to the base (0.05) and "
+                    "an entropy bonus (0.06)",
+           None, trainer="none", columns=(), loop="gcsl", train_defaults=(("kl_coef", 0.05), ("entropy_coef", 0.06))),
 )
 
 
@@ -257,7 +272,7 @@ def trained_methods() -> tuple[str, ...]:
     """The names `gcsl prepare` and `gcsl train` accept: every method but the untrained ``base``, the
     decoding-time ``dexperts`` (whose experts are trained as ``sft`` and ``sft-bottom``), the
     model-free heuristics (``random``, ``most-popular``), the online ``grpo`` / ``rloo`` (trained
-    by `gcsl experiment` on their own samples) and the online loops (``online-gcsl-bey-nl``).
+    by `gcsl experiment` on their own samples) and the online loops (``online-gcsl-bey-nl``, ``quark``).
 
     >>> trained_methods()[:3]
     ('sft', 'sft-aug', 'dpo')

@@ -83,7 +83,7 @@ class ExperimentConfig:
                               "num_generations; they also take the shared train block's LoRA and precision options, "
                               "and an online variant's own `train` block holds OnlineConfig options")
     loop: dict = field(default_factory=dict, cli=False,
-                       help="LoopConfig options of the online loop variants (online-gcsl-bey-nl), e.g. rounds, "
+                       help="LoopConfig options of the online loop variants (online-gcsl-bey-nl, quark), e.g. rounds, "
                             "samples_per_round, pool, window, goal, epochs_per_round, steps_per_round; each round "
                             "prepares, trains and samples with the shared prepare, train and generate blocks "
                             "(steps_per_round / epochs_per_round default to train.max_steps / train.epochs), and a "
@@ -551,7 +551,7 @@ def _online_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Varian
 
 def _loop_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant, seed: int,
                     split: tuple[Path, Path] | None) -> _Generator:
-    """An online loop (online-gcsl-bey-nl): rounds of sample -> score -> pool -> prepare -> train with the method
+    """An online loop (online-gcsl-bey-nl, quark): rounds of sample -> score -> pool -> prepare -> train with the method
     its table entry names, from the training feedback (less the validation prompts) and its distinct prompts,
     scored by the task's scorer with the experiment's evaluator options; each round cached under the seed's
     ``loop/`` folder (a re-run resumes at the first unfinished round), the last round's model copied to the
@@ -563,7 +563,8 @@ def _loop_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant,
         merged = {k: val for block in blocks for k, val in block.items()}
         return {k: val for k, val in merged.items() if k not in OWNED_OPTIONS[stage]}
 
-    train = {**cfg.train, **v.train}
+    # The entry's own training defaults (quark: Quark's KL and entropy coefficients) sit beneath the user's options.
+    train = {**dict(get_method(v.method).train_defaults), **cfg.train, **v.train}
     per_round = {key: train[name] for key, name in (("steps_per_round", "max_steps"), ("epochs_per_round", "epochs"))
                  if train.get(name) is not None}
     columns = {f"{k}_column": cfg.prepare.get(f"{k}_column", k) for k in ("prompt", "response", "score")}

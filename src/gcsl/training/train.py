@@ -88,6 +88,8 @@ class TrainConfig:
     pack_tokens: int | None = field(None, help="token budget of a packed sequence (default: max_length)")
     kl_coef: float = field(0.0, help="weight of the KL penalty to the base model (adapter disabled) given the "
                                      "goal-free prompt; the paper uses 0.05 for non-toxic generation")
+    entropy_coef: float = field(0.0, help="weight of the entropy bonus: the loss minus this times the policy's mean "
+                                          "next-token entropy over completion tokens (Quark uses 0.06)")
     goal_token_lr: float | None = field(None, help="gcsl / gcsl-bey: learning rate of the reward-token embedding "
                                                    "rows (default: --learning-rate); they start from the embedding "
                                                    "of their level's name and may need a larger step to separate")
@@ -134,7 +136,7 @@ class TrainConfig:
             problems.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
-        for name in ("kl_coef", "weight_decay", "simpo_gamma", "alphadpo_alpha", "alphadpo_gamma"):
+        for name in ("kl_coef", "entropy_coef", "weight_decay", "simpo_gamma", "alphadpo_alpha", "alphadpo_gamma"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < math.inf:
                 problems.append(f"{name}: must be >= 0 and finite, got {value}")
@@ -310,7 +312,8 @@ def _build_trainer(cfg: TrainConfig, prepared: _Prepared, state, work: Path, cal
 
         trainer = GcslSFTTrainer(model=model, args=args, data_collator=collator,
                                  train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
-                                 callbacks=callbacks, kl_coef=cfg.kl_coef, goal_token_lr=cfg.goal_token_lr)
+                                 callbacks=callbacks, kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef,
+                                 goal_token_lr=cfg.goal_token_lr)
     sequences = len(trainer.train_dataset)  # after the trainer's own preparation (it drops empty rows)
     return _Built(trainer=trainer, tokenizer=tokenizer, precision=precision, base_path=base_path,
                   train_rows=sequences if packed_rows is None else packed_rows, sequences=sequences)
@@ -332,6 +335,11 @@ def _load_init_adapter(model, folder: Path) -> None:
         raise StageError(f"init_adapter: cannot load the adapter in {folder} ({exc}); it must come from `gcsl "
                          "train` on the same base model with the same LoRA settings") from None
     unexpected = list(getattr(result, "unexpected_keys", None) or [])
+    # A tied LM head's reward-token rows are saved twice (its copy of the embedding's trainable-tokens delta);
+    # the model holds them once, so that copy is loaded with the embedding's.
+    deltas = [v for k, v in weights.items() if k.endswith("trainable_tokens_delta") and k not in unexpected]
+    unexpected = [k for k in unexpected if not (k.endswith("trainable_tokens_delta")
+                                                and any(weights[k].equal(v) for v in deltas))]
     if unexpected:
         raise StageError(f"init_adapter: {len(unexpected)} tensor(s) of {folder} fit no module of this run's "
                          f"adapter (e.g. {unexpected[0]}); train with the same LoRA settings")
@@ -407,6 +415,9 @@ def _check_method_options(cfg: TrainConfig, method: str, state, columns: tuple[s
                         "launch it with DDP (configs/accelerate/multi_gpu_ddp.yaml) or ZeRO-2")
     if kind.trainer == "preference" and cfg.kl_coef:
         problems.append("kl_coef: preference losses carry their own reference term; leave --kl-coef at 0 for DPO data")
+    if kind.trainer == "preference" and cfg.entropy_coef:
+        problems.append("entropy_coef: only the SFT/GCSL loss takes the entropy bonus; leave --entropy-coef at 0 for "
+                        "DPO data")
     if cfg.goal_token_lr is not None and kind.goal_input != "token":
         from gcsl.methods import METHODS as table  # read now: the table may have grown since import
 
@@ -448,6 +459,9 @@ def _check_outputs(cfg: TrainConfig, work: Path) -> Path | None:
             before = None
         now = _identity(config_to_dict(cfg))
         if before is not None:
+            # An option the interrupted run's record lacks was added since; its default is what that run did.
+            defaults = _identity(config_to_dict(TrainConfig(data=cfg.data, out=cfg.out)))
+            before = {**{k: defaults.get(k) for k in now if k not in before}, **before}
             changed = sorted(k for k in now if before.get(k) != now[k])
             if changed:
                 raise ConfigError(f"{record}: --resume needs the interrupted run's settings, but {', '.join(changed)} "

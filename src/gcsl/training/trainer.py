@@ -9,6 +9,10 @@
   batches are goal-free already (a scalar goal's soft token is simply not inserted). The penalty
   is the token-level KL(policy || base) over the full vocabulary, averaged over completion
   tokens, added as ``kl_coef * KL`` and logged as ``kl`` (the data term is logged as ``nll``).
+- An entropy bonus (Quark's, ``entropy_coef``; GXimingLu/Quark's main.py subtracts
+  ``entropy_coef * entropy`` from the per-token loss, default 0.06 in its arguments.py): the
+  policy's next-token entropy over the full vocabulary, averaged over completion tokens, is
+  subtracted as ``entropy_coef * H`` and the term logged as ``entropy_bonus``.
 - Reward-token rows may train at their own learning rate (``goal_token_lr``): they start from a
   text's embedding and must move much further than a LoRA update.
 - Packed batches (:mod:`gcsl.training.packing`) go through either loss unchanged; only the
@@ -16,8 +20,8 @@
 - Scalar goals (``gcsl-noquant-embed``): a batch that carries ``goal_value`` gets the goal's
   soft token inserted into its input embeddings (:mod:`gcsl.goal_embedding`).
 
-Without either, on GPUs the loss is TRL's own (completion-only NLL through its fused LM head).
-The same NLL is computed from the model's logits instead on CPUs (where the fused head is
+Without the KL penalty or the entropy bonus, on GPUs the loss is TRL's own (completion-only NLL
+through its fused LM head). The same NLL is computed from the model's logits instead on CPUs (where the fused head is
 slower) and when classic GCSL's reward tokens sit on a tied LM head: TRL's fused head reads
 ``lm_head.weight`` directly, which PEFT's trainable-tokens wrapper does not expose.
 """
@@ -83,19 +87,21 @@ class ReferenceCollator:
 
 
 class GcslSFTTrainer(SFTTrainer):
-    """``SFTTrainer`` with an optional KL penalty to the adapter-free base and scalar-goal inputs.
+    """``SFTTrainer`` with an optional KL penalty to the adapter-free base, entropy bonus and scalar-goal inputs.
 
     >>> trainer = GcslSFTTrainer(model, args=sft_config, train_dataset=ds, processing_class=tok,
     ...                          peft_config=lora, kl_coef=0.05)  # doctest: +SKIP
     """
 
-    def __init__(self, *args: Any, kl_coef: float = 0.0, goal_token_lr: float | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, kl_coef: float = 0.0, entropy_coef: float = 0.0, goal_token_lr: float | None = None,
+                 **kwargs: Any):
         with library_deprecations_silenced():  # SFTTrainer wraps the model with peft here
             super().__init__(*args, **kwargs)
         from peft import PeftModel
         from peft.utils import TrainableTokensWrapper
 
         self.kl_coef = float(kl_coef)
+        self.entropy_coef = float(entropy_coef)
         self.goal_token_lr = goal_token_lr
         if self.kl_coef and not isinstance(self.model, PeftModel):
             raise ValueError("kl_coef > 0 needs a PEFT model: the KL reference is the model with its adapter disabled")
@@ -134,7 +140,7 @@ class GcslSFTTrainer(SFTTrainer):
             self._count_tokens(raw)
         if goal_value is not None:
             inputs = self._with_goal(model, raw, goal_value)
-        if self.kl_coef == 0 and self._fused_head:
+        if self.kl_coef == 0 and self.entropy_coef == 0 and self._fused_head:
             tokens_before = self._total_train_tokens
             result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                           num_items_in_batch=num_items_in_batch)
@@ -161,9 +167,15 @@ class GcslSFTTrainer(SFTTrainer):
         loss = nll
         n = mask.sum()
         self._record("nll", -token_log_probs.detach().sum(), n)
+        with torch.set_grad_enabled(bool(self.entropy_coef) and torch.is_grad_enabled()):
+            entropy_sum = -(log_probs.exp() * log_probs).sum()
+        self._record("entropy", entropy_sum.detach(), n)
         with torch.no_grad():
-            self._record("entropy", -(log_probs.exp() * log_probs).sum(), n)
             self._record("mean_token_accuracy", (log_probs.argmax(-1) == tokens).sum(), n)
+        if self.entropy_coef:
+            # Quark's bonus: subtracted, so training keeps the next-token distribution from collapsing.
+            loss = loss - self.entropy_coef * entropy_sum / count
+            self._record("entropy_bonus", self.entropy_coef * entropy_sum.detach(), n)
         if self.kl_coef:
             ref_log_probs = self._reference_log_probs(model, batch)
             if ref_log_probs.shape != log_probs.shape:
