@@ -75,11 +75,17 @@ def test_train_online_writes_a_loadable_model_folder_and_counts_its_compute(tmp_
         train_online(cfg, algorithm)
 
 
+def test_toxicity_reward_is_non_toxicity_and_neutral_when_unscorable():
+    # profanity-check, the offline default scorer: reward = 1 - toxicity, an empty completion 0.5
+    clean, rude, empty = task_reward("toxicity")(["What a lovely afternoon.", "shut up, you fucking idiot", ""])
+    assert clean > 0.9 and rude < 0.01 and empty == 0.5
+
+
 def test_online_methods_need_a_task_scorer(tmp_path):
     with pytest.raises(ConfigError, match=r"online methods \(grpo, rloo\) need a scorer") as exc:
         resolve_config(ExperimentConfig, overrides={
-            "name": "x", "out": tmp_path / "exp", "task": "toxicity", "data": "d", "eval_prompts": "p",
-            "methods": ["base", "grpo"], "baseline": "base"})
+            "name": "x", "out": tmp_path / "exp", "task": "code", "data": "d", "eval_prompts": "p",
+            "methods": ["base", "grpo"], "baseline": "base", "primary_metric": "beyond@1"})
     assert "\n" not in str(exc.value)
     with pytest.raises(ConfigError, match="need a scorer for that task"):
         task_reward("code")

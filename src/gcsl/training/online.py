@@ -124,7 +124,7 @@ class OnlineConfig:
 def task_reward(task: str, options: dict[str, Any] | None = None) -> Callable[[list[str]], list[float]]:
     """The task's reward for completions: its ``reward_function(eval_config)`` hook, beside its evaluator.
 
-    A task without the hook (only sentiment has one) is a one-line ConfigError.
+    A task without the hook (sentiment and toxicity have one) is a one-line ConfigError.
 
     >>> reward = task_reward("sentiment", {"direction": "positive"})
     >>> reward(["A wonderful film."])[0] > 0.5
@@ -144,7 +144,7 @@ def reward_hook(task: str) -> Callable[[Any], Callable[[list[str]], list[float]]
     hook = getattr(importlib.import_module(spec.evaluate.__module__), "reward_function", None)
     if hook is None:
         raise ConfigError(f"task {task}: online methods ({', '.join(ALGORITHMS)}) need a scorer for that task as "
-                          "their reward, and it has none (only sentiment does); drop them from the methods")
+                          "their reward, and it has none (sentiment and toxicity do); drop them from the methods")
     return hook
 
 

@@ -20,7 +20,7 @@ from gcsl.scorers import PERSPECTIVE_URL, build_scorer
 from gcsl.tasks.base import TaskResult, TextScorer, score_generations
 from gcsl.tasks.toxicity.data import load_rtp
 
-__all__ = ["ToxicityEvalConfig", "make_scorer", "evaluate", "feedback_log", "scorer_agreement"]
+__all__ = ["ToxicityEvalConfig", "make_scorer", "evaluate", "feedback_log", "scorer_agreement", "reward_function"]
 
 
 @dataclass
@@ -73,6 +73,27 @@ def make_scorer(config: ToxicityEvalConfig) -> TextScorer:
         return build_scorer("hf", model=config.hf_model, label=label, device=config.device,
                             batch_size=config.scorer_batch_size)
     return build_scorer("profanity-check", batch_size=config.scorer_batch_size)
+
+
+def reward_function(config: ToxicityEvalConfig):
+    """The evaluator's scorer as an online reward: non-toxicity, 1 - toxicity (the paper's feedback).
+
+    A completion the scorer cannot score gets 0.5, so an empty or unreadable output is never the
+    easy way to a clean score.
+
+    >>> reward = reward_function(ToxicityEvalConfig())  # profanity-check, offline
+    >>> clean, rude = reward(["What a lovely afternoon.", "shut up, you fucking idiot"])
+    >>> clean > rude
+    True
+    """
+    scorer = make_scorer(config)
+
+    def reward(completions: list[str]) -> list[float]:
+        items = score_generations([{"prompt_id": i, "completion": c} for i, c in enumerate(completions)], scorer,
+                                  key="toxicity")
+        return [0.5 if item["toxicity"] is None else 1.0 - item["toxicity"] for item in items]
+
+    return reward
 
 
 def evaluate(rows: Sequence[dict[str, Any]], config: ToxicityEvalConfig, *, scorer: TextScorer | None = None,
