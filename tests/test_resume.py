@@ -67,13 +67,16 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_llama_d
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         folder = ModelFolder(killed)
         deadline = time.monotonic() + 300
-        while folder.last_checkpoint is None and proc.poll() is None and time.monotonic() < deadline:
+        # a whole checkpoint, with the training seconds written into it after it was saved
+        while ((folder.last_checkpoint is None or not (folder.last_checkpoint / "gcsl_train_seconds.json").exists())
+               and proc.poll() is None and time.monotonic() < deadline):
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     resume_from = folder.last_checkpoint
     assert resume_from is not None, (tmp_path / "train.log").read_text()[-2000:]
     killed_at = int(resume_from.name.split("-")[1])
+    earlier = json.loads((resume_from / "gcsl_train_seconds.json").read_text())["train_seconds"]
     assert killed_at < STEPS and not killed.exists(), "the run finished before it could be killed"
 
     # What a kill during saving leaves: a newer checkpoint without trainer_state.json (written last).
@@ -100,6 +103,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_llama_d
 
     assert not folder.partial.exists() and not torn.exists() and not half.exists()
     assert json.loads((killed / "run.json").read_text())["resumed_from_step"] == killed_at
+    # Training time adds up over sittings: the killed sitting's seconds, recorded in its checkpoint, count.
+    total = json.loads((killed / "train_metrics.json").read_text())["train_seconds"]
+    assert 0 < earlier < total and "train_seconds_from_step" not in json.loads(
+        (killed / "train_metrics.json").read_text())
     assert resumed.global_step == straight.global_step == STEPS
     assert resumed.train_loss == pytest.approx(straight.train_loss, abs=1e-5)
     resumed_losses = {h["step"]: h["loss"] for h in resumed.log_history if "loss" in h}

@@ -228,18 +228,23 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
     if cfg.init_adapter is not None:
         _load_init_adapter(trainer.model, Path(cfg.init_adapter))
 
-    # 5. Train (resuming restores model, optimizer, scheduler and RNG states).
+    # 5. Train (resuming restores model, optimizer, scheduler and RNG states). Training time adds
+    # up over sittings: each checkpoint records the seconds spent up to it.
+    before = _seconds_before(checkpoint)
     started = time.perf_counter()
+    trainer.add_callback(_training_clock(started, before or 0.0))
     from gcsl.models import library_deprecations_silenced
 
     with library_deprecations_silenced():  # TRL's DPOTrainer reads a deprecated name while it trains
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    seconds = time.perf_counter() - started
+    seconds = (before or 0.0) + time.perf_counter() - started
     trainer.save_model(str(work))  # every rank takes part (FSDP/DeepSpeed gather); the main one writes
 
     # 6. The main process completes the folder and renames it into place.
     metrics = {"global_step": trainer.state.global_step, "train_loss": _final_loss(trainer, output),
                **_throughput(cfg, built, trainer, seconds, state.num_processes)}
+    if before is None:  # resumed from a checkpoint that does not record its time: this sitting's only
+        metrics["train_seconds_from_step"] = int(checkpoint.name.split("-")[1])
     if state.is_main_process:
         print(_throughput_line(cfg, metrics, state.num_processes), flush=True)
         _finish(cfg, work, prepared, trainer, metrics, built.precision, built.base_path, checkpoint,
@@ -783,6 +788,34 @@ def _throughput(cfg: TrainConfig, built: _Built, trainer, seconds: float, world_
         "train_tokens": int(trainer.state.num_input_tokens_seen) if isinstance(trainer, GcslSFTTrainer) else None,
         "train_seconds": round(seconds, 3),
     }
+
+
+# Written into each checkpoint after it is saved: the training seconds up to that step, all sittings.
+_CLOCK_FILE = "gcsl_train_seconds.json"
+
+
+def _seconds_before(checkpoint: Path | None) -> float | None:
+    """Training seconds spent before ``checkpoint`` (0 for a fresh run; None when a checkpoint does not say)."""
+    if checkpoint is None:
+        return 0.0
+    try:
+        return float(json.loads((checkpoint / _CLOCK_FILE).read_text(encoding="utf-8"))["train_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _training_clock(started: float, before: float):
+    """A callback that writes, into each checkpoint it follows, the training seconds up to it."""
+    from transformers import TrainerCallback
+
+    class TrainingClock(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                atomic_write_json(folder / _CLOCK_FILE,
+                                  {"train_seconds": round(before + time.perf_counter() - started, 3)})
+
+    return TrainingClock()
 
 
 def _throughput_line(cfg: TrainConfig, metrics: dict[str, Any], world_size: int) -> str:
