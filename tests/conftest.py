@@ -105,3 +105,12 @@ def write_feedback_log(path: Path, seed: int) -> Path:
 def feedback_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A module's feedback log: :func:`write_feedback_log` with seed 0."""
     return write_feedback_log(tmp_path_factory.mktemp("log") / "log.jsonl", seed=0)
+
+
+def write_scripted_reviews(path: Path) -> Path:
+    """A scripted sentiment log: 24 rows on 12 chat prompts, one review word per row, scores 0..1."""
+    words = ["awful", "bad", "dull", "fine", "good", "great", "wonderful", "terrible"]
+    rows = [{"prompt": [{"role": "user", "content": f"Review movie {i % 12}."}],
+             "response": f"A {words[i % 8]} film.", "score": (i % 8) / 7} for i in range(24)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from conftest import write_scripted_reviews
 from gcsl.config import resolve_config
 from gcsl.data.prepare import PrepareConfig, prepare
 from gcsl.errors import ConfigError
@@ -27,17 +28,6 @@ from gcsl.experiments.runner import (
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _feedback(path: Path) -> Path:
-    words = ["awful", "bad", "dull", "fine", "good", "great", "wonderful", "terrible"]
-    rows = []
-    for i in range(24):
-        w = words[i % len(words)]
-        rows.append({"prompt": [{"role": "user", "content": f"Review movie {i % 12}."}],
-                     "response": f"A {w} film.", "score": (i % 8) / 7})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _prompts(path: Path) -> Path:
     path.write_text("".join(json.dumps({"id": f"t{i}", "prompt": [{"role": "user", "content": f"Review film {i}."}]})
                             + "\n" for i in range(4)))
@@ -47,7 +37,7 @@ def _prompts(path: Path) -> Path:
 def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the report names files relative to where the experiment ran
     cfg = resolve_config(ExperimentConfig, overrides={
-        "name": "tiny", "out": tmp_path / "exp", "task": "sentiment", "data": str(_feedback(tmp_path / "fb.jsonl")),
+        "name": "tiny", "out": tmp_path / "exp", "task": "sentiment", "data": str(write_scripted_reviews(tmp_path / "fb.jsonl")),
         "eval_prompts": str(_prompts(tmp_path / "p.jsonl")), "model": str(tiny_llama_dir),
         "methods": ["base", "sft", "gcsl-bey-nl"], "seeds": [0, 1], "baseline": "sft",
         "method_seeds": {"base": [1]},
@@ -205,7 +195,7 @@ def test_validation_split_is_deterministic_and_disjoint(tmp_path):
     with pytest.raises(ConfigError, match="all 10 distinct"):
         held_out_prompts(prompts, 10)
 
-    data = _feedback(tmp_path / "fb.jsonl")
+    data = write_scripted_reviews(tmp_path / "fb.jsonl")
     over = {"name": "x", "out": tmp_path / "exp", "task": "sentiment", "data": str(data), "eval_prompts": "p",
             "validation_prompts": 4}
     cfg = resolve_config(ExperimentConfig, overrides=over)
@@ -236,7 +226,7 @@ def test_validation_split_is_deterministic_and_disjoint(tmp_path):
 
 
 def test_trained_goal_curves_expand_from_prepared_goals(tmp_path):
-    data = _feedback(tmp_path / "fb.jsonl")
+    data = write_scripted_reviews(tmp_path / "fb.jsonl")
     cfg = resolve_config(ExperimentConfig, overrides={
         "name": "x", "out": tmp_path / "exp", "task": "sentiment", "data": str(data), "eval_prompts": "p",
         "methods": ["gcsl", "gcsl-bey-nl"], "goal_curves": {"gcsl": ["level:1", "level:4"],
@@ -291,7 +281,7 @@ def test_quickstart_settings_on_a_tiny_model_print_low_high_difference_and_probe
                            "level_words": settings["prepare"]["level_words"][1:]}  # 4 bins here
     settings["goal_curves"] = {method: ["level:1", "level:4"]}
     cfg = resolve_config(ExperimentConfig, overrides={
-        **settings, "out": tmp_path / "qs", "data": str(_feedback(tmp_path / "fb.jsonl")),
+        **settings, "out": tmp_path / "qs", "data": str(write_scripted_reviews(tmp_path / "fb.jsonl")),
         "eval_prompts": str(_prompts(tmp_path / "p.jsonl")), "model": str(tiny_llama_dir), "validation_prompts": 3,
         "train": {**settings["train"], "epochs": 1, "per_device_batch_size": 8, "report_to": "none"},
         "generate": {**settings["generate"], "max_new_tokens": 4}, "ci_samples": 200, "probe": {"ci_samples": 100}})
@@ -311,7 +301,7 @@ def test_quickstart_settings_on_a_tiny_model_print_low_high_difference_and_probe
 
 def test_a_run_that_died_before_its_first_checkpoint_starts_over(tmp_path, tiny_llama_dir):
     cfg = resolve_config(ExperimentConfig, overrides={
-        "name": "tiny", "out": tmp_path / "exp", "task": "sentiment", "data": str(_feedback(tmp_path / "fb.jsonl")),
+        "name": "tiny", "out": tmp_path / "exp", "task": "sentiment", "data": str(write_scripted_reviews(tmp_path / "fb.jsonl")),
         "eval_prompts": str(_prompts(tmp_path / "p.jsonl")), "model": str(tiny_llama_dir), "methods": ["sft"],
         "seeds": [0], "baseline": "sft", "prepare": {"score_range": [0, 1]},
         "train": {"max_steps": 1, "per_device_batch_size": 4, "report_to": "none"},

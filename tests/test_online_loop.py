@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import write_scripted_reviews
 from gcsl.config import resolve_config
 from gcsl.data.prepare import PrepareConfig
 from gcsl.errors import ConfigError
@@ -22,15 +23,6 @@ TRAIN = {"per_device_batch_size": 4, "report_to": "none", "save_steps": 1, "lora
 GENERATE = {"max_new_tokens": 3, "batch_size": 4}
 
 
-def _feedback(path: Path) -> Path:
-    """A scripted sentiment log, as tests/test_experiment.py's: 24 rows on 12 prompts, scores 0..1."""
-    words = ["awful", "bad", "dull", "fine", "good", "great", "wonderful", "terrible"]
-    rows = [{"prompt": [{"role": "user", "content": f"Review movie {i % 12}."}],
-             "response": f"A {words[i % 8]} film.", "score": (i % 8) / 7} for i in range(24)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _high_scorer(monkeypatch) -> None:
     """Every sample scores 1.0: the pool's upper thresholds must move up."""
     import gcsl.training.online as online
@@ -40,7 +32,7 @@ def _high_scorer(monkeypatch) -> None:
 
 def _loop(tmp_path: Path, model: Path, **over) -> LoopConfig:
     return resolve_config(LoopConfig, overrides={
-        "data": str(_feedback(tmp_path / "fb.jsonl")), "out": tmp_path / "loop", "model": str(model),
+        "data": str(write_scripted_reviews(tmp_path / "fb.jsonl")), "out": tmp_path / "loop", "model": str(model),
         "rounds": 2, "samples_per_round": 6, "steps_per_round": 1, "prepare": PREPARE, "train": TRAIN,
         "generate": GENERATE, **over})
 
@@ -185,7 +177,7 @@ def test_experiment_runs_the_loop_and_reports_it(tmp_path, tiny_llama_dir, monke
     prompts.write_text("".join(json.dumps({"id": f"t{i}", "prompt": [{"role": "user", "content": f"Film {i}."}]})
                                + "\n" for i in range(2)))
     cfg = resolve_config(ExperimentConfig, overrides={
-        "name": "tiny", "out": tmp_path / "exp", "task": "sentiment", "data": str(_feedback(tmp_path / "fb.jsonl")),
+        "name": "tiny", "out": tmp_path / "exp", "task": "sentiment", "data": str(write_scripted_reviews(tmp_path / "fb.jsonl")),
         "eval_prompts": str(prompts), "model": str(tiny_llama_dir), "methods": ["base", "online-gcsl-bey-nl"],
         "seeds": [0], "baseline": "base", "validation_prompts": 2, "prepare": PREPARE,
         "train": {**TRAIN, "max_steps": 1}, "loop": {"rounds": 1, "samples_per_round": 4},

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_scripted_reviews
 from gcsl.config import resolve_config
 from gcsl.errors import ConfigError
 from gcsl.experiments.runner import ExperimentConfig, run_experiment
@@ -21,15 +22,6 @@ QUARK_TRAIN = {"kl_coef": 0.05, "entropy_coef": 0.06}
 PREPARE = {"score_range": [0, 1], "bins": 4}
 TRAIN = {"per_device_batch_size": 4, "report_to": "none", "save_steps": 1, "lora_r": 4}
 GENERATE = {"max_new_tokens": 3, "batch_size": 4}
-
-
-def _feedback(path: Path) -> Path:
-    """tests/test_online_loop.py's scripted sentiment log: 24 rows on 12 prompts, scores 0..1."""
-    words = ["awful", "bad", "dull", "fine", "good", "great", "wonderful", "terrible"]
-    rows = [{"prompt": [{"role": "user", "content": f"Review movie {i % 12}."}],
-             "response": f"A {words[i % 8]} film.", "score": (i % 8) / 7} for i in range(24)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _trainer(tiny_llama_dir: Path, tmp_path: Path, **kwargs):
@@ -113,7 +105,7 @@ def test_experiment_runs_quark_with_its_defaults(tmp_path, tiny_llama_dir, monke
     prompts.write_text("".join(json.dumps({"id": f"t{i}", "prompt": [{"role": "user", "content": f"Film {i}."}]})
                                + "\n" for i in range(2)))
     cfg = resolve_config(ExperimentConfig, overrides={
-        "name": "tiny", "out": tmp_path / "exp", "task": "sentiment", "data": str(_feedback(tmp_path / "fb.jsonl")),
+        "name": "tiny", "out": tmp_path / "exp", "task": "sentiment", "data": str(write_scripted_reviews(tmp_path / "fb.jsonl")),
         "eval_prompts": str(prompts), "model": str(tiny_llama_dir), "methods": ["base", "quark"],
         "seeds": [0], "baseline": "base", "validation_prompts": 2, "prepare": PREPARE,
         "train": {**TRAIN, "max_steps": 1}, "loop": {"rounds": 1, "samples_per_round": 4},
