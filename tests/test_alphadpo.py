@@ -155,3 +155,12 @@ def test_alphadpo_needs_dpo_pairs(feedback_log, tiny_llama_dir, tmp_path):
     with pytest.raises(ConfigError, match="preference_loss: alphadpo needs DPO pairs"):
         train(_config(data, tmp_path / "x", tiny_llama_dir))
     assert not (tmp_path / "x").exists()
+
+
+def test_rosepo_loss_needs_the_smoothing_column(dpo_data, tiny_llama_dir, tmp_path):
+    # Plain `gcsl prepare --method dpo` pairs carry no per-pair smoothing: the RosePO loss is refused up front.
+    from gcsl.training.train import train
+
+    with pytest.raises(ConfigError, match="preference_loss: rosepo reads each pair's smoothing column") as err:
+        train(_config(dpo_data, tmp_path / "x", tiny_llama_dir, preference_loss="rosepo"))
+    assert "\n" not in str(err.value) and not (tmp_path / "x").exists()

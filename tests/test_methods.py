@@ -35,17 +35,21 @@ def prepared_all(feedback_log, tmp_path_factory):
 
 def test_the_table_is_the_expected_one():
     assert list(METHODS) == ["base", "sft", "sft-aug", "dpo", "gcsl", "gcsl-nl", "gcsl-bey", "gcsl-bey-nl",
-                             "gcsl-bey-snl", "gcsl-noquant-nl", "gcsl-noquant-embed", "sft-bottom", "dexperts",
-                             "random", "most-popular", "grpo", "rloo", "online-gcsl-bey-nl", "quark"]
-    assert trained_methods() == tuple(m for m in METHODS if m not in ("base", "dexperts", "random", "most-popular",
-                                                                      "grpo", "rloo", "online-gcsl-bey-nl", "quark"))
-    assert {m.name: m.variant_kind for m in METHODS.values() if not m.trainable} == {
-        "base": "base", "dexperts": "decoding", "random": "heuristic", "most-popular": "heuristic",
-        "grpo": "online", "rloo": "online", "online-gcsl-bey-nl": "loop", "quark": "loop"}
+                             "gcsl-bey-snl", "gcsl-noquant-nl", "gcsl-noquant-embed", "sft-bottom", "dexperts", "pplm",
+                             "random", "most-popular", "bigrec", "grpo", "rloo", "online-gcsl-bey-nl", "quark",
+                             "sft-all", "llmeraser", "rosepo", "sprec"]
+    untrained = {"base": "base", "dexperts": "decoding", "pplm": "classifier", "random": "heuristic",
+                 "most-popular": "heuristic", "grpo": "online", "rloo": "online", "online-gcsl-bey-nl": "loop",
+                 "quark": "loop", "llmeraser": "erased", "rosepo": "recipe", "sprec": "recipe"}
+    assert trained_methods() == tuple(m for m in METHODS if m not in untrained)
+    assert {m.name: m.variant_kind for m in METHODS.values() if not m.trainable} == untrained
     assert {m.name: m.online for m in METHODS.values() if m.online} == {"grpo": "grpo", "rloo": "rloo"}
     assert {m.name: m.loop for m in METHODS.values() if m.loop} == {"online-gcsl-bey-nl": "gcsl-bey-nl", "quark": "gcsl"}
+    assert {m.name: m.recipe for m in METHODS.values() if m.recipe} == {"rosepo": "rosepo", "sprec": "sprec"}
+    assert {m.name: m.erases for m in METHODS.values() if m.erases} == {"llmeraser": ("sft-all", "sft-bottom")}
     assert {m.name: m.tasks for m in METHODS.values() if m.tasks is not None} == {
-        "random": ("recommendation",), "most-popular": ("recommendation",)}
+        "random": ("recommendation",), "most-popular": ("recommendation",), "bigrec": ("recommendation",),
+        "rosepo": ("recommendation",), "sprec": ("recommendation",)}
     assert {m.name for m in METHODS.values() if m.beyond} == {"sft-aug", "gcsl-bey", "gcsl-bey-nl", "gcsl-bey-snl"}
     assert {m.name for m in METHODS.values() if m.goal_input == "token"} == {"gcsl", "gcsl-bey"}
     assert {m.name: m.goal_request for m in METHODS.values() if m.is_goal_conditioned} == {
@@ -147,7 +151,8 @@ def test_get_method_names_every_valid_method_in_one_line():
     message = str(err.value)
     assert message == ("method: unknown method 'gcsl-beyond'; use one of base, sft, sft-aug, dpo, gcsl, gcsl-nl, "
                        "gcsl-bey, gcsl-bey-nl, gcsl-bey-snl, gcsl-noquant-nl, gcsl-noquant-embed, sft-bottom, "
-                       "dexperts, random, most-popular, grpo, rloo, online-gcsl-bey-nl, quark")
+                       "dexperts, pplm, random, most-popular, bigrec, grpo, rloo, online-gcsl-bey-nl, quark, sft-all, "
+                       "llmeraser, rosepo, sprec")
     assert "\n" not in message
 
 
@@ -194,5 +199,5 @@ def test_cli_choices_come_from_the_table(capsys):
     for name in trained_methods():
         assert name in help_text
     assert "{sft,sft-aug,dpo,gcsl,gcsl-nl,gcsl-bey,gcsl-bey-nl,gcsl-bey-snl,gcsl-noquant-nl,gcsl-noquant-embed," \
-        "sft-bottom}" \
+        "sft-bottom,bigrec,sft-all}" \
         in help_text

@@ -224,7 +224,8 @@ def amazon_generations(tmp_path_factory) -> Path:
                  "--n-train", "0", "--n-valid", "0", "--n-test", "0", "--out", str(folder / "data")])
     assert code == 0
     assert sorted(p.name for p in (folder / "data").iterdir()) == [
-        "data.json", "run.json", "test_prompts.jsonl", "train.jsonl", "validation.jsonl", "validation_prompts.jsonl"]
+        "catalogue.jsonl", "data.json", "run.json", "test_prompts.jsonl", "train.jsonl", "validation.jsonl",
+        "validation_prompts.jsonl"]
     feedback = _read_jsonl(folder / "data" / "train.jsonl")
     assert feedback and all(1 <= r["score"] <= 5 for r in feedback)
     prompts = [p for name in ("validation_prompts.jsonl", "test_prompts.jsonl")

@@ -30,6 +30,7 @@ from gcsl.goals.formulate import (
     top_fraction,
     unquantized,
 )
+from gcsl.tasks.recommendation.bigrec import bigrec_positives
 
 __all__ = [
     "Method",
@@ -38,10 +39,12 @@ __all__ = [
     "trained_methods",
     "COMPLETION_COLUMNS",
     "PAIR_COLUMNS",
+    "SMOOTHING_COLUMN",
     "GoalInput",
     "GoalRequest",
     "TrainerKind",
     "OnlineAlgorithm",
+    "BASE_MODEL",
 ]
 
 # What the model reads as its goal: nothing, a reward token or goal text in the prompt, or a number
@@ -57,9 +60,15 @@ TrainerKind = Literal["sft", "embed", "preference", "none"]
 # The TRL trainer of an online RL method: GRPOTrainer or RLOOTrainer (gcsl.training.online).
 OnlineAlgorithm = Literal["grpo", "rloo"]
 
+# In a method's evaluate_defaults, stands for the experiment's base model (`gcsl experiment` substitutes it).
+BASE_MODEL = "@base-model"
+
 # The columns `gcsl train` reads (and requires non-empty) for each data layout.
 COMPLETION_COLUMNS = ("prompt", "completion")
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+# An optional column of pair data: each pair's label-smoothing factor (RosePO's personalized smoothing), read by
+# `gcsl train --preference-loss rosepo`.
+SMOOTHING_COLUMN = "smoothing"
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,8 @@ class Method:
     ``experts``: a decoding-time method (DExperts) steers the untrained base model while it samples,
     with an expert and an anti-expert adapter trained by these two methods of the table; `gcsl
     experiment` trains them, `gcsl prepare` / `gcsl train` do not take the method itself.
+    ``classifier``: a decoding-time method steered by an attribute classifier (PPLM): `gcsl experiment` trains the
+    classifier on the feedback (:mod:`gcsl.generation.pplm`) and samples the untrained base model with it.
     ``heuristic``: no model at all; `gcsl experiment` has the task's own module write its generations (a
     sanity baseline such as a random or the most popular item). ``tasks``: the only tasks the method
     makes sense for (None: every task); a heuristic names them. ``online``: an online RL baseline (TRL's
@@ -83,8 +94,17 @@ class Method:
     on the training prompts, scores the samples with the task's scorer, adds them to a pool and prepares and
     trains the same adapter again with this offline method of the table (e.g. ``gcsl-bey-nl``); the entry
     itself has no trainer, goal or columns: the final model is a model of ``loop``, goals.json and all.
+    ``recipe``: a recommendation preference recipe (``rosepo`` or ``sprec``) that builds its own pairs from the log,
+    the catalogue and the model's own recommendations and trains in stages (SFT, then DPO; SPRec in self-play
+    rounds) with :mod:`gcsl.tasks.recommendation.preference`; `gcsl experiment` only, no trainer or goal of its own.
     ``train_defaults``: (TrainConfig option, value) pairs a loop's rounds train with unless the experiment's own
     ``train`` options set them (e.g. ``quark``'s KL and entropy coefficients); pairs, so the entry stays frozen.
+    ``evaluate_defaults``: (evaluator option, value) pairs its generations are scored with unless the experiment's
+    ``evaluate`` block sets them (e.g. ``bigrec``'s own grounding); the value :data:`BASE_MODEL` is the
+    experiment's base model. Evaluator options are a task's, so such an entry names its ``tasks``.
+    ``erases``: an unlearning baseline (LLMEraser) with no training of its own: `gcsl experiment` trains an adapter
+    with the first method of the table (every row) and prepares the rows to remove with the second, then
+    :mod:`gcsl.training.eraser` takes their influence out of that adapter.
     """
 
     name: str
@@ -103,6 +123,10 @@ class Method:
     online: OnlineAlgorithm | None = None
     loop: str | None = None
     train_defaults: tuple[tuple[str, Any], ...] = ()
+    recipe: str | None = None
+    erases: tuple[str, str] | None = None
+    evaluate_defaults: tuple[tuple[str, Any], ...] = ()
+    classifier: bool = False
 
     def __post_init__(self) -> None:
         # A contradictory entry would train one thing and generate another; refuse it at import.
@@ -146,6 +170,29 @@ class Method:
             problems.append("train_defaults holds (option, value) pairs, each option once")
         if self.train_defaults and self.loop is None:
             problems.append("train_defaults apply to an online loop's rounds: only an entry with loop carries them")
+        names = [pair[0] if isinstance(pair, tuple) and len(pair) == 2 else None for pair in self.evaluate_defaults]
+        if None in names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+            problems.append("evaluate_defaults holds (option, value) pairs, each option once")
+        if self.evaluate_defaults and not self.tasks:
+            problems.append("evaluate_defaults are a task's evaluator options: name the tasks the method applies to")
+        if self.erases is not None and (self.trainer != "none" or self.goal_input != "none" or self.columns
+                                        or self.experts is not None or self.heuristic or self.online is not None
+                                        or self.loop is not None or self.recipe is not None or self.classifier):
+            problems.append("an unlearning method edits the adapter of the method it names: no trainer, goal, "
+                            "training columns, experts, heuristic, online algorithm, loop, recipe or classifier of "
+                            "its own")
+        if self.erases is not None and (len(self.erases) != 2 or self.name in self.erases):
+            problems.append("erases names two other methods: the full adapter's and the erased rows'")
+        if self.recipe is not None and (self.recipe not in ("rosepo", "sprec") or self.trainer != "none"
+                                        or self.goal_input != "none" or self.columns or self.heuristic
+                                        or self.online is not None or self.loop is not None or not self.tasks):
+            problems.append("a recipe (rosepo or sprec) trains in its own stages: no trainer, goal, training columns, "
+                            "heuristic, online algorithm or loop, and it names its tasks")
+        if self.classifier and (self.trainer != "none" or self.goal_input != "none" or self.columns
+                                or self.experts is not None or self.heuristic or self.online is not None
+                                or self.loop is not None):
+            problems.append("a classifier-steered method (PPLM) samples the untrained base: no trainer, goal, "
+                            "training columns, experts, heuristic, online algorithm or loop of its own")
         if self.online is not None and self.online not in ("grpo", "rloo"):
             problems.append(f"online must be grpo or rloo, got {self.online!r}")
         if problems:
@@ -165,16 +212,24 @@ class Method:
     @property
     def variant_kind(self) -> str:
         """How `gcsl experiment` makes what it generates with: ``trained`` (prepare -> train),
-        ``decoding`` (the base model steered by trained experts while sampling), ``heuristic`` (no
+        ``decoding`` (the base model steered by trained experts while sampling), ``classifier`` (the base model
+        steered by an attribute classifier trained on the feedback, PPLM), ``heuristic`` (no
         model: the task's module writes the generations), ``online`` (an adapter trained by online RL on
         its own scored samples), ``loop`` (rounds of sample -> score -> pool -> prepare -> train with the
-        ``loop`` method) or ``base`` (the model as it is); a key of the runner's table of variant kinds."""
+        ``loop`` method), ``erased`` (an ``erases[0]`` adapter with ``erases[1]``'s rows unlearned) or ``base``
+        (the model as it is); a key of the runner's table of variant kinds."""
         if self.trainable:
             return "trained"
         if self.online is not None:
             return "online"
         if self.loop is not None:
             return "loop"
+        if self.recipe is not None:  # RosePO / SPRec: staged SFT and DPO on their own pairs
+            return "recipe"
+        if self.erases is not None:
+            return "erased"
+        if self.classifier:  # PPLM: the base model steered by an attribute classifier trained on the feedback
+            return "classifier"
         return "heuristic" if self.heuristic else "decoding" if self.experts is not None else "base"
 
 
@@ -217,12 +272,25 @@ METHODS: Mapping[str, Method] = _entries(
     Method("dexperts", "DExperts (Liu et al., 2021): the base model's next-token logits plus alpha x (expert - "
                        "anti-expert), an sft and an sft-bottom adapter on the same base, combined while sampling",
            None, trainer="none", columns=(), experts=("sft", "sft-bottom")),
+    # PPLM (Dathathri et al., ICLR 2020), discriminator variant; its settings are GenerateConfig's pplm_* options.
+    Method("pplm", "PPLM (Dathathri et al., 2020): gradient steps on the base model's key/value history at every "
+                   "token push a linear classifier of its mean hidden state towards the desired class (trained on "
+                   "the sft vs the sft-bottom rows), with a KL term and geometric-mean fusion with the unsteered "
+                   "distribution",
+           None, trainer="none", columns=(), classifier=True),
     Method("random", "a uniformly random catalogue item per generation, seeded; no model (a recommendation "
                      "sanity baseline)",
            None, trainer="none", columns=(), heuristic=True, tasks=("recommendation",)),
     Method("most-popular", "the item rated most often in the training feedback that the prompt's history does "
                            "not hold; no model (a recommendation sanity baseline)",
            None, trainer="none", columns=(), heuristic=True, tasks=("recommendation",)),
+    # BIGRec (Bao et al., 2023): SFT on the interactions rated above 3 (SAI990323/BIGRec data/movie/process.ipynb),
+    # grounded by L2 distance between the base LLM's last-token states (data/movie/evaluate.py).
+    Method("bigrec", "BIGRec (Bao et al., 2023): instruction tuning on the interactions rated above 3, its generated "
+                     "title grounded to catalogue items by L2 distance between the base model's last-layer last-token "
+                     "states (`--grounding bigrec-l2`, optionally popularity-adjusted by `--popularity-gamma`)",
+           bigrec_positives, tasks=("recommendation",),
+           evaluate_defaults=(("grounding", "bigrec-l2"), ("lm", BASE_MODEL))),
     Method("grpo", "online RL baseline: GRPO (Shao et al., 2024; TRL GRPOTrainer) trains a LoRA adapter on its own "
                    "samples for the training prompts, rewarded by the task's scorer, group-normalised advantages",
            None, trainer="none", columns=(), online="grpo"),
@@ -241,6 +309,19 @@ METHODS: Mapping[str, Method] = _entries(
                     "re-quantizing and training the same adapter further with a KL penalty to the base (0.05) and "
                     "an entropy bonus (0.06)",
            None, trainer="none", columns=(), loop="gcsl", train_defaults=(("kl_coef", 0.05), ("entropy_coef", 0.06))),
+    Method("sft-all", "supervised fine-tuning on every response, whatever its score (no goal): the adapter an "
+                      "unlearning baseline starts from", unquantized),
+    Method("llmeraser", "LLMEraser (Ding et al., ICLR 2025), instance removal: an sft-all adapter with the "
+                        "sft-bottom rows' influence taken out by one influence-function update of the LoRA weights, "
+                        "(1/n) H^-1 times their summed loss gradient, no retraining",
+           None, trainer="none", columns=(), erases=("sft-all", "sft-bottom")),
+    Method("rosepo", "RosePO (Liao et al., 2024): SFT on the liked items, then DPO against the SFT model's own wrong "
+                     "recommendations (self-hard, helpfulness) and popular or hallucinated items (harmlessness), "
+                     "each pair's loss smoothed by an oracle's probability that its label is wrong",
+           None, trainer="none", columns=(), tasks=("recommendation",), recipe="rosepo"),
+    Method("sprec", "SPRec (Gao et al., WWW 2025): self-play rounds, each SFT on sampled liked items then DPO with "
+                    "the previous round's own greedy recommendations for those prompts as the rejected responses",
+           None, trainer="none", columns=(), tasks=("recommendation",), recipe="sprec"),
 )
 
 
@@ -250,6 +331,11 @@ def _check_loops(table: Mapping[str, Method]) -> None:
         if method.loop is not None and (method.loop not in table or not table[method.loop].trainable):
             raise ConfigError(f"method {method.name!r}: loop must name a trainable method of the table, got "
                               f"{method.loop!r}")
+        bad = [m for m in method.erases or () if m not in table or not table[m].trainable
+               or table[m].is_goal_conditioned]
+        if bad:
+            raise ConfigError(f"method {method.name!r}: erases must name goal-free trainable methods of the table, "
+                              f"got {bad[0]!r}")
 
 
 _check_loops(METHODS)
@@ -270,9 +356,11 @@ def get_method(name: str) -> Method:
 
 def trained_methods() -> tuple[str, ...]:
     """The names `gcsl prepare` and `gcsl train` accept: every method but the untrained ``base``, the
-    decoding-time ``dexperts`` (whose experts are trained as ``sft`` and ``sft-bottom``), the
+    decoding-time ``dexperts`` (whose experts are trained as ``sft`` and ``sft-bottom``) and ``pplm`` (whose
+    classifier `gcsl experiment` trains), the
     model-free heuristics (``random``, ``most-popular``), the online ``grpo`` / ``rloo`` (trained
-    by `gcsl experiment` on their own samples) and the online loops (``online-gcsl-bey-nl``, ``quark``).
+    by `gcsl experiment` on their own samples), the online loops (``online-gcsl-bey-nl``, ``quark``) and the
+    unlearning ``llmeraser`` (an ``sft-all`` adapter with ``sft-bottom``'s rows removed).
 
     >>> trained_methods()[:3]
     ('sft', 'sft-aug', 'dpo')

@@ -328,9 +328,11 @@ def _is_chat(col: pa.ChunkedArray) -> bool:
 
 
 def read_feedback(source: str, *, prompt_column: str = "prompt", response_column: str = "response",
-                  score_column: str = "score", fmt: str = "auto", split: str = "train") -> pa.Table:
+                  score_column: str = "score", fmt: str = "auto", split: str = "train",
+                  aspect_columns: tuple[str, ...] = ()) -> pa.Table:
     """Reads a feedback log and renames its columns to ``prompt``, ``response``, ``score_raw``.
 
+    ``aspect_columns`` (multi-aspect goals) are kept too, each as ``aspect:<column>``, read like the score.
     Raises a one-line DataError for an unreadable file or a missing column.
     """
     fmt = detect_format(source) if fmt == "auto" else fmt
@@ -340,7 +342,11 @@ def read_feedback(source: str, *, prompt_column: str = "prompt", response_column
             raise DataError(f"{source}: column {name!r} appears {table.column_names.count(name)} times; "
                             "give each column a distinct name")
     mapping = {"prompt": prompt_column, "response": response_column, "score_raw": score_column}
-    missing = [f"--{k.split('_')[0]}-column {v!r}" for k, v in mapping.items() if v not in table.column_names]
+    # An aspect's column is named by its --aspect (the first aspect's is also the score column).
+    missing = [f"--{k.split('_')[0]}-column {v!r}" for k, v in mapping.items()
+               if v not in table.column_names and v not in aspect_columns]
+    missing += [f"--aspect(column=) {c!r}" for c in aspect_columns if c not in table.column_names]
+    mapping.update({f"aspect:{c}": c for c in aspect_columns})
     if missing:
         raise DataError(f"{source}: column(s) not found: {', '.join(m.split(' ', 1)[1] for m in missing)} "
                         f"(columns: {', '.join(table.column_names)}); pass {' / '.join(m.split(' ')[0] for m in missing)}")
@@ -348,7 +354,7 @@ def read_feedback(source: str, *, prompt_column: str = "prompt", response_column
     # Parquet and datasets may store text dictionary-encoded; the values are what count.
     columns = {k: c.cast(c.type.value_type) if pa.types.is_dictionary(c.type) else c for k, c in columns.items()}
     if fmt == "csv":
-        columns["score_raw"] = _csv_numbers(columns["score_raw"])
+        columns = {k: _csv_numbers(c) if k == "score_raw" or k.startswith("aspect:") else c for k, c in columns.items()}
     return pa.table(columns), fmt
 
 

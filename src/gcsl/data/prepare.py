@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -26,7 +27,15 @@ from gcsl.goals import (
     quantize_feedback,
     retained_levels,
 )
-from gcsl.goals.render import TEMPLATE_FIELDS
+from gcsl.goals.aspects import Aspect, MultiGoalSetup, read_aspects
+from gcsl.goals.formulate import (
+    beyond_threshold,
+    combination_levels,
+    formulate_beyond_aspects,
+    formulate_classic_aspects,
+    per_level,
+)
+from gcsl.goals.render import ASPECT_SENTENCE, TEMPLATE_FIELDS, default_aspect_templates
 from gcsl.methods import get_method, trained_methods
 from gcsl.runinfo import atomic_dir, atomic_write_json, write_run_record
 
@@ -78,6 +87,16 @@ class PrepareConfig:
                      "before for --continuation prompts (a goal after them would sit inside the text being "
                      "continued), else after")
     separator: str = field("\n\n", help="text between prompt and goal")
+    aspects: list[dict | str] = field(
+        default_factory=list, flag="--aspect",
+        help="multi-aspect goals: one spec per feedback column, 'name=NAME,column=COL[,range=LOW:HIGH]"
+             "[,direction=higher|lower|below][,kind=scalar|ordinal|categorical][,bins=K][,precision=P]"
+             "[,categories=a|b|c]' (YAML: an aspects: list of mappings, which may add flipped_name, "
+             "best_meaning and templates: clause templates by style plus 'detail'); replaces --score-column, "
+             "--metric-name, --range, --lower-is-better, --kind, --bins; one aspect is the same as those options")
+    conjunction: str = field(" and ", help="multi-aspect NL goals: text joining the aspects' clauses")
+    aspect_sentence: str = field(ASPECT_SENTENCE, help="multi-aspect NL goals: the sentence holding the clauses; "
+                                                       "fields {subject}, {goals} (the joined clauses), {details}")
     dpo_pairs: int = field(5, help="DPO: pairs per prompt with the largest score gaps")
     dpo_negatives: Literal["observed", "sampled"] = field(
         "observed", help="DPO: 'observed' pairs responses of the same prompt; 'sampled' pairs each top response "
@@ -133,7 +152,35 @@ class PrepareConfig:
             problems.append(f"level_words: {self.kind} feedback names its levels already; drop --level-words")
         if self.dpo_pairs < 1:
             problems.append("dpo_pairs: must be at least 1")
+        if self.aspects:
+            problems += read_aspects(self.aspects)[1]
+            # Each aspect carries its own metric options; a top-level one would be silently ignored.
+            defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                        for f in dataclasses.fields(self) if f.name in _ASPECT_OWNED}
+            problems += [f"{name}: with --aspect, give it inside each aspect ({_ASPECT_OWNED[name]}=...)"
+                         for name, default in defaults.items() if getattr(self, name) != default]
+            if len(self.aspects) > 1 and self.level_words:
+                problems.append("level_words: not available with several aspects; drop --level-words")
+            if len(self.aspects) > 1 and self.templates:
+                problems.append("templates: with several aspects give clause templates inside each aspect "
+                                "(aspects[i].templates)")
+            if "{goals}" not in self.aspect_sentence:
+                problems.append("aspect_sentence: must contain {goals}, where the aspects' clauses go")
         return problems
+
+    def aspect_list(self) -> list[Aspect]:
+        """The parsed aspects (empty without --aspect); call after :meth:`validate` passed."""
+        return read_aspects(self.aspects)[0] if self.aspects else []
+
+    def for_aspect(self, aspect: Aspect) -> PrepareConfig:
+        """This config with one aspect written into the single-aspect options (identical output to giving those)."""
+        low_high = None if aspect.low is None else [aspect.low, aspect.high]
+        return dataclasses.replace(
+            self, aspects=[], score_column=aspect.column, metric_name=aspect.name, score_range=low_high,
+            lower_is_better=aspect.direction != "higher", flip=aspect.direction != "below", kind=aspect.kind,
+            categories=list(aspect.categories), bins=aspect.bins, precision=aspect.precision,
+            flipped_name=aspect.flipped_name, best_meaning=aspect.best_meaning,
+            templates=aspect.templates or self.templates)
 
     @property
     def goal_placement(self) -> str:
@@ -151,6 +198,12 @@ class PrepareConfig:
         return MetricSpec(name=self.metric_name, low=low, high=high, higher_is_better=not self.lower_is_better,
                           flip=self.flip, flipped_name=self.flipped_name, precision=self.precision, kind=self.kind,
                           categories=tuple(self.categories), best_meaning=self.best_meaning, subject=self.subject)
+
+
+# Single-aspect options an aspect spec replaces, with the aspect field that does.
+_ASPECT_OWNED = {"score_column": "column", "metric_name": "name", "score_range": "range", "lower_is_better": "direction",
+                 "flip": "direction", "kind": "kind", "categories": "categories", "bins": "bins",
+                 "precision": "precision", "flipped_name": "flipped_name", "best_meaning": "best_meaning"}
 
 
 @dataclass
@@ -176,6 +229,14 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
                 else "is the untrained model")
         raise ConfigError(f"method: {cfg.method} {what} and has no training data of its own; use one of "
                           f"{', '.join(trained_methods())}")
+    if cfg.aspects:
+        problems = cfg.validate()
+        if problems:
+            raise ConfigError("; ".join(problems))
+        aspects = cfg.aspect_list()
+        if len(aspects) > 1:
+            return prepare_aspects(cfg, aspects)
+        cfg = cfg.for_aspect(aspects[0])  # one aspect is exactly the single-aspect options
     spec = cfg.metric_spec()
     table, fmt = read_feedback(cfg.data, prompt_column=cfg.prompt_column, response_column=cfg.response_column,
                                score_column=cfg.score_column, fmt=cfg.data_format, split=cfg.split)
@@ -220,6 +281,85 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
             quant.thresholds) + 1)[1:])},
     }
     goals = setup.to_json() | {"counts": counts, "dropped": dropped, "notes": notes}
+    _write_outputs(cfg, batches, goals)
+    result = PrepareResult(Path(cfg.out), setup, log.num_rows, rows_out, dropped, notes)
+    if not cfg.quiet:
+        _print_report(result, goals)
+    return result
+
+
+def prepare_aspects(cfg: PrepareConfig, aspects: list[Aspect]) -> PrepareResult:
+    """`gcsl prepare` with several aspects: each quantized and filtered on its own, one goal per row.
+
+    Classic methods give each row the tuple of its levels; beyond methods give it one training row
+    per combination of retained thresholds that it reaches in every aspect.
+    """
+    method = get_method(cfg.method)
+    if method.formulate not in _ASPECT_FORMULATIONS:
+        usable = [m for m in trained_methods() if get_method(m).formulate in _ASPECT_FORMULATIONS]
+        raise ConfigError(f"method: {cfg.method} reads one score per row, so it cannot take several --aspect; use "
+                          f"one of {', '.join(usable)}, or a single aspect")
+    table, fmt = read_feedback(cfg.data, prompt_column=cfg.prompt_column, response_column=cfg.response_column,
+                               score_column=aspects[0].column, fmt=cfg.data_format, split=cfg.split,
+                               aspect_columns=tuple(a.column for a in aspects))
+    use_filter = cfg.filter and method.filtering
+    setups, levels, scores, notes, log = [], [], [], [], None
+    for aspect in aspects:
+        spec = aspect.spec(cfg.subject)
+        # Each aspect is validated as a score column of its own; its errors say which aspect.
+        view = table.select(["prompt", "response"]).append_column("score_raw", table.column(f"aspect:{aspect.column}"))
+        aspect_cfg = cfg.for_aspect(aspect)
+        try:
+            aspect_log = validate_feedback(view, cfg.data, fmt, spec, bins=aspect.bins)
+            _check_ordinal_levels(aspect_cfg, spec, column_numpy(aspect_log.table.column("score")))
+        except DataError as exc:
+            raise DataError(f"aspect {aspect.name!r} (column {aspect.column!r}): {exc}") from None
+        log = log or aspect_log
+        scores.append(column_numpy(aspect_log.table.column("score")))
+        oriented = spec.orient(scores[-1])
+        quant = quantize_feedback(oriented, spec, bins=aspect.bins)
+        train_mean = float(oriented.mean())
+        retained = retained_levels(quant.thresholds, train_mean, filter_goals=use_filter)
+        templates, range_notes = _templates(aspect_cfg, spec, default_aspect_templates(spec))
+        setups.append(GoalSetup(
+            method=cfg.method, metric=spec, thresholds=quant.thresholds, retained_levels=retained,
+            train_mean=train_mean, bins_requested=aspect.bins, templates=templates, placement=cfg.goal_placement,
+            separator=cfg.separator, top_bin_mean=float(oriented[quant.levels == quant.levels.max()].mean()),
+            score_max=float(oriented.max()), extra={"column": aspect.column}))
+        levels.append(quant.levels)
+        notes += [f"{aspect.name}: {n}" for n in range_notes + list(quant.notes)]
+        if use_filter and not any(t > train_mean for t in quant.thresholds):
+            notes.append(f"{aspect.name}: no threshold is above the training mean; only the top level is kept")
+
+    sizes = tuple(len(s.thresholds) for s in setups)
+    level_table = np.stack(levels, axis=1)
+    form = (formulate_beyond_aspects(level_table, tuple(s.retained_levels for s in setups), sizes)
+            if method.beyond else formulate_classic_aspects(level_table, sizes))
+    counts_by_id = np.bincount(form.goal_levels, minlength=int(np.prod(sizes)) + 1)
+    setup = MultiGoalSetup(
+        method=cfg.method, aspects=tuple(setups), conjunction=cfg.conjunction, sentence=cfg.aspect_sentence,
+        placement=cfg.goal_placement, separator=cfg.separator,
+        combination_counts={combination_levels(c, sizes): int(n) for c, n in enumerate(counts_by_id) if c and n})
+    prompt_text = _as_text_prompts(log)
+    batches = (_aspect_goal_table(cfg, log, setup, form, prompt_text, scores, start, start + _SLICE)
+               for start in range(0, max(len(form.rows), 1), _SLICE))
+    counts = {"rows_in": log.num_rows, "rows_out": len(form.rows),
+              "rows_per_level": {s.metric.name: {str(k): int(v) for k, v in zip(s.levels, np.bincount(
+                  lv, minlength=len(s.thresholds) + 1)[1:])} for s, lv in zip(setups, levels)}}
+    goals = setup.to_json() | {"counts": counts, "dropped": form.dropped, "notes": notes}
+    _write_outputs(cfg, batches, goals)
+    result = PrepareResult(Path(cfg.out), setup, log.num_rows, len(form.rows), form.dropped, notes)
+    if not cfg.quiet:
+        _print_report(result, goals)
+    return result
+
+
+# Row selections that several aspects generalise (the others read one score per row).
+_ASPECT_FORMULATIONS = (per_level, beyond_threshold)
+
+
+def _write_outputs(cfg: PrepareConfig, batches, goals: dict) -> None:
+    """train.parquet (a slice at a time), goals.json and run.json, all or nothing."""
     with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
         writer = None
         for batch in batches:
@@ -228,24 +368,25 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         writer.close()
         atomic_write_json(tmp / "goals.json", goals)
         write_run_record(tmp, stage="prepare", config=cfg, seed=cfg.seed, goals=goals)
-    result = PrepareResult(Path(cfg.out), setup, log.num_rows, rows_out, dropped, notes)
-    if not cfg.quiet:
-        _print_report(result, goals)
-    return result
 
 
 # The defaults' sentence stating the metric's range; without --range there is no range to state.
 _RANGE_SENTENCE = " {Metrics} range from {low} to {high}, with {best_value} indicating {best_meaning}."
 
 
-def _templates(cfg: PrepareConfig, spec: MetricSpec) -> tuple[dict[str, str], list[str]]:
-    """The NL templates, and a note when the range sentence is left out for want of --range."""
-    templates = default_templates(spec)
+def _templates(cfg: PrepareConfig, spec: MetricSpec,
+               aspect_templates: dict[str, str] | None = None) -> tuple[dict[str, str], list[str]]:
+    """The NL templates, and a note when the range sentence is left out for want of --range.
+
+    ``aspect_templates``: an aspect's clause templates, whose range sentence is their ``detail``.
+    """
+    templates = default_templates(spec) if aspect_templates is None else aspect_templates
     notes = []
     if spec.kind != "categorical" and cfg.score_range is None:
-        templates = {k: t.replace(_RANGE_SENTENCE, "") for k, t in templates.items()}
+        templates = {k: t.replace(_RANGE_SENTENCE, "") for k, t in templates.items() if k != "detail"}
         notes.append("no --range given: goals leave out the sentence stating the metric's range; "
-                     "pass --range LOW HIGH to state it")
+                     + ("pass --range LOW HIGH" if aspect_templates is None else "give the aspect range=LOW:HIGH")
+                     + " to state it")
     return {**templates, **(cfg.templates or {})}, notes
 
 
@@ -319,12 +460,7 @@ def _goal_table(cfg: PrepareConfig, log: FeedbackLog, setup: GoalSetup, form: Fo
     # The raw score as a number, for methods that read their goal through the goal embedding.
     goal_value = (pa.array(display, pa.float64()) if "goal_value" in method.columns
                   else pa.nulls(len(rows), pa.float64()))
-    source_prompt = log.table.column("prompt").take(rows)
-    response = log.table.column("response").take(rows)
-    prompt, completion = _place(cfg, log.chat, source_prompt, goal, response)
-    # The prompt without its goal, in the same form: what the training KL's reference conditions on.
-    reference_prompt = (_place(cfg, log.chat, source_prompt, pa.nulls(len(rows), pa.string()), response)[0]
-                        if has_goal else prompt)
+    prompt, completion, reference_prompt = _placed(cfg, log, rows, goal, has_goal)
     return pa.table({
         "prompt": prompt,
         "completion": completion,
@@ -337,6 +473,52 @@ def _goal_table(cfg: PrepareConfig, log: FeedbackLog, setup: GoalSetup, form: Fo
         "prompt_text": prompt_text.take(rows),
         "reference_prompt": reference_prompt,
     })
+
+
+def _aspect_goal_table(cfg: PrepareConfig, log: FeedbackLog, setup: MultiGoalSetup, form: Formulation,
+                       prompt_text: pa.ChunkedArray, scores: list[np.ndarray], start: int, stop: int) -> pa.Table:
+    """Output rows ``start:stop`` of a multi-aspect formulation: ``goal_level`` is the combination id,
+    ``aspect_levels`` / ``aspect_thresholds`` / ``aspect_scores`` hold each aspect's level, threshold and score."""
+    row_idx = form.rows[start:stop]
+    rows = pa.array(row_idx, pa.int64())
+    ids = form.goal_levels[start:stop]
+    has_goal = setup.style is not None
+    # One goal string per combination id, gathered by each output row's id.
+    count = int(np.prod(setup.sizes))
+    goal = (pc.take(pa.array([None] + [setup.goal_text(c) for c in range(1, count + 1)], pa.string()),
+                    pa.array(ids, pa.int32())) if has_goal else pa.nulls(len(rows), pa.string()))
+    prompt, completion, reference_prompt = _placed(cfg, log, rows, goal, has_goal)
+    levels = np.stack(np.unravel_index(ids - 1, setup.sizes), axis=1) + 1
+    thresholds = np.stack([np.array([a.threshold_display(k) for k in a.levels])[levels[:, i] - 1]
+                           for i, a in enumerate(setup.aspects)], axis=1)
+    per_aspect = len(setup.aspects)
+
+    def lists(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), dtype), per_aspect)
+
+    return pa.table({
+        "prompt": prompt,
+        "completion": completion,
+        "goal": goal,
+        "goal_level": pa.array(ids, pa.int32()),
+        "aspect_levels": lists(levels, pa.int32()),
+        "aspect_thresholds": lists(thresholds, pa.float64()),
+        "row_id": rows,
+        "aspect_scores": lists(np.stack([s[row_idx] for s in scores], axis=1), pa.float64()),
+        "prompt_text": prompt_text.take(rows),
+        "reference_prompt": reference_prompt,
+    })
+
+
+def _placed(cfg: PrepareConfig, log: FeedbackLog, rows: pa.Array, goal: pa.Array, has_goal: bool):
+    """Prompts with their goals in place, completions, and the prompts without goals (the KL reference's)."""
+    source_prompt = log.table.column("prompt").take(rows)
+    response = log.table.column("response").take(rows)
+    prompt, completion = _place(cfg, log.chat, source_prompt, goal, response)
+    # The prompt without its goal, in the same form: what the training KL's reference conditions on.
+    reference_prompt = (_place(cfg, log.chat, source_prompt, pa.nulls(len(rows), pa.string()), response)[0]
+                        if has_goal else prompt)
+    return prompt, completion, reference_prompt
 
 
 def _place(cfg: PrepareConfig, chat: bool, prompt: pa.ChunkedArray, goal: pa.Array, response: pa.ChunkedArray):
@@ -387,15 +569,22 @@ def _pair_table(cfg: PrepareConfig, log: FeedbackLog, oriented: np.ndarray, pair
 
 
 def _print_report(result: PrepareResult, goals: dict) -> None:
-    s = result.setup
-    fmt = s.metric.format_value
-    lines = [
-        f"gcsl prepare: {result.rows_in} feedback rows -> {result.rows_out} training rows ({s.method})",
-        f"  thresholds ({len(s.thresholds)} of {s.bins_requested} bins): "
-        + ", ".join(f"tau_{k}={fmt(s.threshold_display(k))}" for k in s.levels),
-        f"  training mean {fmt(s.metric.display(s.train_mean))}; goals kept: "
-        + ", ".join(str(k) for k in s.retained_levels),
-    ]
+    lines = [f"gcsl prepare: {result.rows_in} feedback rows -> {result.rows_out} training rows ({result.setup.method})"]
+    multi = isinstance(result.setup, MultiGoalSetup)
+    for s in result.setup.aspects if multi else (result.setup,):
+        fmt = s.metric.format_value
+        indent = "    " if multi else "  "
+        if multi:
+            lines.append(f"  aspect {s.metric.name} (column {s.extra['column']}):")
+        lines += [
+            f"{indent}thresholds ({len(s.thresholds)} of {s.bins_requested} bins): "
+            + ", ".join(f"tau_{k}={fmt(s.threshold_display(k))}" for k in s.levels),
+            f"{indent}training mean {fmt(s.metric.display(s.train_mean))}; goals kept: "
+            + ", ".join(str(k) for k in s.retained_levels),
+        ]
+    if multi:
+        lines.append("  training rows per level combination: " + ", ".join(
+            f"({','.join(map(str, k))})={n}" for k, n in sorted(result.setup.combination_counts.items())))
     lines += [f"  dropped {n} rows: {why}" for why, n in result.dropped.items()]
     lines += [f"  note: {n}" for n in result.notes]
     top = goals.get("inference_goal") or {}

@@ -88,6 +88,14 @@ class ExperimentConfig:
                             "prepares, trains and samples with the shared prepare, train and generate blocks "
                             "(steps_per_round / epochs_per_round default to train.max_steps / train.epochs), and a "
                             "variant's own `loop` block overrides these")
+    erase: dict = field(default_factory=dict, cli=False,
+                        help="EraseConfig options of the unlearning variants (llmeraser), e.g. solver, iterations, "
+                             "damping, batch_size; the adapter it erases from trains with the shared train block")
+    recipe: dict = field(default_factory=dict, cli=False,
+                         help="RecipeConfig options of the recommendation preference recipes (rosepo, sprec), e.g. "
+                              "rounds, sample_size, positive_min, negatives, max_smoothing; their stages prepare, "
+                              "train and sample with the shared prepare, train and generate blocks (train.max_steps "
+                              "is each stage's step count)")
     generate: dict = field(default_factory=dict, cli=False, help="GenerateConfig options shared by all variants")
     evaluate: dict = field(default_factory=dict, cli=False, help="task evaluator options")
     ci_samples: int = field(10_000, help="bootstrap resamples per interval")
@@ -214,6 +222,20 @@ class ExperimentConfig:
 
         known = {f.name for f in dataclasses.fields(ProbeConfig)}
         problems.extend(f"probe.{key}: unknown option of ProbeConfig" for key in self.probe if key not in known)
+        # These blocks' modules load only when the blocks are given (the eraser's loads torch).
+        if self.recipe:
+            from gcsl.tasks.recommendation.preference import RECIPE_SET_BY_RUNNER, RecipeConfig
+
+            known = {f.name for f in dataclasses.fields(RecipeConfig)} - set(RECIPE_SET_BY_RUNNER)
+            problems.extend(f"recipe.{key}: unknown option of RecipeConfig (one of {', '.join(sorted(known))})"
+                            for key in self.recipe if key not in known)
+        if self.erase:
+            from gcsl.training.eraser import EraseConfig
+
+            # The runner sets the folders and the seed itself.
+            known = {f.name for f in dataclasses.fields(EraseConfig)} - {"model", "data", "erase", "out", "seed"}
+            problems.extend(f"erase.{key}: unknown option of EraseConfig (one of {', '.join(sorted(known))})"
+                            for key in self.erase if key not in known)
         return problems
 
 
@@ -418,6 +440,35 @@ def _probe(cfg: ExperimentConfig, paths: StagePaths, seed: int) -> None:
             _copy_atomic(src, dst)
 
 
+def _split_format(split: tuple[Path, Path] | None) -> dict[str, str]:
+    """The prepare override for reading the training data: the validation split's training file is JSONL
+    whatever the log's own format was; without a split the prepare block's own format stands."""
+    return {"data_format": "jsonl"} if split is not None else {}
+
+
+def _log_reading(cfg: ExperimentConfig, split: tuple[Path, Path] | None) -> tuple[dict[str, str], dict[str, str]]:
+    """How a workflow that reads the feedback log itself (online, loop, recipe) finds its columns and format:
+    the prepare block's, or JSONL when the validation split wrote the training file."""
+    columns = {f"{k}_column": cfg.prepare.get(f"{k}_column", k) for k in ("prompt", "response", "score")}
+    source = _split_format(split) or {"data_format": cfg.prepare.get("data_format", "auto"),
+                                      "split": cfg.prepare.get("split", "train")}
+    return columns, source
+
+
+def _evaluate_options(cfg: ExperimentConfig, method: str) -> dict[str, Any]:
+    """The evaluator options a method's generations are scored with: its table entry's ``evaluate_defaults``
+    (``BASE_MODEL`` read as the experiment's model) beneath the experiment's ``evaluate`` block.
+
+    >>> _evaluate_options(ExperimentConfig(name="x", out=Path("r"), task="recommendation", data="t.jsonl",
+    ...     eval_prompts="p.jsonl", model="m"), "bigrec")  # doctest: +SKIP
+    {'grounding': 'bigrec-l2', 'lm': 'm'}
+    """
+    from gcsl.methods import BASE_MODEL, get_method
+
+    own = {k: cfg.model if val == BASE_MODEL else val for k, val in get_method(method).evaluate_defaults}
+    return {**own, **cfg.evaluate}
+
+
 def _say(msg: str) -> None:
     print(f"[gcsl experiment {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -454,10 +505,8 @@ def _prepare_and_train(cfg: ExperimentConfig, v: Variant, method: str, prepared:
 
     if not (prepared / "goals.json").is_file():
         _say(f"  prepare {method} -> {prepared}")
-        # The split file is JSONL whatever the log's own format was.
-        split_format = {"data_format": "jsonl"} if split is not None else {}
         prepare(resolve_config(PrepareConfig, overrides={
-            **cfg.prepare, **v.prepare, "data": training_data(cfg), **split_format, "method": method,
+            **cfg.prepare, **v.prepare, "data": training_data(cfg), **_split_format(split), "method": method,
             "out": prepared, "overwrite": True}))
     GoalSetup.load(prepared)  # a goals file that is there but unreadable is an error, not "not prepared"
     _check_prepared_data(cfg, prepared)
@@ -502,6 +551,22 @@ def _decoding_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Vari
     return _Generator(cfg.model, {"expert": expert, "anti_expert": anti, "alpha": alpha})
 
 
+def _classifier_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant, seed: int,
+                          split: tuple[Path, Path] | None) -> _Generator:
+    """PPLM: trains the attribute classifier on the base model's hidden states (once per seed, in the seed's model
+    folder, skipped once complete) from the training feedback (less the validation prompts), its classes the rows
+    sft and sft-bottom would keep under the variant's prepare options, and samples the base model steered by it."""
+    from gcsl.generation.pplm import ClassifierConfig, train_classifier
+
+    folder = layout.stage(v.name, seed).model
+    if ModelFolder(folder).state != "complete":
+        _say(f"  train PPLM classifier -> {folder}")
+        train_classifier(resolve_config(ClassifierConfig, overrides={
+            "model": cfg.model, "data": training_data(cfg), "out": folder, "seed": seed, "overwrite": True,
+            "prepare": {**cfg.prepare, **v.prepare, **_split_format(split)}}))
+    return _Generator(cfg.model, {"classifier": str(folder)})
+
+
 def _heuristic_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant, seed: int,
                          split: tuple[Path, Path] | None) -> _Generator:
     """A baseline with no model (random, most-popular): recommendation's baselines module writes its
@@ -537,16 +602,23 @@ def _online_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Varian
     folder = ModelFolder(model)
     if folder.state != "complete":
         _say(f"  train online ({get_method(v.method).online}) -> {model}")
-        columns = {f"{k}_column": cfg.prepare.get(f"{k}_column", k) for k in ("prompt", "response", "score")}
-        # The split file is JSONL whatever the log's own format was.
-        source = ({"data_format": "jsonl"} if split is not None else
-                  {"data_format": cfg.prepare.get("data_format", "auto"), "split": cfg.prepare.get("split", "train")})
+        columns, source = _log_reading(cfg, split)
         shared = {k: val for k, val in cfg.train.items() if k in SHARED_TRAIN_OPTIONS}
         train_online(resolve_config(OnlineConfig, overrides={
             **shared, **cfg.online, **v.train, **columns, **source, "data": training_data(cfg), "out": model,
             "model": cfg.model, "task": cfg.task, "task_options": dict(cfg.evaluate), "seed": seed,
             "overwrite": folder.state == "partial"}), get_method(v.method).online)
     return _Generator(str(model), {})
+
+
+def _stage_options(owned: Iterable[str], *blocks: dict) -> dict:
+    """The stage options of ``blocks`` merged (later blocks win), less those the workflow sets itself (``owned``).
+
+    >>> _stage_options(("out",), {"lr": 1, "out": "x"}, {"lr": 2})
+    {'lr': 2}
+    """
+    merged = {k: val for block in blocks for k, val in block.items()}
+    return {k: val for k, val in merged.items() if k not in set(owned)}
 
 
 def _loop_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant, seed: int,
@@ -560,17 +632,13 @@ def _loop_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant,
     from gcsl.training.online_loop import OWNED_OPTIONS, LoopConfig, run_online_loop
 
     def stage_options(stage: str, *blocks: dict) -> dict:
-        merged = {k: val for block in blocks for k, val in block.items()}
-        return {k: val for k, val in merged.items() if k not in OWNED_OPTIONS[stage]}
+        return _stage_options(OWNED_OPTIONS[stage], *blocks)
 
     # The entry's own training defaults (quark: Quark's KL and entropy coefficients) sit beneath the user's options.
     train = {**dict(get_method(v.method).train_defaults), **cfg.train, **v.train}
     per_round = {key: train[name] for key, name in (("steps_per_round", "max_steps"), ("epochs_per_round", "epochs"))
                  if train.get(name) is not None}
-    columns = {f"{k}_column": cfg.prepare.get(f"{k}_column", k) for k in ("prompt", "response", "score")}
-    # The split file is JSONL whatever the log's own format was.
-    source = ({"data_format": "jsonl"} if split is not None else
-              {"data_format": cfg.prepare.get("data_format", "auto"), "split": cfg.prepare.get("split", "train")})
+    columns, source = _log_reading(cfg, split)
     model = layout.stage(v.name, seed).model
     if ModelFolder(model).state == "complete":  # like every other kind: a finished model is not made again
         return _Generator(str(model), {})
@@ -584,8 +652,72 @@ def _loop_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant,
     return _Generator(str(model), {})
 
 
+def _erased_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant, seed: int,
+                      split: tuple[Path, Path] | None) -> _Generator:
+    """LLMEraser: trains (once per seed) an adapter with the first method its table entry names (every row), prepares
+    the rows to remove with the second (the same prepare options, so the same log and cut), and writes that adapter
+    with their influence removed to the seed's model folder, which generates like any goal-free trained model.
+    The experiment's own variant of the first method is reused when the variant changes no prepare or train option.
+    Skipped once the model folder is complete."""
+    from gcsl.methods import get_method
+    from gcsl.training.eraser import EraseConfig, erase
+
+    full_method, erase_method = get_method(v.method).erases
+    paths = layout.stage(v.name, seed)
+    if ModelFolder(paths.model).state == "complete":
+        return _Generator(str(paths.model), {})
+    reuse = full_method in cfg.methods and not v.prepare and not v.train
+    full = layout.stage(full_method, seed) if reuse else paths
+    full_model = full.model if reuse else paths.model.with_name("full")
+    _prepare_and_train(cfg, v, full_method, full.prepared, full_model, seed, split)
+    erase_dir = paths.prepared.parent / "erase" / "prepared"
+    if not (erase_dir / "goals.json").is_file():
+        _say(f"  prepare the rows to erase ({erase_method}) -> {erase_dir}")
+        from gcsl.data.prepare import PrepareConfig, prepare
+
+        prepare(resolve_config(PrepareConfig, overrides={
+            **cfg.prepare, **v.prepare, "data": training_data(cfg), **_split_format(split), "method": erase_method,
+            "out": erase_dir, "overwrite": True}))
+    _say(f"  erase {erase_method} rows from {full_model} -> {paths.model}")
+    erase(resolve_config(EraseConfig, overrides={
+        "seed": seed, **cfg.erase, "model": full_model, "data": full.prepared, "erase": erase_dir,
+        "out": paths.model, "max_length": {**cfg.train, **v.train}.get("max_length", 1024), "overwrite": True}))
+    return _Generator(str(paths.model), {})
+
+
+def _recipe_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant, seed: int,
+                      split: tuple[Path, Path] | None) -> _Generator:
+    """RosePO / SPRec: their stages (SFT on the liked rows, the model's own recommendations, DPO on the pairs they
+    make) from the training feedback (less the validation prompts) and the evaluator's catalogue, each cached under
+    the seed's ``recipe/`` folder; the last stage's model goes to the seed's model folder and generates like any
+    goal-free trained model. Skipped once that folder is complete."""
+    from gcsl.methods import get_method
+    from gcsl.tasks.recommendation.evaluation import RecommendationEvalConfig
+    from gcsl.tasks.recommendation.preference import STAGE_OWNED, RecipeConfig, run_recipe
+
+    def stage_options(stage: str, *blocks: dict) -> dict:
+        return _stage_options(STAGE_OWNED[stage], *blocks)
+
+    model = layout.stage(v.name, seed).model
+    if ModelFolder(model).state == "complete":
+        return _Generator(str(model), {})
+    grounding = resolve_config(RecommendationEvalConfig, overrides=dict(cfg.evaluate))
+    train = {**cfg.train, **v.train}
+    steps = train.pop("max_steps", -1)
+    columns, source = _log_reading(cfg, split)
+    _say(f"  recipe {get_method(v.method).recipe} -> {model.parent / 'recipe'}")
+    run_recipe(resolve_config(RecipeConfig, overrides={
+        "steps_per_stage": steps, **cfg.recipe, **columns, **source, "method": get_method(v.method).recipe,
+        "data": training_data(cfg), "out": model.parent / "recipe", "model_out": model, "model": cfg.model,
+        "seed": seed, "catalogue_dataset": grounding.dataset, "catalogue_path": grounding.path,
+        "prepare": stage_options("prepare", cfg.prepare, v.prepare), "train": stage_options("train", train),
+        "generate": stage_options("generate", cfg.generate, v.generate)}))
+    return _Generator(str(model), {})
+
+
 _GENERATORS = {"base": _base_generator, "trained": _trained_generator, "decoding": _decoding_generator,
-               "heuristic": _heuristic_generator, "online": _online_generator, "loop": _loop_generator}
+               "heuristic": _heuristic_generator, "online": _online_generator, "loop": _loop_generator,
+               "erased": _erased_generator, "recipe": _recipe_generator, "classifier": _classifier_generator}
 
 
 def run_experiment(cfg: ExperimentConfig) -> Path:
@@ -635,7 +767,8 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
                 _say(f"  evaluate -> {p.metrics.name}")
                 evaluate(resolve_config(EvaluateConfig, overrides={
                     "task": cfg.task, "generations": p.gens, "out": p.metrics,
-                    "task_options": cfg.evaluate, "ci_samples": cfg.ci_samples, "overwrite": True}))
+                    "task_options": _evaluate_options(cfg, v.method), "ci_samples": cfg.ci_samples,
+                    "overwrite": True}))
             _keep_items(p, fresh=fresh)
             if key is not None:
                 made.setdefault(key, p.gens)

@@ -39,7 +39,9 @@ __all__ = ["GenerateConfig", "PromptRow", "generate", "load_prompts"]
 ROW_INDEX = "#row"
 # Options that change what a row contains; rows written under other values cannot be mixed in.
 _SAMPLING_OPTIONS = ("model", "prompts", "split", "id_field", "prompt_field", "goal", "template_text_prompts",
-                     "top_p", "top_k", "temperature", "max_new_tokens", "seed", "expert", "anti_expert", "alpha")
+                     "top_p", "top_k", "temperature", "max_new_tokens", "seed", "expert", "anti_expert", "alpha",
+                     "classifier", "pplm_step_size", "pplm_iterations", "pplm_window", "pplm_horizon", "pplm_gamma",
+                     "pplm_kl_scale", "pplm_gm_scale")
 _TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 
@@ -52,7 +54,8 @@ class GenerateConfig:
     out: Path = field(help="output JSONL file (one row per prompt and sample); rerunning resumes it")
     goal: str = field("top", help="goal to generate at: top (the highest retained threshold), a value in the "
                                   "metric's units, scale:<factor> (the top goal made more ambitious by the factor) "
-                                  "or level:<k> (level k's goal as trained); ignored by "
+                                  "or level:<k> (level k's goal as trained); with several aspects, one per "
+                                  "aspect as name=request,name=request (left out: top); ignored by "
                                   "goal-free models (SFT, DPO, base models)")
     num_samples: int = field(1, help="samples per prompt")
     top_p: float = field(0.9, help="nucleus sampling probability mass")
@@ -73,6 +76,22 @@ class GenerateConfig:
                                                "(e.g. sft-bottom), trained on --model")
     alpha: float = field(2.0, help="DExperts: sample from base + alpha x (expert - anti_expert) logits; 0 = the "
                                    "base model (the paper's default is 2.0)")
+    # PPLM's defaults: uber-research/PPLM README, detoxification command (stepsize 0.02, num_iterations 10,
+    # gamma 1.0), and run_pplm.py's defaults for the rest (window 0, horizon 1, kl_scale 0.01, gm_scale 0.9).
+    classifier: str | None = field(None, help="PPLM: an attribute classifier folder (trained on --model's hidden "
+                                              "states; `gcsl experiment` trains one for method pplm); steers "
+                                              "sampling towards its desired class")
+    pplm_step_size: float = field(0.02, help="PPLM: size of each normalised gradient step on the key/value "
+                                             "history; 0 = the base model")
+    pplm_iterations: int = field(10, help="PPLM: gradient steps on the history per generated token; 0 = the "
+                                          "base model")
+    pplm_window: int = field(0, help="PPLM: newest history positions perturbed; 0 = all of them")
+    pplm_horizon: int = field(1, help="PPLM: future positions (fed the expected next-token embedding) the "
+                                      "classifier reads")
+    pplm_gamma: float = field(1.0, help="PPLM: gradients are divided by their norm to this power")
+    pplm_kl_scale: float = field(0.01, help="PPLM: weight of KL(perturbed || unperturbed next-token "
+                                            "distribution) in the loss")
+    pplm_gm_scale: float = field(0.9, help="PPLM: sample from p_perturbed^gm x p_unperturbed^(1-gm)")
     template_text_prompts: Literal["auto", "always", "never"] = field(
         "auto", help="apply the chat template to text prompts as one user message: auto = for models not "
                      "fine-tuned by gcsl whose tokenizer has one (gcsl fine-tunes on text prompts without a "
@@ -99,6 +118,12 @@ class GenerateConfig:
                             "(or neither)")
         if not self.alpha >= 0:  # also refuses NaN
             problems.append(f"alpha: must be >= 0, got {self.alpha}")
+        if self.classifier is not None and self.expert is not None:
+            problems.append("classifier: PPLM and DExperts steer the same sampling two ways; give classifier or "
+                            "expert/anti_expert, not both")
+        from gcsl.generation.pplm import settings_problems
+
+        problems.extend(settings_problems(self.__dict__))
         if self.expert is not None and (Path(str(self.model)).expanduser() / "adapter_config.json").is_file():
             problems.append(f"model: {self.model} is an adapter folder; with expert/anti_expert give the base model "
                             "they were trained on")
@@ -153,6 +178,13 @@ def generate(cfg: GenerateConfig) -> Path:
         from gcsl.generation.dexperts import load_dexperts
 
         lm = load_dexperts(cfg.model, cfg.expert, cfg.anti_expert, cfg.alpha, device=cfg.device)
+    elif cfg.classifier is not None:
+        from gcsl.generation.pplm import PPLMSettings, load_pplm
+
+        lm = load_pplm(cfg.model, cfg.classifier, PPLMSettings(
+            step_size=cfg.pplm_step_size, num_iterations=cfg.pplm_iterations, window=cfg.pplm_window,
+            horizon=cfg.pplm_horizon, gamma=cfg.pplm_gamma, kl_scale=cfg.pplm_kl_scale,
+            gm_scale=cfg.pplm_gm_scale), device=cfg.device)
     else:
         lm = load_for_inference(cfg.model, device=cfg.device)
     tokenizer, model = lm.tokenizer, lm.model
@@ -414,6 +446,10 @@ def _write_record(path: Path, cfg: GenerateConfig, lm, setup, goal, *, complete:
     if setup is not None:
         goals = {"method": setup.method, "request": cfg.goal, "text": goal.text, "level": goal.level,
                  "threshold": goal.threshold, "value": goal.value, "setup": setup.to_json()}
+        if goal.aspects:  # a multi-aspect goal: each aspect's resolved level and threshold
+            goals["aspects"] = [{"name": a.metric.name, "request": g.request, "level": g.level,
+                                 "threshold": g.threshold, "note": g.note} for a, g in zip(setup.aspects, goal.aspects)]
     write_run_record(path.parent, stage="generate", config=cfg, seed=cfg.seed, goals=goals, filename=path.name,
                      extra={"base_model": lm.base_model, "dtype": str(lm.model.dtype).removeprefix("torch."),
-                            "device": str(lm.model.device), "complete": complete, "rows": rows})
+                            "device": str(lm.model.device), "complete": complete, "rows": rows,
+                            **({"pplm": lm.model.record()} if cfg.classifier is not None else {})})

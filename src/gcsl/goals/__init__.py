@@ -4,6 +4,7 @@ No model and no I/O happen here (``GoalSetup.load`` aside): data preparation and
 both call these functions, so a goal is written the same way at training and at generation.
 """
 
+from gcsl.goals.aspects import Aspect, MultiGoalSetup, read_aspects
 from gcsl.goals.formulate import (
     Formulation,
     FormulationInput,
@@ -43,6 +44,9 @@ __all__ = [
     "Goal",
     "GoalSetup",
     "inference_goal",
+    "Aspect",
+    "read_aspects",
+    "MultiGoalSetup",
 ]
 
 

@@ -35,6 +35,10 @@ __all__ = [
     "formulate_all",
     "formulate_dpo_pairs",
     "formulate_sampled_pairs",
+    "combination_ids",
+    "combination_levels",
+    "formulate_classic_aspects",
+    "formulate_beyond_aspects",
 ]
 
 
@@ -93,6 +97,57 @@ def formulate_beyond(levels: np.ndarray, retained: tuple[int, ...]) -> Formulati
     goal_levels = kept[offsets] if len(rows) else np.zeros(0, dtype=np.int32)
     dropped = int((counts == 0).sum())
     return Formulation(rows, goal_levels.astype(np.int32), {"below every retained goal": dropped} if dropped else {})
+
+
+# -- several aspects: a goal is a tuple of per-aspect levels, numbered as one combination id ----
+# Ids are mixed-radix over every aspect's levels (the last aspect varies fastest), 1-based so that
+# 0 still means "no goal": the output keeps one integer goal per row, like a single aspect's level.
+
+def combination_ids(levels: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
+    """Ids of per-aspect level tuples (rows of ``levels``, each level in 1..sizes[a]).
+
+    >>> combination_ids(np.array([[1, 1], [1, 3], [2, 1]]), (2, 3)).tolist()
+    [1, 3, 4]
+    """
+    levels = np.asarray(levels, dtype=np.int64).reshape(-1, len(sizes))
+    strides = np.cumprod((1,) + tuple(sizes[:0:-1]))[::-1]
+    return ((levels - 1) @ strides + 1).astype(np.int32)
+
+
+def combination_levels(combination: int, sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """The per-aspect levels of a combination id (the inverse of :func:`combination_ids`).
+
+    >>> combination_levels(4, (2, 3))
+    (2, 1)
+    """
+    return tuple(int(i) + 1 for i in np.unravel_index(combination - 1, sizes))
+
+
+def formulate_classic_aspects(levels: np.ndarray, sizes: tuple[int, ...]) -> Formulation:
+    """Classic GCSL over several aspects: every row once, its goal the tuple of its own levels."""
+    return Formulation(np.arange(len(levels), dtype=np.int64), combination_ids(levels, sizes), {})
+
+
+def formulate_beyond_aspects(levels: np.ndarray, retained: tuple[tuple[int, ...], ...],
+                             sizes: tuple[int, ...]) -> Formulation:
+    """GCSL-bey over several aspects: row i demonstrates every combination of retained thresholds it
+    reaches in *every* aspect (aspect a's level k with k <= q_ia and k in H_a).
+
+    Output is ordered by row, then by combination id, as the single-aspect expansion is.
+
+    >>> f = formulate_beyond_aspects(np.array([[3, 2], [3, 1], [2, 2]]), ((2, 3), (2,)), (3, 2))
+    >>> f.rows.tolist(), [combination_levels(c, (3, 2)) for c in f.goal_levels], f.dropped
+    ([0, 0, 2], [(2, 2), (3, 2), (2, 2)], {'below every retained goal': 1})
+    """
+    levels = np.asarray(levels, dtype=np.int32)
+    grids = np.meshgrid(*[np.asarray(sorted(h), dtype=np.int32) for h in retained], indexing="ij")
+    combos = np.stack([g.ravel() for g in grids], axis=1)  # lexicographic, so ids come out ascending
+    # reached[i, c]: row i is at or above combination c in every aspect.
+    reached = (levels[:, None, :] >= combos[None, :, :]).all(axis=2)
+    rows, which = np.nonzero(reached)  # row-major: by row, then by combination
+    dropped = int((~reached.any(axis=1)).sum())
+    return Formulation(rows.astype(np.int64), combination_ids(combos[which], sizes),
+                       {"below every retained goal": dropped} if dropped else {})
 
 
 def formulate_sft(oriented: np.ndarray, *, top_fraction: float = 0.25, cutoff: float | None = None) -> Formulation:

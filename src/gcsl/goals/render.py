@@ -9,6 +9,8 @@ from gcsl.goals.spec import MetricSpec
 __all__ = [
     "Placement",
     "default_templates",
+    "default_aspect_templates",
+    "compose_goal",
     "render_goal",
     "reward_token",
     "place_goal",
@@ -70,9 +72,48 @@ def default_templates(spec: MetricSpec) -> dict[str, str]:
     return dict({"scalar": _SCALAR, "ordinal": _ORDINAL, "categorical": _CATEGORICAL}[spec.kind])
 
 
-def reward_token(level: int, *, beyond: bool) -> str:
-    """Classic GCSL's [R_k] (score in bin k) or GCSL-bey's [R_k+] (score at least tau_k)."""
-    return f"[R_{level}+]" if beyond else f"[R_{level}]"
+# Multi-aspect goals (the paper's future work, so no wording of its own): each aspect states one
+# clause, worded as the single-aspect defaults above word their target, and the clauses share one
+# sentence. "detail" is the range sentence, stated once per aspect after the goal (bey and range
+# styles, as above; the simplified style leaves it out).
+_ASPECT_SCALAR = {"bey": "{a_metric} {cmp} {threshold}", "snl": "{a_metric} {cmp} {threshold}",
+                  "range": "{a_metric} between {range_low} and {range_high}",
+                  "detail": "{Metrics} range from {low} to {high}, with {best_value} indicating {best_meaning}."}
+_ASPECT_ORDINAL = {**_ASPECT_SCALAR, "range": "{a_metric} of {threshold}"}
+_ASPECT_CATEGORICAL = {"bey": "a {metric} of {threshold} or better", "snl": "a {metric} of {threshold} or better",
+                       "range": "a {metric} of {threshold}",
+                       "detail": "{Metric} ratings from worst to best: {categories}."}
+# The sentence the clauses share; {goals} is the clauses joined by the conjunction.
+ASPECT_SENTENCE = "Generate {subject} with {goals}.{details}"
+
+
+def default_aspect_templates(spec: MetricSpec) -> dict[str, str]:
+    """One aspect's built-in clause templates by style, plus its ``detail`` sentence (multi-aspect goals)."""
+    return dict({"scalar": _ASPECT_SCALAR, "ordinal": _ASPECT_ORDINAL, "categorical": _ASPECT_CATEGORICAL}[spec.kind])
+
+
+def compose_goal(clauses: list[str], *, subject: str, conjunction: str = " and ", details: tuple[str, ...] = (),
+                 sentence: str = ASPECT_SENTENCE) -> str:
+    """One sentence stating every aspect's clause, then each aspect's detail sentence.
+
+    >>> compose_goal(["a sentiment score greater than 0.57", "a brevity score greater than 0.40"],
+    ...              subject="a review")
+    'Generate a review with a sentiment score greater than 0.57 and a brevity score greater than 0.40.'
+    """
+    return sentence.format(subject=subject, goals=conjunction.join(clauses),
+                           details="".join(" " + d for d in details))
+
+
+def reward_token(level: int, *, beyond: bool, aspect: int | None = None) -> str:
+    """Classic GCSL's [R_k] (score in bin k) or GCSL-bey's [R_k+] (score at least tau_k).
+
+    A multi-aspect goal has one token per aspect, numbered from 1: [A2_R_3+] is aspect 2 at level 3.
+
+    >>> reward_token(3, beyond=True), reward_token(3, beyond=False, aspect=2)
+    ('[R_3+]', '[A2_R_3]')
+    """
+    prefix = f"A{aspect}_" if aspect is not None else ""
+    return f"[{prefix}R_{level}+]" if beyond else f"[{prefix}R_{level}]"
 
 
 # Words spelled with a leading vowel letter but said with a consonant sound ("a user", "a one-star").

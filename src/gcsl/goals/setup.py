@@ -6,7 +6,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -14,6 +14,9 @@ from gcsl.errors import ConfigError, StageError
 from gcsl.goals.quantize import assign_levels
 from gcsl.goals.render import place_goal, render_goal
 from gcsl.goals.spec import MetricSpec
+
+if TYPE_CHECKING:
+    from gcsl.goals.aspects import MultiGoalSetup
 
 __all__ = ["GoalSetup", "Goal", "inference_goal"]
 
@@ -39,6 +42,8 @@ class Goal:
     value: float | None = None
     request: str = "top"
     note: str | None = None
+    # A multi-aspect goal: each aspect's own goal (its text the aspect's clause or token); empty for one aspect.
+    aspects: tuple[Goal, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -177,21 +182,29 @@ class GoalSetup:
         )
 
     @classmethod
-    def load(cls, path: str | Path) -> GoalSetup:
-        """Reads goals.json (a file, or a directory that holds one)."""
+    def load(cls, path: str | Path) -> GoalSetup | MultiGoalSetup:
+        """Reads goals.json (a file, or a directory that holds one); a multi-aspect one as a MultiGoalSetup."""
         path = Path(path)
         if path.is_dir():
             path = path / "goals.json"
         if not path.is_file():
             raise StageError(f"{path}: goals.json not found; point at a `gcsl prepare` or `gcsl train` output directory")
         try:
-            return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if "aspects" in data:  # several feedback aspects (gcsl.goals.aspects)
+                from gcsl.goals.aspects import MultiGoalSetup
+
+                return MultiGoalSetup.from_json(data)
+            return cls.from_json(data)
         except (KeyError, ValueError, TypeError) as exc:
             raise StageError(f"{path}: not a valid goals file ({exc}); re-run `gcsl prepare`") from None
 
 
-def inference_goal(setup: GoalSetup, request: str | float = "top") -> Goal:
+def inference_goal(setup: GoalSetup | MultiGoalSetup, request: str | float = "top") -> Goal:
     """The goal to generate at: ``"top"``, a value, ``"scale:F"`` or ``"level:K"``.
+
+    A multi-aspect setup takes one of these per aspect (``sentiment=top,brevity=scale:1.1``; see
+    :func:`gcsl.goals.aspects.aspect_inference_goal`).
 
     - ``top``: the highest retained threshold (no-quantization methods: the top bin's mean score).
     - a value in the metric's units, rounded to the spec's precision and clipped to its range.
@@ -218,6 +231,10 @@ def inference_goal(setup: GoalSetup, request: str | float = "top") -> Goal:
     >>> goal.text, goal.note
     ('[R_2+]', "goal '0.3' reaches only level 1 (0.20), which was not trained; using level 2 (0.50) instead")
     """
+    if hasattr(setup, "aspects"):  # a MultiGoalSetup: each aspect resolved as below, then joined
+        from gcsl.goals.aspects import aspect_inference_goal
+
+        return aspect_inference_goal(setup, request)
     request_text = str(request)
     method = _method(setup.method)
     style = method.goal_style

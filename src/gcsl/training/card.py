@@ -117,16 +117,22 @@ def render_model_card(*, out_dir: Path, method: str, base_model: str, data_dir: 
         "",
         "## Goals",
         "",
-        f"- Metric: {metric.get('display_name') or metric.get('name')} "
-        f"(range {_fmt(metric.get('low'))} to {_fmt(metric.get('high'))}, "
-        f"{'higher' if metric.get('higher_is_better', True) else 'lower'} is better)",
     ]
-    if thresholds:
-        lines.append("- Thresholds (levels 1..K): " + ", ".join(_fmt(t) for t in thresholds))
-        lines.append("- Retained levels: " + ", ".join(str(k) for k in retained))
+    if goals.get("aspects"):  # several aspects: each one's metric and levels, then the combinations trained
+        for aspect in goals["aspects"]:
+            lines += _metric_lines(aspect["metric"], aspect.get("thresholds") or [], aspect.get("retained_levels") or [],
+                                   f"Aspect `{aspect.get('column')}`: ", "  ")
+        lines.append("- Training rows per level combination: " + ", ".join(
+            f"({', '.join(map(str, c['levels']))}): {c['rows']}" for c in goals.get("combination_counts") or []))
+    else:
+        lines += _metric_lines(metric, thresholds, retained, "Metric: ", "")
     if goals.get("special_tokens"):
         lines.append("- Reward tokens added to the tokenizer: " + " ".join(f"`{t}`" for t in goals["special_tokens"]))
-    if inference.get("text"):
+    if inference.get("text") and inference.get("aspects"):
+        lines.append("- Top inference goal (" + "; ".join(
+            f"{a['name']} level {_fmt(a.get('level'))}, threshold {_fmt(a.get('threshold'))}"
+            for a in inference["aspects"]) + f"): `{inference['text']}`")
+    elif inference.get("text"):
         lines.append(f"- Top inference goal (level {_fmt(inference.get('level'))}, threshold "
                      f"{_fmt(inference.get('threshold'))}): `{inference['text']}`")
     elif inference.get("value") is not None:
@@ -150,7 +156,10 @@ def render_model_card(*, out_dir: Path, method: str, base_model: str, data_dir: 
         "```",
         "",
         "`--goal` also takes a value in the metric's units, `scale:<factor>` (the top goal made more ambitious by the "
-        "factor) or `level:<k>` (level k's goal exactly as trained).",
+        "factor) or `level:<k>` (level k's goal exactly as trained)."
+        + (" With several aspects each takes its own, named by aspect: `--goal \"" + ",".join(
+            f"{a['metric']['name']}=top" for a in goals["aspects"]) + "\"` (an aspect left out gets `top`)."
+           if goals.get("aspects") else ""),
         "",
         "## Use with transformers and peft",
         "",
@@ -209,6 +218,21 @@ def _plain_use(goal_input: str, out_dir: Path, base_path: str, goals: dict[str, 
             "`goals.json` shows (or use `gcsl generate --goal`)." if goal else
             "This method was trained without a goal: the prompt is the user's prompt as it is.")
     return [said, "", "```python", *code, "```"]
+
+
+def _metric_lines(metric: dict, thresholds: list, retained: list, label: str, indent: str) -> list[str]:
+    """A metric's card lines: name, range, direction, then its thresholds and retained levels (when quantized).
+
+    >>> _metric_lines({"name": "rating", "low": 1, "high": 5}, [2, 4], [2], "Metric: ", "")[1]
+    '- Thresholds (levels 1..K): 2, 4'
+    """
+    lines = [f"- {label}{metric.get('display_name') or metric.get('name')} "
+             f"(range {_fmt(metric.get('low'))} to {_fmt(metric.get('high'))}, "
+             f"{'higher' if metric.get('higher_is_better', True) else 'lower'} is better)"]
+    if thresholds:
+        lines.append(f"{indent}- Thresholds (levels 1..K): " + ", ".join(_fmt(t) for t in thresholds))
+        lines.append(f"{indent}- Retained levels: " + ", ".join(str(k) for k in retained))
+    return lines
 
 
 def _prompt_code(goal: str | None, placement: str, separator: str, chat: bool) -> list[str]:

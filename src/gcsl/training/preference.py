@@ -22,6 +22,10 @@ micro-batch before it is normalised. One deviation: the reference code starts th
 zero without correction, which inflates M* about tenfold in the first steps; here they are
 bias-corrected (as Adam's moments are), so the first batch is normalised by its own statistics.
 The averages are not part of a checkpoint: a resumed run starts them again.
+
+Also here: :class:`RosePOTrainer`, DPO with RosePO's personalized smoothing (one label-smoothing factor per
+pair, from the dataset's ``smoothing`` column; :func:`smoothed_dpo_loss`). Both trainers read their batch's
+log-probabilities through :func:`sequence_logps`.
 """
 
 from __future__ import annotations
@@ -32,7 +36,10 @@ import torch
 import torch.nn.functional as F
 from trl import DPOConfig, DPOTrainer
 
-__all__ = ["ALPHADPO_DEFAULTS", "AlphaDPOConfig", "AlphaDPOTrainer", "alphadpo_loss"]
+from gcsl.methods import SMOOTHING_COLUMN
+
+__all__ = ["ALPHADPO_DEFAULTS", "AlphaDPOConfig", "AlphaDPOTrainer", "alphadpo_loss", "RosePOTrainer",
+           "smoothed_dpo_loss", "sequence_logps"]
 
 # Defaults from the reference implementation's training_configs/llama-3-8b-instruct-alpha-dpo.yaml
 # (beta 2.5, gamma_beta_ratio 0.6, alpha 0.2; its Mistral config shares beta 2.5). gamma here is
@@ -63,6 +70,31 @@ def alphadpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_
     normalised = ((gap - mean) / (std + _EPS)).detach()
     losses = -F.logsigmoid(beta * logratios - gamma - alpha * beta * normalised)
     return losses, normalised
+
+
+def sequence_logps(trainer: DPOTrainer, model, inputs: dict) -> tuple:
+    """Summed completion log-probabilities of a DPOTrainer batch ([chosen..., rejected...]) under the policy and
+    the trainer's reference, the completions' lengths, the policy's outputs and the model inputs used.
+
+    The reference is DPOTrainer's own (``compute_ref_log_probs``: with a LoRA adapter, the same model with the
+    adapter disabled; or precomputed columns)."""
+    model_kwargs = {k: v for k, v in inputs.items()
+                    if k not in {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}}
+    model_kwargs["use_cache"] = False
+    if trainer.aux_loss_enabled:
+        model_kwargs["output_router_logits"] = True
+    completion_mask = inputs["completion_mask"]
+    labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+    outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+    shift_mask = completion_mask[..., 1:]
+    # The fused head's log-probs are 0 where the label is -100, so a sum covers the completion only.
+    logps = outputs.log_probs[:, -shift_mask.size(1):].sum(dim=1)
+    if trainer.precompute_ref_logps:
+        ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
+    else:
+        ref_model = model if trainer.ref_model is None else trainer.ref_model
+        ref_logps = torch.cat(trainer.compute_ref_log_probs(ref_model, inputs))
+    return logps, ref_logps.to(logps.device), shift_mask.sum(dim=1).clamp(min=1), outputs, model_kwargs
 
 
 @dataclass
@@ -104,23 +136,7 @@ class AlphaDPOTrainer(DPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        model_kwargs = {k: v for k, v in inputs.items()
-                        if k not in {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}}
-        model_kwargs["use_cache"] = False
-        if self.aux_loss_enabled:
-            model_kwargs["output_router_logits"] = True
-        completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        shift_mask = completion_mask[..., 1:]
-        # The fused head's log-probs are 0 where the label is -100, so a sum covers the completion only.
-        logps = outputs.log_probs[:, -shift_mask.size(1):].sum(dim=1)
-        if self.precompute_ref_logps:
-            ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
-        else:
-            ref_model = model if self.ref_model is None else self.ref_model
-            ref_logps = torch.cat(self.compute_ref_log_probs(ref_model, inputs))
-        lengths = shift_mask.sum(dim=1).clamp(min=1)
+        logps, ref_logps, lengths, outputs, model_kwargs = sequence_logps(self, model, inputs)
         chosen, rejected = (logps / lengths).chunk(2)
         ref_chosen, ref_rejected = (ref_logps.to(logps.device) / lengths).chunk(2)
 
@@ -145,6 +161,77 @@ class AlphaDPOTrainer(DPOTrainer):
                 metrics[name].append(value.float().mean().item())
             metrics["alphadpo/margin_mean"].append(mean)
             metrics["alphadpo/margin_std"].append(std)
+        if return_outputs:  # the fused head builds no logits; prediction_step wants them
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in model_kwargs.items() if k != "output_router_logits"})
+            return loss, outputs
+        return loss
+
+
+# -- RosePO's personalized smoothing (Liao et al., 2024, arXiv:2410.12519) ------------------------------
+
+
+def smoothed_dpo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, smoothing: torch.Tensor,
+                      *, beta: float) -> torch.Tensor:
+    """Per-pair DPO loss with a per-pair label-smoothing factor (RosePO's personalized smoothing).
+
+    ``(1 - e) * -log sigmoid(beta * h) + e * -log sigmoid(-beta * h)``, h the pair's policy-minus-reference
+    log-ratio gap: the conservative-DPO form with its one global epsilon replaced by a factor per pair, the
+    probability the preference oracle gives that the pair's label is wrong.
+
+    >>> t = torch.tensor
+    >>> round(smoothed_dpo_loss(t([1.0]), t([-1.0]), t([0.25]), beta=0.5).item(), 4)  # h = 2
+    0.5633
+    """
+    h = beta * (chosen_logratios - rejected_logratios)
+    return -(1 - smoothing) * F.logsigmoid(h) - smoothing * F.logsigmoid(-h)
+
+
+class _SmoothingCollator:
+    """DPOTrainer's collator plus each pair's smoothing factor, which the parent collator drops."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples):
+        batch = self.inner([{k: v for k, v in ex.items() if k != SMOOTHING_COLUMN} for ex in examples])
+        batch[SMOOTHING_COLUMN] = torch.tensor([float(ex[SMOOTHING_COLUMN]) for ex in examples])
+        return batch
+
+
+class RosePOTrainer(DPOTrainer):
+    """TRL's ``DPOTrainer`` whose sigmoid loss takes a per-pair smoothing factor from the dataset's
+    ``smoothing`` column (:func:`smoothed_dpo_loss`); everything else, the reference included, is DPOTrainer's."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.data_collator = _SmoothingCollator(self.data_collator)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if SMOOTHING_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, SMOOTHING_COLUMN]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        smoothing = inputs.pop(SMOOTHING_COLUMN)
+        logps, ref_logps, _, outputs, model_kwargs = sequence_logps(self, model, inputs)
+        chosen, rejected = logps.chunk(2)
+        ref_chosen, ref_rejected = ref_logps.chunk(2)
+        losses = smoothed_dpo_loss(chosen - ref_chosen, rejected - ref_rejected, smoothing.to(logps.device),
+                                   beta=self.beta)
+        loss = losses.mean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+        with torch.no_grad():  # DPOTrainer's metric names, so logs and reports read the same
+            chosen_rewards = self.beta * (chosen - ref_chosen)
+            rejected_rewards = self.beta * (rejected - ref_rejected)
+            metrics = self._metrics[mode]
+            for name, value in {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+                                "rewards/margins": chosen_rewards - rejected_rewards,
+                                "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+                                "rosepo/smoothing": smoothing.float()}.items():
+                metrics[name].append(self.accelerator.gather(value.detach()).float().mean().item())
         if return_outputs:  # the fused head builds no logits; prediction_step wants them
             with torch.no_grad():
                 outputs = model(**{k: v for k, v in model_kwargs.items() if k != "output_router_logits"})

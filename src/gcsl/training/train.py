@@ -40,7 +40,7 @@ from typing import Any, Literal
 from gcsl.config import config_to_dict, field
 from gcsl.errors import ConfigError, DataError, StageError
 from gcsl.goals import GoalSetup
-from gcsl.methods import METHODS, get_method
+from gcsl.methods import METHODS, SMOOTHING_COLUMN, get_method
 from gcsl.models import DEFAULT_MODEL
 from gcsl.runinfo import atomic_write_json, atomic_write_text, write_run_record
 from gcsl.stages import ModelFolder
@@ -93,10 +93,12 @@ class TrainConfig:
     goal_token_lr: float | None = field(None, help="gcsl / gcsl-bey: learning rate of the reward-token embedding "
                                                    "rows (default: --learning-rate); they start from the embedding "
                                                    "of their level's name and may need a larger step to separate")
-    preference_loss: Literal["dpo", "simpo", "alphadpo"] = field(
-        "dpo", help="loss for DPO-prepared pairs: dpo (DPOTrainer), simpo (CPOTrainer, loss_type=simpo) or "
+    preference_loss: Literal["dpo", "simpo", "alphadpo", "rosepo"] = field(
+        "dpo", help="loss for DPO-prepared pairs: dpo (DPOTrainer), simpo (CPOTrainer, loss_type=simpo), "
                     "alphadpo (AlphaDPO, Wu et al. 2025: SimPO's length-normalised loss with an adaptive per-pair "
-                    "margin from the policy-vs-reference log-ratio; needs the reference, the base model)")
+                    "margin from the policy-vs-reference log-ratio; needs the reference, the base model) or rosepo "
+                    "(DPO with a per-pair label smoothing read from the prepared data's smoothing column, as the "
+                    "rosepo recipe writes it)")
     beta: float | None = field(None, help="preference loss beta (default: 0.1 for DPO, 2.0 for SimPO, 2.5 for "
                                           "AlphaDPO)")
     simpo_gamma: float = field(0.5, help="SimPO target reward margin")
@@ -400,6 +402,8 @@ def _read_prepared(data_dir: Path) -> _Prepared:
     available = columns
     pairs = kind.trainer == "preference"
     columns = (*needed, "row_id") if "row_id" in available and not pairs else needed
+    if pairs and SMOOTHING_COLUMN in available:
+        columns = (*columns, SMOOTHING_COLUMN)  # RosePO's per-pair smoothing (read only by --preference-loss rosepo)
     if REFERENCE_COLUMN in available and not pairs:
         columns = (*columns, REFERENCE_COLUMN)  # loaded only when the KL reference needs it
     return _Prepared(data_dir=data_dir, goals=goals, method=method, columns=columns, rows=rows)
@@ -432,6 +436,10 @@ def _check_method_options(cfg: TrainConfig, method: str, state, columns: tuple[s
     if kind.trainer != "preference" and cfg.preference_loss != "dpo":
         problems.append(f"preference_loss: {cfg.preference_loss} needs DPO pairs, but {cfg.data} was prepared "
                         f"for {method}; run `gcsl prepare --method dpo`")
+    elif cfg.preference_loss == "rosepo" and SMOOTHING_COLUMN not in columns:
+        problems.append(f"preference_loss: rosepo reads each pair's {SMOOTHING_COLUMN} column, which {cfg.data} "
+                        "lacks; prepare the pairs with the rosepo recipe (`gcsl experiment`, method rosepo) or use "
+                        "--preference-loss dpo")
     if problems:
         raise ConfigError("invalid TrainConfig: " + "; ".join(problems))
 
@@ -541,14 +549,17 @@ def _needs_reference(cfg: TrainConfig, method: str) -> bool:
 def _goal_token_text(token: str) -> str:
     """The text whose embedding a reward token starts from: the level it names.
 
-    >>> _goal_token_text("[R_3]"), _goal_token_text("[R_3+]")
-    (' level 3', ' at least level 3')
+    A multi-aspect token names its aspect first, so aspects' tokens of one level start apart too.
+
+    >>> _goal_token_text("[R_3]"), _goal_token_text("[R_3+]"), _goal_token_text("[A2_R_3+]")
+    (' level 3', ' at least level 3', ' aspect 2 at least level 3')
     """
-    match = re.fullmatch(r"\[R_(\d+)(\+?)\]", token)
+    match = re.fullmatch(r"\[(?:A(\d+)_)?R_(\d+)(\+?)\]", token)
     if match is None:  # another special-token spelling: its own words
         return " " + token.strip("[]<>|").replace("_", " ")
-    level, beyond = match.groups()
-    return f" at least level {level}" if beyond else f" level {level}"
+    aspect, level, beyond = match.groups()
+    text = f" at least level {level}" if beyond else f" level {level}"
+    return f" aspect {aspect}{text}" if aspect else text
 
 
 def _init_goal_token_rows(model, tokenizer, tokens: list[str], ids: list[int]) -> None:
@@ -753,6 +764,10 @@ def _preference_trainer_class(cfg: TrainConfig):
         from gcsl.training.preference import AlphaDPOTrainer
 
         return AlphaDPOTrainer
+    if cfg.preference_loss == "rosepo":
+        from gcsl.training.preference import RosePOTrainer
+
+        return RosePOTrainer
     from trl import DPOTrainer
 
     return DPOTrainer

@@ -6,6 +6,13 @@ Protocol (BIGRec / SPRec / D3, as used by the paper):
   after the user's first is one example: history = the previous <= ``history_len`` items with
   their titles and ratings, target = the item with its rating (1-5). Users with fewer than
   ``min_interactions`` interactions are dropped (counted in ``stats``).
+- **Restricted catalogue (deviation, off by default).** ``top_items`` = N keeps only the N most-rated
+  items (ties: catalogue order): ratings of other items are removed before users are counted and
+  histories built, so targets, histories and the catalogue all hold those N items. The paper ranks
+  against the whole catalogue; the restriction (with shorter histories) makes the task learnable by a
+  135M model on CPU (``configs/cpu/movielens-rank.yaml``). The folder ``gcsl data recommendation``
+  writes holds ``catalogue.jsonl``; given as the evaluator's ``path``, every method and baseline is
+  ranked against exactly those items.
 - **Split.** All examples are ordered by the target's timestamp; ties keep source order (a stable
   sort: file line of the target for MovieLens, row order for CSV files). The first
   ``int(0.8 n)`` are train, the next up to ``int(0.9 n)`` validation, the rest test (D3's rule).
@@ -27,6 +34,9 @@ Protocol (BIGRec / SPRec / D3, as used by the paper):
   whatever its rating (the form BIGRec, D3 and SPRec report). A generation with no usable title is
   unfound: rank inf, every metric 0, and its ``reason`` recorded. Each metric is averaged over a
   prompt's generations, then over prompts.
+- **BIGRec grounding.** ``grounding: bigrec-l2`` replaces the sentence-transformer by the base LLM's
+  last-layer last-token states and cosine by L2 distance, optionally popularity-adjusted
+  (:mod:`~gcsl.tasks.recommendation.bigrec`); ``gcsl experiment`` scores the ``bigrec`` method with it.
 
 Data sources: MovieLens-100k from the ``recbole`` wheel (never imported; only its data folder is
 read) and D3-style Amazon CSV files (``user_id, item_asins, item_asin, history_item_id, item_id,
@@ -38,7 +48,8 @@ Modules: :mod:`~gcsl.tasks.recommendation.data` (records, loaders, split, sampli
 :mod:`~gcsl.tasks.recommendation.prompts` (prompts and files),
 :mod:`~gcsl.tasks.recommendation.grounding` (titles -> ranks),
 :mod:`~gcsl.tasks.recommendation.evaluation` (the evaluator),
-:mod:`~gcsl.tasks.recommendation.baselines` (the ``random`` and ``most-popular`` sanity baselines, no model).
+:mod:`~gcsl.tasks.recommendation.baselines` (the ``random`` and ``most-popular`` sanity baselines, no model),
+:mod:`~gcsl.tasks.recommendation.bigrec` (BIGRec's training rows, LLM embedding and popularity adjustment).
 """
 
 from __future__ import annotations
@@ -51,7 +62,9 @@ from gcsl.tasks.recommendation.baselines import (
     popularity_ranking,
     write_baseline_generations,
 )
+from gcsl.tasks.recommendation.bigrec import LastTokenEncoder, bigrec_positives, popularity_adjusted
 from gcsl.tasks.recommendation.data import (
+    CATALOGUE_FILE,
     D3_COLUMNS,
     SPLITS,
     CatalogueItem,
@@ -63,12 +76,15 @@ from gcsl.tasks.recommendation.data import (
     load_catalogue,
     load_movielens,
     load_recommendation_data,
+    most_rated,
     movielens_dir,
+    read_catalogue_file,
     sample_splits,
     split_by_time,
 )
-from gcsl.tasks.recommendation.evaluation import RecommendationEvalConfig, evaluate
+from gcsl.tasks.recommendation.evaluation import RecommendationEvalConfig, build_grounder, evaluate
 from gcsl.tasks.recommendation.grounding import (
+    GROUNDINGS,
     TIE_POLICY,
     GroundedTitle,
     TitleGrounder,
@@ -122,6 +138,14 @@ __all__ = [
     "write_baseline_generations",
     "popularity_ranking",
     "history_titles",
+    "CATALOGUE_FILE",
+    "most_rated",
+    "read_catalogue_file",
+    "build_grounder",
+    "GROUNDINGS",
+    "LastTokenEncoder",
+    "bigrec_positives",
+    "popularity_adjusted",
 ]
 
 # The feedback is the user's 1-5 rating; no ranking metric is on that scale.

@@ -19,6 +19,7 @@ import numpy as np
 
 from gcsl.config import field
 from gcsl.errors import ConfigError, DataError, MissingDependencyError
+from gcsl.stages import iter_jsonl
 
 __all__ = [
     "CatalogueItem",
@@ -36,6 +37,9 @@ __all__ = [
     "split_by_time",
     "sample_splits",
     "as_number",
+    "most_rated",
+    "CATALOGUE_FILE",
+    "read_catalogue_file",
 ]
 
 # Columns D3 (Bao et al., "Decoding Matters") writes for every split; history_* hold list literals.
@@ -47,6 +51,11 @@ _D3_SPLIT_DIRS = {"train": "train", "validation": "valid", "test": "test"}
 SPLITS = ("train", "validation", "test")
 
 _RECBOLE_INSTALL = "pip install --no-deps recbole==1.2.1"
+
+# What `gcsl data recommendation` writes beside the logs: the catalogue the examples were built on (restricted
+# by top_items or whole), with each item's count among the training interactions. The evaluator and the
+# baselines read it when their --path is that folder, so they rank against the very same items.
+CATALOGUE_FILE = "catalogue.jsonl"
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,10 @@ class RecommendationDataConfig:
     item_noun: str | None = field(None, help="what the items are called in prompts (default: 'movie' for "
                                   "movielens, 'item' for amazon; e.g. 'album')")
     chat: bool = field(False, help="write prompts as one-message chat lists instead of plain text")
+    top_items: int = field(0, help="keep only the N most-rated items (catalogue, targets and history entries; "
+                           "ratings of other items are removed before histories are built); 0 keeps every item "
+                           "(the paper). A deviation from the paper's protocol that makes the task learnable by "
+                           "small models")
 
     def validate(self) -> list[str]:
         problems = []
@@ -128,6 +141,8 @@ class RecommendationDataConfig:
             problems.append("min_interactions: must be >= 2 (a user needs a history and a target)")
         if self.history_len < 1:
             problems.append("history_len: must be >= 1")
+        if self.top_items < 0:
+            problems.append("top_items: must be >= 0 (0 keeps the whole catalogue)")
         for name in ("n_train", "n_valid", "n_test"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}: must be >= 0 (0 keeps the whole split)")
@@ -200,6 +215,20 @@ def as_number(value: Any, where: str, what: str) -> float:
     return x
 
 
+def most_rated(counts: Counter, items: Sequence[CatalogueItem], n: int) -> list[CatalogueItem]:
+    """The ``n`` catalogue items with the most ratings in ``counts`` (by item id), in catalogue order; ties at
+    the cut go to the item that comes first in the catalogue. ``n <= 0`` keeps every item.
+
+    >>> items = [CatalogueItem("1", "Heat"), CatalogueItem("2", "Alien"), CatalogueItem("3", "Up")]
+    >>> [it.title for it in most_rated(Counter({"3": 5, "1": 2, "2": 2}), items, 2)]
+    ['Heat', 'Up']
+    """
+    if n <= 0 or n >= len(items):
+        return list(items)
+    order = sorted(range(len(items)), key=lambda i: (-counts.get(items[i].item_id, 0), i))
+    return [items[i] for i in sorted(order[:n])]
+
+
 def _examples_from_sequences(sequences: dict[str, list[tuple[int, HistoryEntry, int]]],
                              history_len: int) -> list[tuple[int, Interaction]]:
     """Turns each user's (order key, entry, timestamp) events into examples, keyed by the target's order."""
@@ -231,8 +260,11 @@ def split_by_time(examples: Sequence[Interaction], train_fraction: float = 0.8,
 
 
 def load_movielens(path: Path | None = None, *, min_interactions: int = 10,
-                   history_len: int = 10) -> RecommendationData:
+                   history_len: int = 10, top_items: int = 0) -> RecommendationData:
     """MovieLens-100k as chronological examples split 8:1:1 by time (no sampling).
+
+    ``top_items`` > 0 keeps the most-rated items only (:func:`most_rated` over every rating in the file);
+    the other ratings are removed before users are counted and histories built.
 
     >>> data = load_movielens()  # doctest: +SKIP
     >>> len(data.items), sum(len(s) for s in data.splits.values())  # doctest: +SKIP
@@ -252,13 +284,19 @@ def load_movielens(path: Path | None = None, *, min_interactions: int = 10,
             raise DataError(f"{where}: item_id {item} has no title in ml-100k.item; fix the data files")
         entry = HistoryEntry(item, titles[item], as_number(f[c_rating], where, "rating"))
         sequences[f[c_user]].append((line_no, entry, int(as_number(f[c_ts], where, "timestamp"))))
+    dropped = {}
+    if top_items > 0:
+        items = most_rated(Counter(f[c_item] for _, f in rows), items, top_items)
+        kept_items = {it.item_id for it in items}
+        sequences = defaultdict(list, {u: [e for e in ev if e[1].item_id in kept_items] for u, ev in sequences.items()})
+        dropped["ratings_outside_top_items"] = len(rows) - sum(len(ev) for ev in sequences.values())
     counts = {u: len(ev) for u, ev in sequences.items()}
     kept = {u: ev for u, ev in sequences.items() if counts[u] >= min_interactions}
     examples = [ex for _, ex in sorted(_examples_from_sequences(kept, history_len), key=lambda p: p[0])]
     splits = split_by_time(examples)
+    dropped["users_below_min_interactions"] = len(sequences) - len(kept)
     stats = {"source": str(folder), "users": len(sequences), "users_kept": len(kept),
-             "ratings": len(rows), "examples": len(examples),
-             "dropped": {"users_below_min_interactions": len(sequences) - len(kept)},
+             "ratings": len(rows), "examples": len(examples), "catalogue_items": len(items), "dropped": dropped,
              "split_sizes": {k: len(v) for k, v in splits.items()}}
     return RecommendationData("movielens", items, splits, "movie", "watched", stats)
 
@@ -356,12 +394,13 @@ def _items_from_rows(rows: Iterable[dict[str, Any]]) -> list[CatalogueItem]:
 
 
 def load_amazon(path: Path, *, min_interactions: int = 10, history_len: int = 10,
-                item_noun: str = "item") -> RecommendationData:
+                item_noun: str = "item", top_items: int = 0) -> RecommendationData:
     """D3-style Amazon reviews: one CSV (split 8:1:1 here) or a D3 folder (its split kept).
 
     A user's interaction count is the number of distinct (item, timestamp) events in their rows
     (histories and targets) across the loaded files. The catalogue is ``info/*.txt`` when a D3
-    folder has one, else every item seen in the rows.
+    folder has one, else every item seen in the rows. ``top_items`` > 0 keeps the items with the most
+    such events (:func:`most_rated`): rows with another target are dropped, other history entries removed.
 
     >>> data = load_amazon(Path("tests/fixtures/amazon_small.csv"), min_interactions=3)  # doctest: +SKIP
     """
@@ -374,6 +413,15 @@ def load_amazon(path: Path, *, min_interactions: int = 10, history_len: int = 10
     for r in all_rows:
         events[r["user_id"]].update(zip([h.item_id for h in r["history"]], r["history_timestamps"]))
         events[r["user_id"]].add((r["item_id"], r["timestamp"]))
+    dropped = Counter()
+    if top_items > 0:
+        items = most_rated(Counter(item for ev in events.values() for item, _ in ev), items, top_items)
+        kept_items = {it.item_id for it in items}
+        before = sum(len(ev) for ev in events.values())
+        events = defaultdict(set, {u: {e for e in ev if e[0] in kept_items} for u, ev in events.items()})
+        dropped["events_outside_top_items"] = before - sum(len(ev) for ev in events.values())
+        for r in all_rows:
+            r["history"] = [h for h in r["history"] if h.item_id in kept_items]
     kept_users = {u for u, ev in events.items() if len(ev) >= min_interactions}
 
     # A target's position among the user's examples, in time order across every file.
@@ -385,13 +433,14 @@ def load_amazon(path: Path, *, min_interactions: int = 10, history_len: int = 10
         last_user = user
         position[k] = count
 
-    dropped = Counter()
     examples_by_source: dict[str, list[Interaction]] = {}
     k = 0
     for name, rows in rows_by_source.items():
         out = []
         for r in rows:
-            if r["user_id"] not in kept_users:
+            if top_items > 0 and r["item_id"] not in kept_items:
+                dropped["rows_with_target_outside_top_items"] += 1
+            elif r["user_id"] not in kept_users:
                 dropped["rows_of_users_below_min_interactions"] += 1
             elif not r["history"]:
                 dropped["rows_with_empty_history"] += 1
@@ -403,19 +452,41 @@ def load_amazon(path: Path, *, min_interactions: int = 10, history_len: int = 10
     splits = (split_by_time(examples_by_source["all"]) if "all" in examples_by_source
               else {s: sorted(examples_by_source[s], key=lambda e: e.timestamp) for s in SPLITS})
     stats = {"source": str(path), "users": len(events), "users_kept": len(kept_users), "rows": len(all_rows),
-             "examples": sum(len(v) for v in splits.values()), "dropped": dict(dropped),
+             "examples": sum(len(v) for v in splits.values()), "catalogue_items": len(items), "dropped": dict(dropped),
              "split_sizes": {s: len(v) for s, v in splits.items()},
              "split": "by time here (8:1:1)" if "all" in sources else "as given by the D3 folder"}
-    notes = [f"dropped {n} row(s): {reason}" for reason, n in dropped.items()]
+    notes = [f"dropped {n} row(s): {reason}" for reason, n in dropped.items() if reason.startswith("rows")]
     return RecommendationData("amazon", items, splits, item_noun, "bought", stats, notes)
+
+
+def read_catalogue_file(folder: Path) -> tuple[list[CatalogueItem], list[int]]:
+    """The catalogue a ``gcsl data recommendation`` folder was built on and each item's count among its
+    training interactions (the popularity BIGRec's grounding may weigh in).
+
+    >>> items, counts = read_catalogue_file(Path("data/movielens-rank"))  # doctest: +SKIP
+    """
+    path = Path(folder) / CATALOGUE_FILE
+    items, counts = [], []
+    for line_no, row in iter_jsonl(path, "catalogue"):
+        if not isinstance(row, dict) or not isinstance(row.get("title"), str) or "item_id" not in row:
+            raise DataError(f"{path}:{line_no}: expected an object with item_id, title and train_interactions; "
+                            "write the folder again with `gcsl data recommendation`")
+        items.append(CatalogueItem(str(row["item_id"]), row["title"].strip()))
+        counts.append(int(as_number(row.get("train_interactions", 0), f"{path}:{line_no}", "train_interactions")))
+    return items, counts
 
 
 def load_catalogue(dataset: Literal["movielens", "amazon"], path: Path | None = None) -> list[CatalogueItem]:
     """The item catalogue generations are ranked against (every title, in source order).
 
+    ``path`` may also be a folder written by ``gcsl data recommendation``: its ``catalogue.jsonl``
+    is the catalogue, restricted (``top_items``) as its examples were.
+
     >>> load_catalogue("movielens")[0]  # doctest: +SKIP
     CatalogueItem(item_id='1', title='Toy Story')
     """
+    if path is not None and (Path(path) / CATALOGUE_FILE).is_file():
+        return read_catalogue_file(Path(path))[0]
     if dataset == "movielens":
         return _movielens_items(movielens_dir(path))
     if path is None:
@@ -460,11 +531,12 @@ def load_recommendation_data(config: RecommendationDataConfig) -> Recommendation
     """
     if config.dataset == "movielens":
         data = load_movielens(config.path, min_interactions=config.min_interactions,
-                              history_len=config.history_len)
+                              history_len=config.history_len, top_items=config.top_items)
     else:
         if config.path is None:
             raise ConfigError("path: the amazon dataset needs --path (a D3-style CSV file or folder)")
-        data = load_amazon(config.path, min_interactions=config.min_interactions, history_len=config.history_len)
+        data = load_amazon(config.path, min_interactions=config.min_interactions, history_len=config.history_len,
+                           top_items=config.top_items)
     if config.item_noun:
         data.item_noun = config.item_noun
     return sample_splits(data, config.n_train, config.n_valid, config.n_test, config.seed)

@@ -4,6 +4,11 @@ NDCG's ideal list is an option (``ndcg_ideal``): ``g_max`` (the default, the pap
 an item of the scale's top grade at rank 1, so a low-rated target earns less) or ``target`` (the
 target itself at rank 1, so the grade cancels and NDCG = 1/log2(rank + 1), the form BIGRec, D3
 and SPRec report). See :func:`gcsl.metrics.ranking.target_ndcg`.
+
+Grounding is an option too (``grounding``): ``cosine`` (a sentence-transformer, the default for every
+method) or ``bigrec-l2`` (BIGRec's: the base LLM ``lm`` embeds titles, L2 distance ranks them, weighed by
+training popularity when ``popularity_gamma`` > 0; :mod:`~gcsl.tasks.recommendation.bigrec`). The
+``bigrec`` method of :data:`gcsl.methods.METHODS` is scored with it in ``gcsl experiment``.
 """
 
 from __future__ import annotations
@@ -17,24 +22,45 @@ from typing import Any, Literal
 import numpy as np
 
 from gcsl.config import field
-from gcsl.errors import DataError
+from gcsl.errors import ConfigError, DataError
 from gcsl.metrics.ranking import DEFAULT_G_MAX, target_err, target_hit, target_ndcg
 from gcsl.tasks.base import TaskResult
-from gcsl.tasks.recommendation.data import as_number, load_catalogue
-from gcsl.tasks.recommendation.grounding import MINILM, TIE_POLICY, TitleGrounder, extract_title, load_encoder
+from gcsl.tasks.recommendation.data import CATALOGUE_FILE, as_number, load_catalogue, read_catalogue_file
+from gcsl.tasks.recommendation.grounding import (
+    GROUNDINGS,
+    MINILM,
+    TIE_POLICY,
+    TitleGrounder,
+    extract_title,
+    load_encoder,
+)
 
-__all__ = ["RecommendationEvalConfig", "evaluate"]
+__all__ = ["RecommendationEvalConfig", "evaluate", "build_grounder"]
+
+_LM_NEEDED = "lm: bigrec-l2 grounding embeds titles with a causal LM; give --lm (the base model)"
 
 
 @dataclass
 class RecommendationEvalConfig:
     dataset: Literal["movielens", "amazon"] = field("movielens", help="whose item titles form the catalogue "
                                                     "that generations are ranked against")
-    path: Path | None = field(None, help="movielens: folder with ml-100k.item (default: the recbole package's "
-                              "copy); amazon: the D3-style CSV file or folder the prompts came from")
-    model: str = field(MINILM, help="sentence-transformer used for grounding: 'minilm' (the offline "
+    path: Path | None = field(None, help="the folder `gcsl data recommendation` wrote (its catalogue.jsonl: the "
+                              "items the prompts were built on, restricted by top_items if they were); or movielens: "
+                              "folder with ml-100k.item (default: the recbole package's copy); amazon: the D3-style "
+                              "CSV file or folder the prompts came from")
+    grounding: Literal["cosine", "bigrec-l2"] = field(
+        "cosine", help="how a generated title is matched to catalogue items: cosine = sentence-transformer "
+                       "(--model) cosine similarity; bigrec-l2 = BIGRec's L2 distance between the base LLM's "
+                       "(--lm) last-layer last-token states")
+    model: str = field(MINILM, help="sentence-transformer used for cosine grounding: 'minilm' (the offline "
                        "all-MiniLM-L6-v2 package) or any sentence-transformers model name or path")
-    device: str = field("cpu", help="device of the sentence-transformer")
+    lm: str | None = field(None, help="bigrec-l2: the causal LM whose hidden states embed titles (BIGRec uses the "
+                           "base model the method was tuned from); `gcsl experiment` sets it to its model")
+    popularity_gamma: float = field(0.0, help="bigrec-l2: weight of training popularity, distance / (1 + pop) ** "
+                                    "gamma with both min-max scaled (BIGRec tunes it on validation over 0..99; 0 = "
+                                    "plain L2); needs --path to a `gcsl data recommendation` folder; cosine "
+                                    "grounding ignores it")
+    device: str = field("cpu", help="device of the sentence-transformer or LM")
     batch_size: int = field(64, help="texts embedded per batch")
     ks: list[int] = field(default_factory=lambda: [10, 20], help="cut-offs k of NDCG@k, ERR@k and HR@k")
     g_max: float = field(DEFAULT_G_MAX, help="ERR's maximum grade: R(g) = (2^g - 1) / 2^g_max (5 for 1-5 stars)")
@@ -53,6 +79,12 @@ class RecommendationEvalConfig:
             problems.append("batch_size: must be >= 1")
         if not self.g_max > 0:
             problems.append("g_max: must be > 0")
+        if self.grounding not in GROUNDINGS:
+            problems.append(f"grounding: {self.grounding!r} is not one of {', '.join(GROUNDINGS)}")
+        if self.grounding == "bigrec-l2" and not self.lm:
+            problems.append(_LM_NEEDED)
+        if self.popularity_gamma < 0:
+            problems.append(f"popularity_gamma: must be >= 0, got {self.popularity_gamma}")
         return problems
 
 
@@ -102,12 +134,37 @@ def _check_rows(rows: Sequence[dict[str, Any]], g_max: float) -> list[tuple[str,
     return parsed
 
 
+def build_grounder(config: RecommendationEvalConfig) -> TitleGrounder:
+    """The grounder ``config`` asks for, over the catalogue of ``config.dataset`` / ``config.path``.
+
+    >>> g = build_grounder(RecommendationEvalConfig(grounding="bigrec-l2", lm="smollm2-135m-instruct"))  # doctest: +SKIP
+    """
+    catalogue_file = config.path is not None and (Path(config.path) / CATALOGUE_FILE).is_file()
+    if config.grounding == "cosine":
+        titles = [it.title for it in load_catalogue(config.dataset, config.path)]
+        return TitleGrounder(titles, load_encoder(config.model, config.device), batch_size=config.batch_size)
+    from gcsl.tasks.recommendation.bigrec import LastTokenEncoder
+
+    if not config.lm:
+        raise ConfigError(_LM_NEEDED)
+    if config.popularity_gamma and not catalogue_file:
+        raise ConfigError(f"path: popularity_gamma needs the items' training counts; set --path to the folder "
+                          f"`gcsl data recommendation` wrote (it holds {CATALOGUE_FILE})")
+    if catalogue_file:
+        items, popularity = read_catalogue_file(Path(config.path))
+    else:
+        items, popularity = load_catalogue(config.dataset, config.path), None
+    return TitleGrounder([it.title for it in items], LastTokenEncoder(config.lm, config.device),
+                         batch_size=config.batch_size, metric="l2", popularity=popularity,
+                         popularity_gamma=config.popularity_gamma)
+
+
 def evaluate(rows: list[dict[str, Any]], config: RecommendationEvalConfig, *,
              grounder: TitleGrounder | None = None) -> TaskResult:
     """Grounds every generation in the catalogue and scores NDCG@k, ERR@k and HR@k per prompt.
 
     ``grounder`` reuses already embedded catalogue titles (and fixes the encoder); by default one
-    is built from ``config.dataset``/``config.path`` and ``config.model``.
+    is built from ``config`` (:func:`build_grounder`).
 
     >>> result = evaluate(rows, RecommendationEvalConfig())  # doctest: +SKIP
     >>> result.metrics["ndcg@10"]  # doctest: +SKIP
@@ -117,8 +174,7 @@ def evaluate(rows: list[dict[str, Any]], config: RecommendationEvalConfig, *,
         raise DataError("no generations to evaluate; check the --generations file")
     targets = _check_rows(rows, config.g_max)
     if grounder is None:
-        titles = [it.title for it in load_catalogue(config.dataset, config.path)]
-        grounder = TitleGrounder(titles, load_encoder(config.model, config.device), batch_size=config.batch_size)
+        grounder = build_grounder(config)
     unknown = sorted({title for _, title, _ in targets if title not in grounder})
     if unknown:
         raise DataError(f"meta.target_title not in the {config.dataset} catalogue: {', '.join(map(repr, unknown[:3]))}"
@@ -160,7 +216,8 @@ def evaluate(rows: list[dict[str, Any]], config: RecommendationEvalConfig, *,
     n_unparsable = len(rows) - len(usable)
 
     options = {"dataset": config.dataset, "path": str(config.path) if config.path else None,
-               "model": config.model, "ks": list(config.ks), "g_max": config.g_max,
+               "grounding": config.grounding, "model": config.model if config.grounding == "cosine" else config.lm,
+               "popularity_gamma": config.popularity_gamma, "ks": list(config.ks), "g_max": config.g_max,
                "ndcg_ideal": config.ndcg_ideal,
                "catalogue_items": grounder.n_items, "catalogue_unique_titles": len(grounder.unique_titles),
                "tie_policy": TIE_POLICY}

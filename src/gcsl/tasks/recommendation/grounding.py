@@ -2,8 +2,9 @@
 
 A generation's title is its first quoted span (straight or curly double quotes), else its first
 non-empty line. It is embedded with a sentence-transformer and every catalogue title is ranked by
-cosine similarity; ties follow :data:`TIE_POLICY`. sentence-transformers is imported only when an
-encoder is loaded.
+cosine similarity (``cosine``, the default), or embedded by the base LLM and ranked by L2 distance,
+optionally popularity-adjusted (``bigrec-l2``, BIGRec's grounding: :mod:`~gcsl.tasks.recommendation.bigrec`);
+ties follow :data:`TIE_POLICY`. sentence-transformers is imported only when an encoder is loaded.
 """
 
 from __future__ import annotations
@@ -13,19 +14,24 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from gcsl.errors import ConfigError, DataError, MissingDependencyError
+from gcsl.tasks.recommendation.bigrec import l2_distances, popularity_adjusted
 
-__all__ = ["TIE_POLICY", "MINILM", "extract_title", "load_encoder", "GroundedTitle", "TitleGrounder"]
+__all__ = ["TIE_POLICY", "MINILM", "GROUNDINGS", "extract_title", "load_encoder", "GroundedTitle", "TitleGrounder"]
 
 TIE_POLICY = ("pessimistic: items with another title and a similarity equal to the target title's rank above "
               "it; items sharing the target's title count once (its best rank)")
 
 # The offline all-MiniLM-L6-v2 package, the default grounding model.
 MINILM = "minilm"
+
+# The evaluator's groundings: a sentence-transformer's cosine similarity, or BIGRec's L2 distance between the
+# base LLM's last-token states (optionally popularity-adjusted).
+GROUNDINGS = ("cosine", "bigrec-l2")
 
 
 # Each opening quote and the quote that closes it; "”...”" covers a common typographic slip.
@@ -104,7 +110,10 @@ def load_encoder(model: str = MINILM, device: str = "cpu"):
 
 @dataclass(frozen=True)
 class GroundedTitle:
-    """Where a generated title lands: the target's rank (1-based) and the nearest catalogue title."""
+    """Where a generated title lands: the target's rank (1-based) and the nearest catalogue title.
+
+    ``similarity`` is the nearest title's score: its cosine similarity, or, for L2 grounding, minus its
+    (scaled, popularity-adjusted) distance, so higher is nearer either way."""
 
     rank: float
     nearest_title: str
@@ -115,34 +124,52 @@ class TitleGrounder:
     """Ranks catalogue titles against generated titles with a sentence-transformer.
 
     ``encoder`` is a ``SentenceTransformer`` (or any object with its ``encode(texts, batch_size=,
-    convert_to_numpy=, normalize_embeddings=, show_progress_bar=)``). Each distinct catalogue title
+    convert_to_numpy=, normalize_embeddings=, show_progress_bar=)``, such as
+    :class:`~gcsl.tasks.recommendation.bigrec.LastTokenEncoder`). Each distinct catalogue title
     is embedded once, when the grounder is built; reuse one grounder to evaluate many files.
-    Ranks follow :data:`TIE_POLICY`.
+    ``metric``: ``cosine`` (normalised embeddings) or ``l2`` (raw embeddings, nearest by Euclidean
+    distance, each generation's distances scaled as :func:`~gcsl.tasks.recommendation.bigrec.popularity_adjusted`
+    does, with ``popularity`` (one count per catalogue item, in ``titles`` order) weighed in by
+    ``popularity_gamma``). Ranks follow :data:`TIE_POLICY`.
 
     >>> g = TitleGrounder(["Heat", "Alien", "Heat"], load_encoder())  # doctest: +SKIP
     >>> g.ground(["heat"], ["Heat"])[0].rank  # doctest: +SKIP
     1.0
     """
 
-    def __init__(self, titles: Sequence[str], encoder: Any, *, batch_size: int = 64):
+    def __init__(self, titles: Sequence[str], encoder: Any, *, batch_size: int = 64,
+                 metric: Literal["cosine", "l2"] = "cosine", popularity: Sequence[float] | None = None,
+                 popularity_gamma: float = 0.0):
         if not titles:
             raise DataError("the item catalogue is empty; check the dataset path")
+        if popularity_gamma and (popularity is None or len(popularity) != len(titles)):
+            raise ConfigError("popularity_gamma: weighing in popularity needs one training count per catalogue "
+                              "item; set --path to the folder `gcsl data recommendation` wrote")
         self.encoder = encoder
         self.batch_size = batch_size
+        self.metric = metric
+        self.popularity_gamma = popularity_gamma
         self.n_items = len(titles)
         counts = Counter(t.strip() for t in titles)
         self.unique_titles = list(counts)
         self._index = {t: i for i, t in enumerate(self.unique_titles)}
         self._counts = np.array([counts[t] for t in self.unique_titles], dtype=np.float64)
+        # A title held by several items is as popular as they are together.
+        self._popularity = np.zeros(len(self.unique_titles))
+        for title, count in zip(titles, popularity if popularity is not None else [0.0] * len(titles)):
+            self._popularity[self._index[title.strip()]] += float(count)
         self._embeddings = self._embed(self.unique_titles)
 
     def __contains__(self, title: str) -> bool:
         return title.strip() in self._index
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
+        cosine = self.metric == "cosine"
         emb = self.encoder.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
-                                  normalize_embeddings=True, show_progress_bar=False)
+                                  normalize_embeddings=cosine, show_progress_bar=False)
         emb = np.asarray(emb, dtype=np.float32).reshape(len(texts), -1)
+        if not cosine:
+            return emb
         # Normalise again: a custom encoder may ignore the flag, and a zero vector must stay zero.
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         return np.divide(emb, norms, out=np.zeros_like(emb), where=norms > 0)
@@ -159,7 +186,7 @@ class TitleGrounder:
         for start in range(0, len(queries), chunk):
             q = self._embed(queries[start:start + chunk])
             t = np.array([self._index[x.strip()] for x in targets[start:start + chunk]])
-            sim = q @ self._embeddings.T
+            sim = self._scores(q)
             rows = np.arange(len(t))
             s_target = sim[rows, t]
             at_least = (sim >= s_target[:, None]).astype(np.float64) @ self._counts
@@ -170,3 +197,9 @@ class TitleGrounder:
             out += [GroundedTitle(float(r), self.unique_titles[b], float(sim[i, b]))
                     for i, (r, b) in enumerate(zip(ranks, best))]
         return out
+
+    def _scores(self, queries: np.ndarray) -> np.ndarray:
+        """Every unique title's score per query, higher = nearer: cosine similarity or minus the adjusted L2."""
+        if self.metric == "cosine":
+            return queries @ self._embeddings.T
+        return -popularity_adjusted(l2_distances(queries, self._embeddings), self._popularity, self.popularity_gamma)

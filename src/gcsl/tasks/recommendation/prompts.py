@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from gcsl.runinfo import atomic_dir, write_run_record
 from gcsl.stages import write_jsonl
 from gcsl.tasks.recommendation.data import (
+    CATALOGUE_FILE,
     HistoryEntry,
     Interaction,
     RecommendationData,
@@ -122,7 +124,9 @@ def export_recommendation_files(config: RecommendationDataConfig, out_dir: Path,
     """Loads the configured data and writes everything an experiment needs into ``out_dir``.
 
     Files: ``train.jsonl`` and ``validation.jsonl`` (feedback logs), ``validation_prompts.jsonl``
-    and ``test_prompts.jsonl`` (prompt files), ``data.json`` (counts and notes), ``run.json``.
+    and ``test_prompts.jsonl`` (prompt files), ``catalogue.jsonl`` (the items the examples were built on,
+    each with its count among the training examples' targets; give the folder as the evaluator's --path to
+    rank against exactly these items), ``data.json`` (counts and notes), ``run.json``.
 
     >>> export_recommendation_files(RecommendationDataConfig(), Path("rec-data"))  # doctest: +SKIP
     """
@@ -135,6 +139,9 @@ def export_recommendation_files(config: RecommendationDataConfig, out_dir: Path,
         write_feedback_log(data, "validation", tmp / names["validation"], chat=config.chat)
         write_prompts(data, "validation", tmp / names["validation_prompts"], chat=config.chat)
         write_prompts(data, "test", tmp / names["test_prompts"], chat=config.chat)
+        train_counts = Counter(ex.item_id for ex in data.splits["train"])
+        write_jsonl(tmp / CATALOGUE_FILE, [{"item_id": it.item_id, "title": it.title,
+                                            "train_interactions": train_counts[it.item_id]} for it in data.items])
         summary = {"dataset": data.name, "catalogue_items": len(data.items), "stats": data.stats,
                    "notes": data.notes}
         (tmp / "data.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -144,9 +151,9 @@ def export_recommendation_files(config: RecommendationDataConfig, out_dir: Path,
 
 def write_recommendation_data(config: RecommendationDataConfig, out: Path, overwrite: bool = False) -> list[Path]:
     """The task's data builder (``gcsl data recommendation``): :func:`export_recommendation_files`'s
-    files, as a list (feedback logs, then prompt files, then ``data.json``).
+    files, as a list (feedback logs, then prompt files, then ``catalogue.jsonl`` and ``data.json``).
 
     >>> write_recommendation_data(RecommendationDataConfig(n_test=100), Path("data/movielens"))  # doctest: +SKIP
     """
     files = export_recommendation_files(config, out, overwrite=overwrite)
-    return [*files.values(), Path(out) / "data.json"]
+    return [*files.values(), Path(out) / CATALOGUE_FILE, Path(out) / "data.json"]

@@ -1,0 +1,161 @@
+"""SPRec (gcsl.tasks.recommendation.preference): its rows, rounds and self-play pairs, the pairs' way through
+`gcsl prepare`, and its self-play rounds on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from gcsl.config import resolve_config
+from gcsl.data.prepare import PrepareConfig, prepare
+from gcsl.errors import ConfigError
+from gcsl.experiments.runner import ExperimentConfig
+from gcsl.methods import Method, get_method, trained_methods
+from gcsl.stages import ModelFolder, iter_jsonl, write_jsonl
+from gcsl.tasks.recommendation.preference import (
+    RecipeConfig,
+    pair_log,
+    positive_rows,
+    run_recipe,
+    sample_rows,
+    sprec_pairs,
+)
+from test_rec_baselines import DATA  # the Amazon CSV fixture and its data options
+
+ROWS = [{"prompt": f"history {i}", "response": f'"Item {i}"', "score": s} for i, s in enumerate([5, 3, 4, 1, 4])]
+
+
+def test_positives_are_the_rows_rated_at_the_cut_or_above():
+    assert positive_rows(ROWS, 4) == [0, 2, 4]
+    assert positive_rows(ROWS, 5) == [0] and positive_rows(ROWS, 1) == [0, 1, 2, 3, 4]
+
+
+def test_each_round_draws_its_own_seeded_sample_without_replacement():
+    pool = list(range(100))
+    first, again, other = sample_rows(pool, 10, 1), sample_rows(pool, 10, 1), sample_rows(pool, 10, 2)
+    assert first == again and first != other
+    assert len(set(first)) == 10 and set(first) <= set(pool)
+    assert sample_rows(pool, None, 3) == pool and sample_rows(pool, 500, 3) == pool
+
+
+def test_pairs_reject_the_models_own_recommendation():
+    rows = [ROWS[0], ROWS[2], ROWS[4]]
+    predictions = ['I would pick "Item 7" next.',  # quoted: that title
+                   "Item 4\nor else",  # unquoted: its first line
+                   '"""..."""']  # no usable title: no pair
+    pairs = sprec_pairs(rows, predictions)
+    assert [(p["prompt"], p["chosen"], p["rejected"], p["negative"]) for p in pairs] == [
+        ("history 0", '"Item 0"', '"Item 7"', "self-play"),
+        ("history 2", '"Item 2"', '"Item 4"', "self-play")]
+    # A recommendation of the logged item itself stays a pair, as in the reference code.
+    assert sprec_pairs([ROWS[0]], ['"Item 0"'])[0]["rejected"] == '"Item 0"'
+    with pytest.raises(ValueError):
+        sprec_pairs(rows, predictions[:2])
+
+
+def test_the_pairs_come_back_out_of_gcsl_prepare_unchanged(tmp_path):
+    pairs = sprec_pairs([ROWS[0], ROWS[2], ROWS[0]], ['"Item 7"', '"Item 2"', '"Item 8"'])
+    # history 0 twice: one chosen row, two rejected ones; history 2's model named the logged item.
+    log = pair_log(pairs, high=5, low=1)
+    assert sorted((r["prompt"], r["response"], r["score"]) for r in log) == [
+        ("history 0", '"Item 0"', 5), ("history 0", '"Item 7"', 1), ("history 0", '"Item 8"', 1),
+        ("history 2", '"Item 2"', 1), ("history 2", '"Item 2"', 5)]
+    write_jsonl(tmp_path / "pairs.jsonl", log)
+    prepare(resolve_config(PrepareConfig, overrides={
+        "data": str(tmp_path / "pairs.jsonl"), "out": tmp_path / "prep", "method": "dpo", "kind": "ordinal",
+        "score_range": [1, 5], "dpo_negatives": "observed", "dpo_pairs": 2, "quiet": True}))
+    table = pq.read_table(tmp_path / "prep" / "train.parquet").to_pylist()
+    got = sorted((r["prompt"], r["chosen"], r["rejected"]) for r in table)
+    assert got == sorted((p["prompt"], p["chosen"], p["rejected"]) for p in pairs)
+
+
+def test_bad_options_are_one_line_errors():
+    with pytest.raises(ConfigError) as err:
+        resolve_config(RecipeConfig, overrides={"method": "sprec", "data": "d", "out": "o", "rounds": -1,
+                                                "sample_size": 0, "train": {"init_adapter": "x"}})
+    text = str(err.value)
+    assert "rounds: must be >= 0" in text and "sample_size: must be at least 1" in text
+    assert "train: the recipe sets init_adapter itself" in text and "\n" not in text
+    with pytest.raises(ConfigError) as err:
+        resolve_config(ExperimentConfig, overrides={
+            "name": "x", "out": "o", "task": "sentiment", "data": "d", "eval_prompts": "p", "methods": ["sprec"],
+            "baseline": "sprec", "recipe": {"round": 2}})
+    text = str(err.value)
+    assert "methods: sprec is a baseline of task recommendation only" in text
+    assert "recipe.round: unknown option of RecipeConfig" in text
+
+
+def test_the_table_entry_is_a_recommendation_recipe():
+    method = get_method("sprec")
+    assert method.variant_kind == "recipe" and method.recipe == "sprec" and method.tasks == ("recommendation",)
+    assert "sprec" not in trained_methods() and not method.is_goal_conditioned
+    with pytest.raises(ConfigError, match="a recipe .rosepo or sprec. trains in its own stages"):
+        Method("x", "x", None, trainer="none", columns=(), recipe="sprec")  # no tasks named
+    with pytest.raises(ConfigError, match="a recipe"):
+        Method("x", "x", None, trainer="none", columns=(), tasks=("recommendation",), recipe="spin")
+
+
+@pytest.fixture(scope="module")
+def sprec_run(tmp_path_factory, tiny_llama_dir, one_torch_thread):
+    from gcsl.tasks import recommendation as rec
+
+    root = tmp_path_factory.mktemp("sprec")
+    files = rec.export_recommendation_files(rec.RecommendationDataConfig(**DATA), root / "data")
+    cfg = resolve_config(RecipeConfig, overrides={
+        "method": "sprec", "data": str(files["train"]), "out": root / "sprec", "model": str(tiny_llama_dir),
+        "rounds": 2, "sample_size": 4, "steps_per_stage": 1, "prepare": {"kind": "ordinal", "score_range": [1, 5]},
+        "train": {"per_device_batch_size": 4, "report_to": "none", "save_steps": 1, "lora_r": 4},
+        "generate": {"max_new_tokens": 4, "batch_size": 4}})
+    return cfg, run_recipe(cfg), files
+
+
+def test_rounds_sample_with_the_previous_rounds_model_and_record_their_compute(sprec_run):
+    cfg, final, files = sprec_run
+    out = Path(cfg.out)
+    liked = [{k: row[k] for k in ("prompt", "response", "score")} for _, row in iter_jsonl(files["train"])
+             if row["score"] >= 4]
+    assert [row for _, row in iter_jsonl(out / "positives.jsonl")] == liked
+    run = json.loads((final / "run.json").read_text())
+    stages = run["stages"]
+    assert [s["stage"] for s in stages] == ["round-0-sft", "round-1-sample", "round-1-sft", "round-1-dpo",
+                                            "round-2-sample", "round-2-sft", "round-2-dpo"]
+    assert stages[0]["rows"] == len(liked) and stages[0]["optimizer_steps"] == 1
+    for r in (1, 2):
+        # The round's rows: its own seeded draw of the liked rows, sampled, then trained on by SFT.
+        drawn = [liked[i] for i in sample_rows(range(len(liked)), 4, cfg.seed + r)]
+        prompts = [row["prompt"] for _, row in iter_jsonl(out / f"round-{r}-sample" / "prompts.jsonl")]
+        assert prompts == [row["prompt"] for row in drawn]
+        assert [row for _, row in iter_jsonl(out / f"round-{r}-sft" / "log.jsonl")] == drawn
+        # Greedy samples (top_k 1) of the model the previous round ended with.
+        sampled_with = json.loads((out / f"round-{r}-sample" / "samples.jsonl.run.json").read_text())["config"]
+        before = out / ("round-0-sft" if r == 1 else "round-1-sft") / "model"
+        assert sampled_with["model"] == str(before) and sampled_with["top_k"] == 1
+        completions = [row["completion"] for _, row in iter_jsonl(out / f"round-{r}-sample" / "samples.jsonl")]
+        # The random tiny model names no item, so no pair is made and the round's DPO is skipped, on record.
+        assert sprec_pairs(drawn, completions) == []
+        dpo = next(s for s in stages if s["stage"] == f"round-{r}-dpo")
+        assert dpo["pairs"] == 0 and dpo["skipped"] == "no pairs"
+    assert run["compute"]["optimizer_steps"] == 3 and run["compute"]["samples_generated"] == 8
+    assert run["compute"]["train_rows"] == len(liked) + 8
+    assert ModelFolder(final).state == "complete" and json.loads((final / "stages.json").read_text())["stages"] == stages
+    # The final model is round 2's: its adapter file is the round-2 SFT model's.
+    assert (final / "adapter_model.safetensors").read_bytes() == (
+        out / "round-2-sft" / "model" / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_rerun_reuses_every_finished_stage(sprec_run, monkeypatch):
+    import sys
+
+    training, generation = sys.modules["gcsl.training.train"], sys.modules["gcsl.generation.generate"]
+    cfg, final, _ = sprec_run
+    before = (final / "run.json").read_text()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(training, "train", refuse)
+    monkeypatch.setattr(generation, "generate", refuse)
+    assert run_recipe(cfg) == final and (final / "run.json").read_text() == before
