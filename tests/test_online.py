@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from gcsl.config import resolve_config
-from gcsl.errors import ConfigError
+from gcsl.errors import ConfigError, StageError
 from gcsl.experiments.runner import ExperimentConfig, run_experiment
 from gcsl.methods import get_method, trained_methods
 from gcsl.stages import ModelFolder
@@ -125,3 +126,68 @@ def test_experiment_with_an_online_method_trains_once_and_reports_it(tmp_path, t
     stamp = (model / "run.json").stat().st_mtime_ns
     run_experiment(cfg)
     assert (model / "run.json").stat().st_mtime_ns == stamp
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stop_after_saving(step: int):
+    """A real callback that kills the run right after the checkpoint of ``step`` is written."""
+    from transformers import TrainerCallback
+
+    class StopAfterSaving(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise _Interrupt(f"killed after step {step}")
+
+    return StopAfterSaving()
+
+
+def test_interrupted_online_run_resumes_from_its_last_checkpoint(tmp_path, tiny_llama_dir, one_torch_thread):
+    from safetensors.torch import load_file
+
+    # 4 prompts, 2 a step: an epoch is 2 steps, so the run is cut (after step 3) inside its second epoch. With
+    # seed 1, TRL's own sampler, restarted on resuming, would give that epoch's last step other prompts.
+    log = str(_log(tmp_path / "fb.jsonl", prompts=4))
+
+    def config(out: Path, **over) -> OnlineConfig:
+        return resolve_config(OnlineConfig, overrides={
+            "data": log, "out": out, "model": str(tiny_llama_dir), "max_steps": 4, "num_generations": 2,
+            "per_device_batch_size": 4, "max_completion_length": 3, "save_steps": 1, "seed": 1, **over})
+
+    whole = train_online(config(tmp_path / "whole"), "grpo")
+    cut = config(tmp_path / "cut")
+    with pytest.raises(_Interrupt):
+        train_online(cut, "grpo", callbacks=[_stop_after_saving(3)])
+    folder = ModelFolder(cut.out)
+    assert folder.state == "partial" and folder.last_checkpoint.name == "checkpoint-3"
+    # Its record of the compute so far: 3 steps of 4 completions, and the seconds they took.
+    assert json.loads((folder.last_checkpoint / "gcsl_online_counts.json").read_text())["completions"] == 12
+    first_sitting = json.loads((folder.last_checkpoint / "gcsl_train_seconds.json").read_text())["train_seconds"]
+    assert first_sitting > 0
+    # Re-run without resume: refused; with other settings: refused; with resume: continues.
+    with pytest.raises(StageError, match="an unfinished run is here; set resume to continue it"):
+        train_online(cut, "grpo")
+    with pytest.raises(ConfigError, match=r"resume needs the interrupted run's settings, but learning_rate differ"):
+        train_online(config(cut.out, resume=True, learning_rate=1e-3), "grpo")
+    assert train_online(config(cut.out, resume=True), "grpo") == cut.out
+    run, ref = (json.loads((p / "run.json").read_text()) for p in (cut.out, whole))
+    assert run["resumed_from_step"] == 3 and ref["resumed_from_step"] is None
+    # The same steps and compute as the uninterrupted run, the seconds of both sittings counted.
+    for key in ("optimizer_steps", "completions_sampled", "scorer_calls", "reward_batches"):
+        assert run[key] == ref[key], key
+    assert run["mean_reward"] == pytest.approx(ref["mean_reward"])
+    assert run["optimizer_steps"] == 4 and run["completions_sampled"] == 16
+    assert run["train_seconds"] > first_sitting and "train_seconds_from_step" not in run
+    assert not folder.partial.exists() and not (cut.out / "checkpoints").exists()
+    # ... and the same adapter: adapter, optimizer and RNG states came back from the checkpoint, and the
+    # resumed epoch visited the prompts the uninterrupted one did.
+    got, want = (load_file(str(p / "adapter_model.safetensors")) for p in (cut.out, whole))
+    assert set(got) == set(want)
+    assert any(want[k].abs().sum() > 0 for k in want if "lora_B" in k)  # trained: a fresh lora_B is all zeros
+    for key in want:
+        assert torch.allclose(got[key], want[key], atol=1e-6), key
+    # Nothing left to resume once finished.
+    with pytest.raises(StageError, match="nothing to resume"):
+        train_online(config(cut.out, resume=True), "grpo")

@@ -160,6 +160,11 @@ def test_rerun_resumes_without_retraining_finished_rounds(finished_loop, monkeyp
     # Rounds made with other settings are not reused.
     with pytest.raises(ConfigError, match="made with other settings \\(samples_per_round differ\\)"):
         run_online_loop(resolve_config(LoopConfig, overrides={**cfg.__dict__, "samples_per_round": 7}))
+    # Nor is a loop cut back to fewer rounds than it holds: refused before anything is touched.
+    with pytest.raises(ConfigError, match=r"rounds: .* already holds 2 rounds after round 0, more than rounds: 1; "
+                                          r"set rounds to at least 2") as exc:
+        run_online_loop(resolve_config(LoopConfig, overrides={**cfg.__dict__, "rounds": 1}))
+    assert "\n" not in str(exc.value) and read_rounds(final)[-1]["round"] == 2
 
 
 def test_window_pool_keeps_the_last_rows(tmp_path, tiny_llama_dir, monkeypatch, one_torch_thread):
@@ -171,18 +176,24 @@ def test_window_pool_keeps_the_last_rows(tmp_path, tiny_llama_dir, monkeypatch, 
     assert [row["score"] for row in pool[-6:]] == [1.0] * 6  # the round's samples are the newest rows
 
 
-def test_experiment_runs_the_loop_and_reports_it(tmp_path, tiny_llama_dir, monkeypatch, one_torch_thread):
+def test_experiment_runs_the_loop_probes_it_and_extends_it(tmp_path, tiny_llama_dir, monkeypatch, one_torch_thread):
+    from gcsl.goals import inference_goal
+
     monkeypatch.chdir(tmp_path)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"t{i}", "prompt": [{"role": "user", "content": f"Film {i}."}]})
                                + "\n" for i in range(2)))
-    cfg = resolve_config(ExperimentConfig, overrides={
+    options = {
         "name": "tiny", "out": tmp_path / "exp", "task": "sentiment", "data": str(write_scripted_reviews(tmp_path / "fb.jsonl")),
         "eval_prompts": str(prompts), "model": str(tiny_llama_dir), "methods": ["base", "online-gcsl-bey-nl"],
-        "seeds": [0], "baseline": "base", "validation_prompts": 2, "prepare": PREPARE,
+        "seeds": [0], "baseline": "base", "validation_prompts": 2,
+        # unfiltered, every round keeps all 4 levels as goals: the probe has levels to compare
+        "prepare": {**PREPARE, "filter": False},
         "train": {**TRAIN, "max_steps": 1}, "loop": {"rounds": 1, "samples_per_round": 4},
+        "goal_curves": {"online-gcsl-bey-nl": ["trained"]}, "probe": {"ci_samples": 50},
         "generate": GENERATE, "ci_samples": 50,
-    })
+    }
+    cfg = resolve_config(ExperimentConfig, overrides=options)
     text = run_experiment(cfg).read_text()
     exp = tmp_path / "exp"
     loop = exp / "runs" / "online-gcsl-bey-nl" / "seed0" / "loop"
@@ -199,7 +210,33 @@ def test_experiment_runs_the_loop_and_reports_it(tmp_path, tiny_llama_dir, monke
     assert facts["online-gcsl-bey-nl"]["train_seconds"] == [pytest.approx(sum(r["train_seconds"] for r in rounds))]
     gens = exp / "runs" / "online-gcsl-bey-nl" / "seed0" / "gens-top.jsonl"
     assert {row["goal"] for _, row in iter_jsonl(gens)} != {None}  # sampled at its goal, like a GCSL model
+    # The final model is probed on the validation rows, like a trained variant.
+    seed_dir = exp / "runs" / "online-gcsl-bey-nl" / "seed0"
+    probe = json.loads((exp / "probe" / "online-gcsl-bey-nl" / "seed0" / "probe.json").read_text())
+    assert probe["n_rows"] == 4 and [p["variant"] for p in results["probe"]] == ["online-gcsl-bey-nl"]
+    assert "## Goal sensitivity" in text
+    # Its curve: `trained` is the last round's trained levels, each requesting that round's threshold.
+    final = GoalSetup.load(seed_dir / "model")
+    levels = [f"level:{k}" for k in final.trained_levels]
+    stats = results["curve_statistics"]["online-gcsl-bey-nl"]["mean_score"]
+    assert len(levels) >= 2 and stats["goals"] == levels and set(results["goal_curves"]["online-gcsl-bey-nl"]) >= set(levels)
+    assert stats["requested"] == pytest.approx([inference_goal(final, g).threshold for g in levels])
     # Cached: a re-run trains nothing again.
-    stamp = (loop / "round-1" / "model" / "run.json").stat().st_mtime_ns
+    stamps = {p: p.stat().st_mtime_ns for p in [*loop.rglob("run.json"), seed_dir / "metrics-top.json",
+                                                 seed_dir / "probe" / "probe.json"]}
     run_experiment(cfg)
-    assert (loop / "round-1" / "model" / "run.json").stat().st_mtime_ns == stamp
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # More rounds configured: the loop goes on from round 1; the final model, its samples, scores and probe move on.
+    run_experiment(resolve_config(ExperimentConfig, overrides={**options, "loop": {**options["loop"], "rounds": 2}}))
+    assert [r["round"] for r in read_rounds(seed_dir / "model")] == [0, 1, 2]
+    for r in (0, 1):
+        path = loop / f"round-{r}" / "model" / "run.json"
+        assert path.stat().st_mtime_ns == stamps[path]
+    assert (seed_dir / "model" / "goals.json").read_text() == (loop / "round-2" / "prepared" / "goals.json").read_text()
+    for path in (seed_dir / "metrics-top.json", seed_dir / "probe" / "probe.json"):
+        assert path.stat().st_mtime_ns != stamps[path], path
+    facts = {t["variant"]: t for t in json.loads((exp / "results.json").read_text())["training"]}
+    assert facts["online-gcsl-bey-nl"]["optimizer_steps"] == [3]
+    # Fewer rounds than done: refused, in one line.
+    with pytest.raises(ConfigError, match="already holds 2 rounds after round 0, more than rounds: 1"):
+        run_experiment(cfg)

@@ -12,8 +12,10 @@ Layout under ``root``::
     runs/<variant>/seed<k>/loop/             an online loop variant's rounds (online-gcsl-bey-nl: each round's
                                              pool, prepared data and model; gcsl.training.online_loop); its
                                              final model, the last round's, is seed<k>/model/
-    runs/<variant>/seed<k>/probe/            goal-sensitivity probe on the validation prompts
-    runs/<variant>/seed<k>/gens-<goal>.jsonl gcsl generate output, one file per goal request
+    runs/<variant>/seed<k>/probe/            goal-sensitivity probe on the validation prompts (trained and loop
+                                             variants with goals to compare)
+    runs/<variant>/seed<k>/gens-<goal>.jsonl gcsl generate output, one file per goal request (a multi-aspect
+                                             request names every aspect: gens-sentiment_level_1_brevity_level_2)
     runs/<variant>/seed<k>/metrics-<goal>.json
     runs/<variant>/<role>/prepared/          a decoding-time variant's (dexperts) expert and anti-expert:
     runs/<variant>/seed<k>/<role>/           their prepare and train outputs (role: expert, anti-expert)
@@ -21,7 +23,8 @@ Layout under ``root``::
                                              with the report so anyone can re-score them)
     probe/<variant>/seed<k>/probe.{json,png} copies of the probe's result and heatmap
     train_feedback.jsonl, validation.jsonl   the feedback split by prompt (validation_prompts > 0)
-    report.md, results.csv, results.json, *.png, experiment.json (resolved config + versions)
+    report.md, results.csv, results.json, *.png, experiment.json (resolved config + versions); a
+    multi-aspect variant's heatmaps are heatmap-<variant>-<metric>.png
 
 Only ``runs/`` holds large files (adapters, checkpoints); everything else is small enough to
 commit.
@@ -29,6 +32,7 @@ commit.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -43,11 +47,16 @@ from gcsl.errors import StageError
 if TYPE_CHECKING:
     from gcsl.goals import GoalSetup
 
-__all__ = ["TRAINED", "EXPERT_ROLES", "Variant", "StagePaths", "ExpertPaths", "ExperimentLayout", "display_path",
-           "training_data", "read_json", "slug"]
+__all__ = ["TRAINED", "GRID", "EXPERT_ROLES", "Variant", "StagePaths", "ExpertPaths", "ExperimentLayout",
+           "display_path", "training_data", "read_json", "slug", "is_multi_aspect", "aspect_grid",
+           "configured_aspects"]
 
-# Goal-curve keyword: the goals the variant was trained on, one `level:K` per trained level.
+# Goal-curve keyword: the goals the variant was trained on, one `level:K` per trained level (a multi-aspect
+# variant: one request per level combination that has training rows).
 TRAINED = "trained"
+# Goal-curve keyword: every combination of each aspect's trained levels (retained levels with goal
+# filtering, all levels without), trained together or not; for one aspect the same as `trained`.
+GRID = "grid"
 
 
 @dataclass
@@ -94,13 +103,40 @@ class ExpertPaths:
     model: Path
 
 
-def slug(text: str) -> str:
-    """A file-name-safe form of a variant or goal name.
+# Longer slugs are cut and end in a hash of the full name: a many-aspect goal request must still fit
+# a file name (255 bytes on common file systems, with room for the gens-/metrics- prefixes).
+_SLUG_MAX = 120
 
-    >>> slug("gcsl-bey-nl[bins=3]"), slug("scale:1.12")
-    ('gcsl-bey-nl_bins_3', 'scale_1.12')
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a variant or goal name, the same on every run.
+
+    >>> slug("gcsl-bey-nl[bins=3]"), slug("scale:1.12"), slug("negative sentiment=level:4,brevity=level:5")
+    ('gcsl-bey-nl_bins_3', 'scale_1.12', 'negative_sentiment_level_4_brevity_level_5')
     """
-    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
+    safe = re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
+    if len(safe) <= _SLUG_MAX:
+        return safe
+    return f"{safe[:_SLUG_MAX - 13]}_{hashlib.sha256(text.encode('utf-8')).hexdigest()[:12]}"
+
+
+def is_multi_aspect(setup: Any) -> bool:
+    """Whether a prepared variant's goals have several aspects (a MultiGoalSetup)."""
+    return hasattr(setup, "aspects")
+
+
+def aspect_grid(setup: Any, *, trained_only: bool = False) -> list[str]:
+    """A multi-aspect variant's goal requests, one per level combination, the first aspect varying slowest:
+    every combination of the aspects' trained levels, or (``trained_only``) those with training rows.
+
+    Each request names every aspect (``name=level:K,...``), so the file names it makes are stable.
+    """
+    import itertools
+
+    combos = itertools.product(*(a.trained_levels for a in setup.aspects))
+    if trained_only:
+        combos = (c for c in combos if setup.combination_counts.get(tuple(c), 0) > 0)
+    return [",".join(f"{name}=level:{k}" for name, k in zip(setup.names, c)) for c in combos]
 
 
 def _dedupe(items: Iterable[str]) -> list[str]:
@@ -182,21 +218,36 @@ class ExperimentLayout:
         """Where an online loop variant's rounds are kept (its final model is ``stage(variant, seed).model``)."""
         return self.root / "runs" / slug(variant) / f"seed{seed}" / "loop"
 
-    def goal_setup(self, variant: str) -> GoalSetup | None:
-        """The variant's goals as prepared (the one way goals.json is read here); None before prepare."""
+    def goal_setup(self, variant: str, seed: int | None = None) -> GoalSetup | None:
+        """The variant's goals as prepared (the one way goals.json is read here); None before prepare.
+
+        An online loop variant prepares in each seed's loop folder instead: its goals are those of its final
+        model (the last round's), of ``seed`` or, without one, of its first seed whose loop has finished.
+        """
         from gcsl.goals import GoalSetup
+        from gcsl.stages import ModelFolder
 
         try:
             return GoalSetup.load(self.stage(variant).prepared)
         except StageError:
             if (self.stage(variant).prepared / "goals.json").is_file():
                 raise  # a goals file that is there but unreadable is an error, not "not prepared"
-            return None
+        seeds = [seed] if seed is not None else sorted(
+            int(p.name[4:]) for p in (self.root / "runs" / slug(variant)).glob("seed*") if p.name[4:].isdigit())
+        for k in seeds:
+            if self.loop(variant, k).is_dir() and ModelFolder(self.stage(variant, k).model).state == "complete":
+                return ModelFolder(self.stage(variant, k).model).goal_setup()
+        return None
 
     def _expand(self, v: Variant, goals: list[str]) -> list[str]:
-        setup = self.goal_setup(v.name) if TRAINED in goals else None
-        levels = [f"level:{k}" for k in setup.trained_levels] if setup is not None else []
-        return _dedupe(g for goal in goals for g in (levels if goal == TRAINED else [goal]))
+        setup = self.goal_setup(v.name) if {TRAINED, GRID} & set(goals) else None
+        if setup is None:
+            keywords: dict[str, list[str]] = {TRAINED: [], GRID: []}
+        elif is_multi_aspect(setup):
+            keywords = {TRAINED: aspect_grid(setup, trained_only=True), GRID: aspect_grid(setup)}
+        else:
+            keywords = dict.fromkeys((TRAINED, GRID), [f"level:{k}" for k in setup.trained_levels])
+        return _dedupe(g for goal in goals for g in keywords.get(goal, [goal]))
 
     def variant_goals(self, v: Variant) -> list[str]:
         """Every goal request the variant is generated at, `trained` expanded after prepare."""
@@ -213,6 +264,20 @@ class ExperimentLayout:
     def relative(self, path: Path) -> str:
         """``path`` as the report names it: relative to the experiment folder."""
         return Path(path).relative_to(self.root).as_posix()
+
+
+def configured_aspects(cfg: Any) -> list[Any]:
+    """The aspects (gcsl.goals.Aspect) an experiment's prepare blocks name: the shared block's, then each
+    variant's own, each name once; empty for single-aspect experiments. Problems in them are prepare's to
+    report (ExperimentConfig validates the prepare blocks)."""
+    from gcsl.goals.aspects import read_aspects
+
+    blocks = [cfg.prepare, *(v.get("prepare") or {} for v in cfg.variants)]
+    named: dict[str, Any] = {}
+    for block in blocks:
+        for aspect in read_aspects(block.get("aspects") or [])[0]:
+            named.setdefault(aspect.name, aspect)
+    return list(named.values())
 
 
 def training_data(cfg: Any) -> str:

@@ -1,4 +1,5 @@
-"""Report plots (matplotlib, Agg backend): method bars, goal-following curve, training histogram."""
+"""Report plots (matplotlib, Agg backend): method bars, goal-following curve, training histogram, and the
+multi-aspect goal grids' heatmaps."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_bars", "plot_goal_curve", "plot_histogram"]
+__all__ = ["plot_bars", "plot_goal_curve", "plot_histogram", "plot_aspect_heatmaps"]
 
 
 def _plt():
@@ -79,14 +80,16 @@ def plot_goal_curve(out: Path, curves: dict[str, Any], metrics: list[str], feedb
 def plot_histogram(out: Path, cfg, variants) -> Path | None:
     """Training scores with the thresholds drawn on them (and which were kept as goals)."""
     from gcsl.data.load import read_feedback
-    from gcsl.experiments.layout import ExperimentLayout, training_data
+    from gcsl.experiments.layout import ExperimentLayout, is_multi_aspect, training_data
     from gcsl.methods import get_method
 
     layout = ExperimentLayout(out)
     # A beyond variant on the shared prepare options first: its kept goals are the experiment's own
     # (an unfiltered or re-binned variant would draw other thresholds).
     prepared = {v.name: layout.goal_setup(v.name) for v in variants}
-    candidates = sorted((v for v in variants if prepared[v.name] is not None and get_method(v.method).beyond
+    # A multi-aspect variant has one histogram per aspect, not this one: it is left out.
+    candidates = sorted((v for v in variants if prepared[v.name] is not None and not is_multi_aspect(prepared[v.name])
+                         and get_method(v.method).beyond
                          and get_method(v.method).is_goal_conditioned),
                         key=lambda v: bool(v.prepare))
     if not candidates:
@@ -112,3 +115,49 @@ def plot_histogram(out: Path, cfg, variants) -> Path | None:
     ax.set_ylabel("responses")
     ax.set_title(f"Training feedback (n = {len(scores)}), K = {len(setup.thresholds)}")
     return _save(fig, out / "training_scores.png")
+
+
+def plot_aspect_heatmaps(out: Path, grids: dict[str, Any], aspect_metrics: dict[str, list[str]]) -> list[Path]:
+    """One heatmap per two-aspect variant and aspect metric: the first aspect's requested level (rows) x the
+    second's (columns), colour = the metric's achieved mean, text = mean and 95% interval; * marks a level
+    combination with no training row. Saved as ``heatmap-<variant>-<metric>.png``.
+
+    ``grids`` is the report's :func:`gcsl.experiments.report.aspect_grids`, ``aspect_metrics`` each aspect's
+    metrics by name; cells asking for a value rather
+    than a level, and variants with other than two aspects, are not drawn.
+    """
+    from gcsl.experiments.layout import slug
+
+    paths = []
+    for name, g in grids.items():
+        if len(g["aspects"]) != 2:
+            continue
+        cells = [c for c in g["cells"] if all(a["level"] is not None for a in c["aspects"])]
+        rows = sorted({c["aspects"][0]["level"] for c in cells})
+        cols = sorted({c["aspects"][1]["level"] for c in cells})
+        # Each aspect's requested threshold by level, for the tick labels.
+        asked = [{c["aspects"][a]["level"]: c["aspects"][a]["requested"] for c in cells} for a in (0, 1)]
+        metrics = dict.fromkeys(m for a in g["aspects"] for m in aspect_metrics.get(a, []))
+        for metric in metrics:
+            drawn = [c for c in cells if metric in c["metrics"]]
+            if not drawn:
+                continue
+            grid = np.full((len(rows), len(cols)), np.nan)
+            plt = _plt()
+            fig, ax = plt.subplots(figsize=(1.9 * len(cols) + 2, 1.2 * len(rows) + 1.5))
+            for c in drawn:
+                i, j = rows.index(c["aspects"][0]["level"]), cols.index(c["aspects"][1]["level"])
+                m = c["metrics"][metric]
+                grid[i, j] = m["mean"]
+                low, high = ("—" if x is None else f"{x:.2f}" for x in (m["low"], m["high"]))
+                ax.text(j, i, f"{m['mean']:.2f}{'*' if c['train_rows'] == 0 else ''}\n[{low}, {high}]",
+                        ha="center", va="center", fontsize=8, bbox={"facecolor": "white", "alpha": 0.7, "lw": 0})
+            image = ax.imshow(grid, cmap="viridis", aspect="auto")
+            fig.colorbar(image, ax=ax, label=f"achieved {metric}")
+            ax.set_yticks(range(len(rows)), [f"level {k} ({asked[0][k]:.4g})" for k in rows])
+            ax.set_xticks(range(len(cols)), [f"level {k} ({asked[1][k]:.4g})" for k in cols])
+            ax.set_ylabel(f"requested {g['aspects'][0]}")
+            ax.set_xlabel(f"requested {g['aspects'][1]}")
+            ax.set_title(f"{name}: {metric} (* never trained)")
+            paths.append(_save(fig, out / f"heatmap-{slug(name)}-{slug(metric)}.png"))
+    return paths

@@ -9,11 +9,19 @@ from typing import Any
 
 import numpy as np
 
-from gcsl.experiments.layout import EXPERT_ROLES, ExperimentLayout, display_path, read_json
+from gcsl.experiments.layout import (
+    EXPERT_ROLES,
+    ExperimentLayout,
+    configured_aspects,
+    display_path,
+    is_multi_aspect,
+    read_json,
+)
 from gcsl.metrics.stats import mean_ci, paired_bootstrap, paired_ttest
 from gcsl.runinfo import atomic_write_json, atomic_write_text
 
-__all__ = ["write_report", "collect_results", "curve_statistics", "training_facts", "requested_goals"]
+__all__ = ["write_report", "collect_results", "curve_statistics", "training_facts", "requested_goals",
+           "aspect_metric_problems", "aspect_grids"]
 
 
 # Per-unit scores stay out of results.json's goal curves (one value per prompt each).
@@ -258,7 +266,7 @@ def _curves(cfg, variants, by_metric: dict[str, dict[str, Any]]) -> dict[str, An
     out = {}
     for v in variants:
         goals = layout.curve_goals(v)
-        if len(goals) < 2:
+        if len(goals) < 2 or is_multi_aspect(layout.goal_setup(v.name)):  # those have a goal grid
             continue
         requested = requested_goals(cfg, v, goals)
         stats = {m: curve_statistics(res.get(v.name, {}).get("goals", {}), requested, n_boot=cfg.ci_samples)
@@ -302,6 +310,137 @@ def _curve_lines(cfg, curves: dict[str, Any], metrics: list[str]) -> list[str]:
     return lines
 
 
+# -- multi-aspect goal grids ---------------------------------------------------------------------
+
+def _listed(metrics: Any) -> list[str]:
+    return [metrics] if isinstance(metrics, str) else list(metrics or [])
+
+
+def aspect_metric_problems(cfg, task) -> list[str]:
+    """Problems of ``aspect_metrics``: each key must name an aspect of the prepare blocks, each value
+    metrics the task reports (checked before training, as primary and check metrics are)."""
+    names = [a.name for a in configured_aspects(cfg)]
+    problems = []
+    if not isinstance(cfg.aspect_metrics, dict):
+        return [f"aspect_metrics: expected a mapping of aspect name to metrics, got {cfg.aspect_metrics!r}"]
+    for aspect, metrics in cfg.aspect_metrics.items():
+        if aspect not in names:
+            problems.append(f"aspect_metrics.{aspect}: no aspect of that name in the prepare blocks' aspects "
+                            f"({', '.join(names) or 'none given'}); use an aspect's name")
+        if not _listed(metrics):
+            problems.append(f"aspect_metrics.{aspect}: give at least one metric of task {cfg.task}")
+        problems.extend(f"aspect_metrics.{aspect}: task {cfg.task} does not report {m!r}; choose one of "
+                        f"{', '.join(task.metric_names)}" for m in _listed(metrics) if task.metric(m) is None)
+    return problems
+
+
+def _cell_request(setup, goal: str) -> list[Any] | None:
+    """Each aspect's resolved goal (level, threshold in display units) of a goal request; None if it has none."""
+    from gcsl.errors import ConfigError
+    from gcsl.goals import inference_goal
+    from gcsl.goals.aspects import split_goal_request
+
+    try:
+        return [inference_goal(a, wanted) for a, wanted in zip(setup.aspects, split_goal_request(setup, goal))]
+    except ConfigError:
+        return None
+
+
+def _aspect_rho(cells: list[dict[str, Any]], i: int, metric: str, points: dict[str, Any], *,
+                n_boot: int) -> list[dict[str, Any]]:
+    """Spearman's rho of aspect ``i``'s requested value against ``metric``'s achieved mean: within each group
+    of cells that hold the other aspects' levels fixed, then over every cell (pooled)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for c in cells:
+        others = [a for j, a in enumerate(c["aspects"]) if j != i]
+        fixed = ", ".join(f"{a['name']} level {a['level']}" for a in others)
+        groups.setdefault(fixed, []).append(c)
+    groups["pooled"] = cells
+    out = []
+    for fixed, members in groups.items():
+        st = curve_statistics({c["goal"]: points[c["goal"]] for c in members if c["goal"] in points},
+                              {c["goal"]: c["aspects"][i]["requested"] for c in members}, n_boot=n_boot)
+        out.append({"held_fixed": fixed, **{k: st[k] for k in ("n_goals", "spearman_rho", "spearman_p")}})
+    return out
+
+
+def aspect_grids(cfg, variants, by_metric: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per multi-aspect variant: one cell per goal request of its curve (or its top goal), with each aspect's
+    requested level and threshold, the training rows of that level combination (0 = never trained) and
+    every aspect metric's achieved mean; and per aspect and metric the Spearman rho of the requested value
+    against the achieved mean (:func:`curve_statistics`), other aspects held fixed and pooled.
+
+    ``by_metric[m]`` is :func:`collect_results` for metric ``m``.
+    """
+    layout = ExperimentLayout(cfg.out)
+    out = {}
+    for v in variants:
+        setup = layout.goal_setup(v.name)
+        if not is_multi_aspect(setup):
+            continue
+        cells = []
+        for goal in layout.curve_goals(v) or ["top"]:
+            parts = _cell_request(setup, goal)
+            if parts is None:
+                continue
+            levels = tuple(g.level for g in parts)
+            cells.append({"goal": goal, "train_rows": None if None in levels else setup.combination_counts.get(levels, 0),
+                          "aspects": [{"name": n, "level": g.level, "requested": g.threshold}
+                                      for n, g in zip(setup.names, parts)],
+                          "metrics": {m: {k: res[v.name]["goals"][goal][k] for k in ("mean", "low", "high", "n_units",
+                                                                                    "seeds")}
+                                      for m, res in by_metric.items() if goal in res.get(v.name, {}).get("goals", {})}})
+        rho = {}
+        for i, name in enumerate(setup.names):
+            for m in _listed(cfg.aspect_metrics.get(name)):
+                if len(cells) >= 2 and m in by_metric:
+                    rho[f"{name}|{m}"] = {"aspect": name, "metric": m, "groups": _aspect_rho(
+                        cells, i, m, by_metric[m].get(v.name, {}).get("goals", {}), n_boot=cfg.ci_samples)}
+        out[v.name] = {"method": v.method, "aspects": list(setup.names), "cells": cells,
+                       "statistics": list(rho.values())}
+    return out
+
+
+def _grid_lines(cfg, grids: dict[str, Any], metrics: list[str], heatmaps: list[Path]) -> list[str]:
+    lines = ["", "## Multi-aspect goals", "",
+             "One row per requested goal: each aspect's requested level and threshold, the training rows that "
+             "demonstrate that combination of levels (goals.json; **0 = never trained**, the goal combines "
+             "aspects the model saw only apart), and each aspect metric's mean over prompts with its 95% "
+             f"bootstrap interval ({cfg.ci_samples} resamples; n prompts, seeds). Aspect metrics: "
+             + "; ".join(f"{a}: {', '.join(_listed(ms))}" for a, ms in cfg.aspect_metrics.items()) + "."]
+    for name, g in grids.items():
+        shown = [m for m in metrics if any(m in c["metrics"] for c in g["cells"])]
+        lines += ["", f"### {name} ({g['method']})", "",
+                  "| goal | " + " | ".join(g["aspects"]) + " | training rows | n | seeds | "
+                  + " | ".join(f"{m} [95% CI]" for m in shown) + " |",
+                  "|---|" + "---|" * len(g["aspects"]) + "---|---|---|" + "---|" * len(shown)]
+        for c in g["cells"]:
+            asked = [f"level {a['level']} ({_fmt(a['requested'], 2)})" if a["level"] is not None
+                     else _fmt(a["requested"], 2) for a in c["aspects"]]
+            rows = ("n/a" if c["train_rows"] is None else
+                    "**0 (never trained)**" if c["train_rows"] == 0 else str(c["train_rows"]))
+            first = next(iter(c["metrics"].values()), {})
+            cells = [f"{_fmt(c['metrics'][m]['mean'])} [{_fmt(c['metrics'][m]['low'])}, "
+                     f"{_fmt(c['metrics'][m]['high'])}]" if m in c["metrics"] else "—" for m in shown]
+            lines.append(f"| {c['goal']} | " + " | ".join(asked) + f" | {rows} | {first.get('n_units', 0)} | "
+                         f"{' '.join(map(str, first.get('seeds', [])))} | " + " | ".join(cells) + " |")
+        if g["statistics"]:
+            lines += ["", "Does each aspect follow its own request? Spearman's rho of the aspect's requested "
+                          "threshold against its metric's achieved mean, within each setting of the other "
+                          "aspects and pooled over all goals (— where a side is constant or there are fewer than "
+                          "two goals). Thresholds are in each aspect's own units (brevity: words), so a followed request "
+                          "gives rho near +1 whichever end is better (asking for fewer words gives fewer).", "",
+                      "| aspect | metric | other aspects held at | goals | Spearman rho | p |", "|---|---|---|---|---|---|"]
+            lines += [f"| {st['aspect']} | {st['metric']} | {grp['held_fixed'] or '—'} | {grp['n_goals']} | "
+                      f"{_fmt(grp['spearman_rho'])} | {_fmt(grp['spearman_p'])} |"
+                      for st in g["statistics"] for grp in st["groups"]]
+    if heatmaps:
+        lines += ["", "Heatmaps (rows: the first aspect's level, columns: the second's; colour and text: the "
+                      "achieved mean [95% CI]; a cell marked * was never trained):", ""]
+        lines += [f"![{p.stem}]({p.name})" for p in heatmaps]
+    return lines
+
+
 # -- goal-sensitivity probe ----------------------------------------------------------------------
 
 def _probes(cfg, variants) -> list[dict[str, Any]]:
@@ -323,7 +462,7 @@ def _probes(cfg, variants) -> list[dict[str, Any]]:
 
 
 def write_report(cfg, variants) -> Path:
-    from gcsl.experiments.plots import plot_bars, plot_goal_curve, plot_histogram
+    from gcsl.experiments.plots import plot_aspect_heatmaps, plot_bars, plot_goal_curve, plot_histogram
     from gcsl.tasks import get_task
 
     layout = ExperimentLayout(cfg.out)
@@ -352,7 +491,8 @@ def write_report(cfg, variants) -> Path:
         r = results.get(v.name)
         setup = layout.goal_setup(v.name)  # None for the base model
         top = r["goals"].get("top") if r else None
-        if setup is not None and top and setup.top_bin_mean is not None:
+        # A multi-aspect variant has no one top bin (its aspects' top bins are shown in its goal grid).
+        if setup is not None and not is_multi_aspect(setup) and top and setup.top_bin_mean is not None:
             bin_mean = setup.metric.display(setup.top_bin_mean)
             beyond.append({"variant": v.name, "top_goal_mean": top["mean"], "ci_low": top["low"],
                            "ci_high": top["high"], "top_training_bin_mean": bin_mean,
@@ -362,6 +502,11 @@ def write_report(cfg, variants) -> Path:
     training = _training_table(cfg, variants)
     curves = _curves(cfg, variants, by_metric)
     probes = _probes(cfg, variants)
+    # Aspect metrics (e.g. words for brevity) are collected like the check metrics, for the goal grids only.
+    aspect_metrics = list(dict.fromkeys(m for ms in cfg.aspect_metrics.values() for m in _listed(ms)))
+    grids = aspect_grids(cfg, variants, {**by_metric, **{m: collect_results(cfg, variants, m)
+                                                         for m in aspect_metrics if m not in by_metric}})
+    unprobed = [v.name for v in variants if cfg.validation_prompts > 0 and is_multi_aspect(layout.goal_setup(v.name))]
 
     # Columns in first-seen order: the same header on every run, whichever variant comes first.
     fieldnames = list(dict.fromkeys(k for r in rows for k in r))
@@ -382,13 +527,15 @@ def write_report(cfg, variants) -> Path:
         "check_rows": check_rows, "beyond_check": beyond, "training": training,
         "goal_curves": {n: curve_points(n, r) for n, r in results.items()},
         "curve_statistics": {n: {"requested": c["requested"], **c["statistics"]} for n, c in curves.items()},
-        "probe": probes})
+        "probe": probes, **({"aspect_grids": grids} if grids else {})})
     plots = []
     for fn, args in ((plot_bars, (rows, metric)), (plot_goal_curve, (curves, metrics, feedback_scale)),
                      (plot_histogram, (cfg, variants))):
         path = fn(out, *args)
         if path is not None:
             plots.append(path)
+    heatmaps = (plot_aspect_heatmaps(out, grids, {a: _listed(ms) for a, ms in cfg.aspect_metrics.items()})
+                if grids else [])
 
     lines = [f"# {cfg.name}", "",
              f"Task `{cfg.task}`, base model `{cfg.model}`, evaluation prompts `{display_path(cfg.eval_prompts)}`, "
@@ -449,6 +596,11 @@ def write_report(cfg, variants) -> Path:
                   f"{_fmt(p['sensitivity'], 4)} [{_fmt(p['ci_low'], 4)}, {_fmt(p['ci_high'], 4)}] | "
                   f"{_fmt(p.get('trend'), 4)} [{_fmt(p.get('trend_low'), 4)}, {_fmt(p.get('trend_high'), 4)}] | "
                   + (f"[probe.png]({p['heatmap']})" if p["heatmap"] else "—") + " |" for p in probes]
+    if grids:
+        lines += _grid_lines(cfg, grids, aspect_metrics, heatmaps)
+    if unprobed:
+        lines += ["", f"Goal-sensitivity probe: not run for {', '.join(unprobed)}: multi-aspect goals; the probe "
+                      "compares the levels of one aspect's goal, so it does not apply."]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "Per-generation completions and scores: `items/<variant>/seed<k>/<goal>.jsonl`.",
               "Reproduce: `gcsl experiment --config <this config>` (resolved config in experiment.json)."]

@@ -22,11 +22,14 @@ from gcsl.config import config_to_dict, field, resolve_config
 from gcsl.errors import ConfigError
 from gcsl.experiments.layout import (
     EXPERT_ROLES,
+    GRID,
     TRAINED,
     ExperimentLayout,
     StagePaths,
     Variant,
     _dedupe,
+    configured_aspects,
+    is_multi_aspect,
     read_json,
     training_data,
 )
@@ -63,6 +66,10 @@ class ExperimentConfig:
     check_metrics: list[str] = field(default_factory=list,
                                      help="further metrics reported beside the primary one with the same tables and "
                                           "curve statistics (e.g. mean_score_textblob: a second, independent scorer)")
+    aspect_metrics: dict = field(default_factory=dict, cli=False,
+                                 help="multi-aspect variants: the task metric(s) that score each aspect, by aspect "
+                                      "name, e.g. {negative sentiment: [mean_score, mean_score_textblob], brevity: "
+                                      "[words]}; the report's goal grid and heatmaps show these")
     goal_curve: list[str] = field(default_factory=list,
                                   help="extra goal requests (e.g. scale:1.08, 0.6, level:4) for the goal-following curve")
     goal_curve_methods: list[str] = field(default_factory=lambda: ["gcsl-bey-nl"],
@@ -70,7 +77,9 @@ class ExperimentConfig:
     goal_curves: dict = field(default_factory=dict, cli=False,
                               help="goal-following curve per variant or method, e.g. {gcsl: [level:1, level:5], "
                                    "gcsl-bey-nl: [trained, scale:1.12]}; 'trained' expands to one level:K per "
-                                   "level the variant trained on; overrides goal_curve for the variants it names")
+                                   "level the variant trained on; overrides goal_curve for the variants it names. "
+                                   "Multi-aspect variants take one request per aspect ('sentiment=level:1,brevity="
+                                   "level:2'), and 'grid': every combination of each aspect's trained levels")
     validation_prompts: int = field(0, help="training prompts held out of training for the goal-sensitivity probe "
                                             "(chosen by hash of the prompt, the same for every seed); 0 = none")
     probe: dict = field(default_factory=dict, cli=False,
@@ -218,6 +227,9 @@ class ExperimentConfig:
             if task.metric(metric) is None:
                 problems.append(f"{where}: task {self.task} does not report {metric!r}; choose one of "
                                 f"{', '.join(task.metric_names)}")
+        from gcsl.experiments.report import aspect_metric_problems
+
+        problems.extend(aspect_metric_problems(self, task))
         from gcsl.probe import ProbeConfig
 
         known = {f.name for f in dataclasses.fields(ProbeConfig)}
@@ -246,7 +258,15 @@ def goal_request_problem(goal: Any) -> str | None:
     (None, "goal 'scale:x': the scale factor must be a number, e.g. scale:1.12")
     """
     text = str(goal)
-    if text in ("top", TRAINED):
+    if text in ("top", TRAINED, GRID):
+        return None
+    if "=" in text:  # one request per aspect: name=request,name=request
+        for part in text.split(","):
+            name, _, request = (x.strip() for x in part.partition("="))
+            why = ("write one request per aspect as name=request, e.g. sentiment=level:2,brevity=top"
+                   if not name or not request or request in (TRAINED, GRID) else goal_request_problem(request))
+            if why:
+                return f"goal {text!r}: {why}"
         return None
     kind, sep, arg = text.partition(":")
     if sep and kind == "level":
@@ -352,13 +372,20 @@ def split_validation(cfg: ExperimentConfig) -> tuple[Path, Path] | None:
     if cfg.validation_prompts <= 0:
         return None
     from gcsl.data.load import read_feedback
+    from gcsl.goals.aspects import read_aspects
 
     cols = {k: cfg.prepare.get(f"{k}_column", k) for k in ("prompt", "response", "score")}
+    # Multi-aspect variants read their aspects' columns too: the split keeps every one of them. With
+    # shared aspects the first aspect's column is the score (as prepare reads it).
+    shared = read_aspects(cfg.prepare.get("aspects") or [])[0]
+    aspect_cols = tuple(_dedupe(a.column for a in configured_aspects(cfg)))
+    if shared:
+        cols["score"] = shared[0].column
     table, _ = read_feedback(cfg.data, prompt_column=cols["prompt"], response_column=cols["response"],
                              score_column=cols["score"], fmt=cfg.prepare.get("data_format", "auto"),
-                             split=cfg.prepare.get("split", "train"))
-    rows = [{cols["prompt"]: r["prompt"], cols["response"]: r["response"], cols["score"]: r["score_raw"]}
-            for r in table.to_pylist()]
+                             split=cfg.prepare.get("split", "train"), aspect_columns=aspect_cols)
+    rows = [{cols["prompt"]: r["prompt"], cols["response"]: r["response"], cols["score"]: r["score_raw"],
+             **{c: r[f"aspect:{c}"] for c in aspect_cols}} for r in table.to_pylist()]
     held = held_out_prompts((r[cols["prompt"]] for r in rows), cfg.validation_prompts)
     train_path, val_path = Path(training_data(cfg)), Path(cfg.out) / "validation.jsonl"
     for path, part in ((train_path, [r for r in rows if _prompt_key(r[cols["prompt"]]) not in held]),
@@ -526,13 +553,20 @@ def _trained_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Varia
     """Prepares (shared by the seeds), trains and probes the variant, each stage skipped once finished."""
     paths = layout.stage(v.name, seed)
     _prepare_and_train(cfg, v, v.method, paths.prepared, paths.model, seed, split)
-    setup = layout.goal_setup(v.name)
+    _probe_goals(cfg, v, paths, seed, layout.goal_setup(v.name), split)
+    return _Generator(str(paths.model), {})
+
+
+def _probe_goals(cfg: ExperimentConfig, v: Variant, paths: StagePaths, seed: int, setup: GoalSetup | None,
+                 split: tuple[Path, Path] | None) -> None:
+    """The goal-sensitivity probe of a model trained with ``setup``'s goals, where there are goals to compare."""
     if split is not None and setup is not None and is_goal_conditioned(setup):
-        if len(setup.trained_levels) < 2:
+        if is_multi_aspect(setup):
+            _say(f"  probe skipped: {v.name} has multi-aspect goals; the probe compares one aspect's levels")
+        elif len(setup.trained_levels) < 2:
             _say(f"  probe skipped: {v.name} trained on one goal only, so there is no goal to compare it with")
         else:
             _probe(cfg, paths, seed)
-    return _Generator(str(paths.model), {})
 
 
 def _decoding_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant, seed: int,
@@ -594,20 +628,23 @@ def _online_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Varian
                       split: tuple[Path, Path] | None) -> _Generator:
     """GRPO / RLOO: trains (once per seed; skipped once its model folder is complete) a LoRA adapter online on
     the distinct prompts of the training feedback (less the validation prompts), rewarded by the task's scorer
-    with the experiment's evaluator options, and generates with it like any trained, goal-free model."""
+    with the experiment's evaluator options, and generates with it like any trained, goal-free model. An
+    interrupted run continues from its last whole checkpoint, as trained variants do."""
     from gcsl.methods import get_method
     from gcsl.training.online import SHARED_TRAIN_OPTIONS, OnlineConfig, train_online
 
     model = layout.stage(v.name, seed).model
     folder = ModelFolder(model)
     if folder.state != "complete":
-        _say(f"  train online ({get_method(v.method).online}) -> {model}")
+        resume = folder.last_checkpoint is not None
+        _say(f"  train online ({get_method(v.method).online}) -> {model}"
+             + (f" (resuming from {folder.last_checkpoint.name})" if resume else ""))
         columns, source = _log_reading(cfg, split)
         shared = {k: val for k, val in cfg.train.items() if k in SHARED_TRAIN_OPTIONS}
         train_online(resolve_config(OnlineConfig, overrides={
             **shared, **cfg.online, **v.train, **columns, **source, "data": training_data(cfg), "out": model,
             "model": cfg.model, "task": cfg.task, "task_options": dict(cfg.evaluate), "seed": seed,
-            "overwrite": folder.state == "partial"}), get_method(v.method).online)
+            "resume": resume, "overwrite": folder.state == "partial" and not resume}), get_method(v.method).online)
     return _Generator(str(model), {})
 
 
@@ -627,9 +664,11 @@ def _loop_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant,
     its table entry names, from the training feedback (less the validation prompts) and its distinct prompts,
     scored by the task's scorer with the experiment's evaluator options; each round cached under the seed's
     ``loop/`` folder (a re-run resumes at the first unfinished round), the last round's model copied to the
-    seed's model folder, which generates like any trained GCSL model. Skipped once that folder is complete."""
+    seed's model folder, which generates like any trained GCSL model, and is probed like one (its goals are the
+    last round's). Skipped once that folder holds the configured rounds; more rounds configured extend the loop
+    (the seed's generations, scores and probe, made with the old final model, are made again), fewer are refused."""
     from gcsl.methods import get_method
-    from gcsl.training.online_loop import OWNED_OPTIONS, LoopConfig, run_online_loop
+    from gcsl.training.online_loop import OWNED_OPTIONS, LoopConfig, read_rounds, run_online_loop
 
     def stage_options(stage: str, *blocks: dict) -> dict:
         return _stage_options(OWNED_OPTIONS[stage], *blocks)
@@ -639,16 +678,25 @@ def _loop_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant,
     per_round = {key: train[name] for key, name in (("steps_per_round", "max_steps"), ("epochs_per_round", "epochs"))
                  if train.get(name) is not None}
     columns, source = _log_reading(cfg, split)
-    model = layout.stage(v.name, seed).model
-    if ModelFolder(model).state == "complete":  # like every other kind: a finished model is not made again
-        return _Generator(str(model), {})
-    _say(f"  online loop ({get_method(v.method).loop}) -> {layout.loop(v.name, seed)}")
-    run_online_loop(resolve_config(LoopConfig, overrides={
+    paths = layout.stage(v.name, seed)
+    model = paths.model
+    loop = resolve_config(LoopConfig, overrides={
         **per_round, **cfg.loop, **v.loop, **columns, **source, "data": training_data(cfg),
         "out": layout.loop(v.name, seed), "model_out": model, "model": cfg.model, "method": get_method(v.method).loop,
         "task": cfg.task, "task_options": dict(cfg.evaluate), "seed": seed,
         "prepare": stage_options("prepare", cfg.prepare, v.prepare), "train": stage_options("train", train),
-        "generate": stage_options("generate", cfg.generate, v.generate)}))
+        "generate": stage_options("generate", cfg.generate, v.generate)})
+    done = len(read_rounds(model) or []) if ModelFolder(model).state == "complete" else None
+    # Like every other kind, a finished model is not made again, unless the loop is to go on for more rounds.
+    if done != loop.rounds + 1:
+        if done is not None and done < loop.rounds + 1:
+            # What the old final model made is stale; removed first, so a run cut short here still redoes it.
+            for stale in [*paths.gens.parent.glob("gens-*"), *paths.gens.parent.glob("metrics-*")]:
+                stale.unlink()
+            shutil.rmtree(paths.probe, ignore_errors=True)
+        _say(f"  online loop ({get_method(v.method).loop}) -> {layout.loop(v.name, seed)}")
+        run_online_loop(loop)  # refuses fewer rounds than the loop folder holds
+    _probe_goals(cfg, v, paths, seed, ModelFolder(model).goal_setup(), split)
     return _Generator(str(model), {})
 
 
@@ -742,7 +790,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     for n, (seed, _, v) in enumerate(jobs, 1):
         _say(f"({n}/{len(jobs)}) {v.name}, seed {seed}")
         generator = _GENERATORS[get_method(v.method).variant_kind](cfg, layout, v, seed, split)
-        setup = layout.goal_setup(v.name)
+        setup = layout.goal_setup(v.name, seed)
         made: dict[tuple, Path] = {}  # resolved goal -> its generations, so one goal is sampled once
         for goal in layout.variant_goals(v):
             p = layout.stage(v.name, seed, goal)

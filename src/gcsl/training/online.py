@@ -14,7 +14,12 @@ Output: a model folder as `gcsl train` writes it (adapter, tokenizer, run.json, 
 trainer_state.json), built in ``OUT.partial`` and renamed to ``OUT`` when finished. It has no
 goals.json, so `gcsl generate` treats it as goal-free, like the base model: text prompts go
 through the chat template when the tokenizer has one, which is how they are sampled here too.
-There are no resumable checkpoints: an interrupted run starts over (``overwrite``).
+
+Resuming, as `gcsl train` does: the Trainer writes a checkpoint every ``save_steps`` into
+``OUT.partial/checkpoints`` (adapter, optimizer, scheduler, RNG states), and ``resume`` continues
+from the newest whole one (:attr:`gcsl.stages.ModelFolder.last_checkpoint`) under the interrupted
+run's settings (run length and logging may change). Each checkpoint also records the training
+seconds and the completions scored up to it, so the run's record counts every sitting.
 
 PPO is not shipped by TRL 1.16; GRPO and RLOO stand in for the paper's online baseline.
 """
@@ -29,11 +34,10 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any, Literal
 
-from gcsl.config import field
+from gcsl.config import config_to_dict, field
 from gcsl.errors import ConfigError, DataError, StageError
 from gcsl.models import DEFAULT_MODEL
 from gcsl.runinfo import atomic_write_json, write_run_record
@@ -49,6 +53,10 @@ ALGORITHMS = ("grpo", "rloo")
 SHARED_TRAIN_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "precision",
                         "gradient_checkpointing")
 _TRL_DEFAULTS = {"grpo": {"num_generations": 8, "beta": 0.0}, "rloo": {"num_generations": 2, "beta": 0.05}}
+# Fields that change only how long or how verbosely a run goes; a resumed run may change them.
+_RESUMABLE_CHANGES = {"epochs", "max_steps", "logging_steps", "save_steps", "resume", "overwrite"}
+# Written into each checkpoint after it is saved: the completions scored up to that step, all sittings.
+_COUNTS_FILE = "gcsl_online_counts.json"
 
 
 @dataclass
@@ -91,12 +99,15 @@ class OnlineConfig:
                                                            "GPUs, off on CPUs)")
     seed: int = field(0, help="random seed (adapter init, prompt order, sampling)")
     logging_steps: int = field(10, help="log reward and loss every N steps")
+    save_steps: int = field(100, help="write a resumable checkpoint every N steps (as gcsl train)")
+    resume: bool = field(False, help="continue an interrupted run from the last complete checkpoint in OUT.partial")
     overwrite: bool = field(False, help="replace an existing OUT, or discard an unfinished OUT.partial")
 
     def validate(self) -> list[str]:
         problems = []
         for name in ("learning_rate", "per_device_batch_size", "gradient_accumulation_steps",
-                     "max_completion_length", "temperature", "epochs", "lora_r", "lora_alpha", "logging_steps"):
+                     "max_completion_length", "temperature", "epochs", "lora_r", "lora_alpha", "logging_steps",
+                     "save_steps"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name}: must be positive, got {getattr(self, name)}")
         if self.num_generations is not None:
@@ -116,6 +127,8 @@ class OnlineConfig:
             problems.append("lora_target_modules: give all-linear or module names such as q_proj,v_proj")
         if not isinstance(self.task_options, dict):
             problems.append(f"task_options: expected a mapping of evaluator options, got {self.task_options!r}")
+        if self.resume and self.overwrite:
+            problems.append("resume/overwrite: choose one (resume continues OUT.partial, overwrite discards it)")
         if Path(self.out).name.endswith(".partial"):
             problems.append(f"out: {self.out} ends in .partial, which names unfinished runs; choose another name")
         return problems
@@ -168,9 +181,23 @@ def training_prompts(cfg: OnlineConfig) -> list[Any]:
 class _Counter:
     """What the reward function was asked for: the compute of the run, counted where it happens."""
 
-    completions: int = 0  # completions sampled and scored on this process
+    completions: int = 0  # completions sampled and scored on this process, all sittings
     batches: int = 0  # times the trainer asked for rewards (once per sampled batch)
-    rewards: list[float] = dc_field(default_factory=list)
+    reward_sum: float = 0.0
+
+    def save(self, folder: Path) -> None:
+        atomic_write_json(folder / _COUNTS_FILE, {"completions": self.completions, "batches": self.batches,
+                                                  "reward_sum": self.reward_sum})
+
+    @classmethod
+    def load(cls, checkpoint: Path | None) -> _Counter:
+        """The counts up to ``checkpoint`` (zero for a fresh run, or a checkpoint that does not say)."""
+        if checkpoint is None:
+            return cls()
+        try:
+            return cls(**json.loads((checkpoint / _COUNTS_FILE).read_text(encoding="utf-8")))
+        except (TypeError, OSError, ValueError):  # killed while writing it, or written by another version
+            return cls()
 
 
 def _completion_text(completion: Any) -> str:
@@ -186,15 +213,92 @@ def _trl_reward(score: Callable[[list[str]], list[float]], counter: _Counter, na
         values = [float(r) for r in score([_completion_text(c) for c in completions])]
         counter.completions += len(values)
         counter.batches += 1
-        counter.rewards.extend(values)
+        counter.reward_sum += sum(values)
         return values
 
     reward.__name__ = name  # TRL logs each reward function's mean under its name
     return reward
 
 
-def train_online(cfg: OnlineConfig, algorithm: Literal["grpo", "rloo"]) -> Path:
+def _counting_checkpoints(counter: _Counter):
+    """A callback that writes, into each checkpoint it follows, the completions scored up to it."""
+    from transformers import TrainerCallback
+
+    class CountingCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                counter.save(folder)
+
+    return CountingCheckpoints()
+
+
+def _epoch_seeded(trainer_class):
+    """``trainer_class`` (GRPOTrainer, RLOOTrainer) whose prompt order is a function of the seed and the epoch.
+
+    TRL's RepeatSampler draws every epoch's order from one generator seeded once, and a resumed run
+    builds it afresh, so after a checkpoint it would visit other prompts than the uninterrupted run
+    did. Seeding each epoch's permutation with seed + epoch (epoch 0 keeps TRL's own order), the epoch
+    read from the trainer's state when the epoch's pass begins, makes a resumed run sample the prompts
+    the uninterrupted run sampled; the dataloader's skip of the batches already trained does the rest.
+    """
+    from trl.trainer.utils import RepeatSampler
+
+    class EpochSeededSampler(RepeatSampler):
+        def __init__(self, sampler: RepeatSampler, trainer) -> None:
+            super().__init__(sampler.data_source, sampler.mini_repeat_count, sampler.batch_size, sampler.repeat_count,
+                             sampler.shuffle, sampler.seed)
+            self.trainer = trainer
+
+        def __iter__(self):
+            if self.shuffle:
+                # state.epoch is whole at an epoch's start, and whole plus a fraction in a resumed epoch
+                epoch = math.floor((self.trainer.state.epoch or 0.0) + 1e-6)
+                self.generator.manual_seed((self.seed or 0) + epoch)
+            return super().__iter__()
+
+    class EpochSeeded(trainer_class):
+        def _get_train_sampler(self, dataset=None):
+            return EpochSeededSampler(super()._get_train_sampler(dataset), self)
+
+    EpochSeeded.__name__ = trainer_class.__name__
+    return EpochSeeded
+
+
+def _resume_point(cfg: OnlineConfig, folder: ModelFolder) -> Path | None:
+    """Read-only checks of OUT and OUT.partial; the checkpoint to resume from, if any."""
+    out, work = folder.path, folder.partial
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
+        raise StageError(f"{out}: output directory exists and is not empty"
+                         + ("; it holds a finished run, so there is nothing to resume" if cfg.resume else "")
+                         + "; set overwrite or choose another out")
+    if not cfg.resume:
+        if work.exists() and not cfg.overwrite:
+            raise StageError(f"{work}: an unfinished run is here; set resume to continue it or overwrite to start "
+                             "over")
+        return None
+    checkpoint = folder.last_checkpoint
+    if checkpoint is None:
+        raise StageError(f"{work}: no complete checkpoint to resume from; run again without resume")
+    try:
+        before = json.loads((work / "run.json").read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError):
+        return checkpoint  # no record of the interrupted run's settings to hold this one to
+    # An option the interrupted run's record lacks was added since; its default is what that run did.
+    now = {k: v for k, v in config_to_dict(cfg).items() if k not in _RESUMABLE_CHANGES}
+    defaults = config_to_dict(OnlineConfig(data=cfg.data, out=cfg.out))
+    changed = sorted(k for k in now if before.get(k, defaults.get(k)) != now[k])
+    if changed:
+        raise ConfigError(f"{work / 'run.json'}: resume needs the interrupted run's settings, but "
+                          f"{', '.join(changed)} differ (was: "
+                          f"{', '.join(f'{k}={before.get(k, defaults.get(k))!r}' for k in changed)})")
+    return checkpoint
+
+
+def train_online(cfg: OnlineConfig, algorithm: Literal["grpo", "rloo"], *, callbacks: list | None = None) -> Path:
     """Trains a LoRA adapter on ``cfg.model`` with ``algorithm`` on the log's prompts; writes ``cfg.out``.
+
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects (progress, timing), as for `gcsl train`.
 
     >>> train_online(OnlineConfig(data="fb.jsonl", out=Path("runs/grpo"), max_steps=100), "grpo")  # doctest: +SKIP
     PosixPath('runs/grpo')
@@ -204,7 +308,14 @@ def train_online(cfg: OnlineConfig, algorithm: Literal["grpo", "rloo"]) -> Path:
     from transformers import set_seed
 
     from gcsl.models import library_deprecations_silenced, load_causal_lm, load_tokenizer, resolve_model_path
-    from gcsl.training.train import cpu_only, lora_settings, peft_base_name, resolve_precision
+    from gcsl.training.train import (  # the training clock is `gcsl train`'s own
+        cpu_only,
+        lora_settings,
+        peft_base_name,
+        resolve_precision,
+        seconds_before,
+        training_clock,
+    )
 
     # 1. Everything that can be wrong is found before the model loads or anything is written.
     if algorithm not in ALGORITHMS:
@@ -214,11 +325,7 @@ def train_online(cfg: OnlineConfig, algorithm: Literal["grpo", "rloo"]) -> Path:
     prompts = training_prompts(cfg)
     folder = ModelFolder(cfg.out)
     out, work = folder.path, folder.partial
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
-        raise StageError(f"{out}: output directory exists and is not empty; pass --overwrite or choose another --out")
-    if work.exists() and not cfg.overwrite:
-        raise StageError(f"{work}: an unfinished run is here (online runs do not resume); pass --overwrite to "
-                         "start over")
+    checkpoint = _resume_point(cfg, folder)
     defaults = _TRL_DEFAULTS[algorithm]
     generations = cfg.num_generations or defaults["num_generations"]
     beta = defaults["beta"] if cfg.beta is None else cfg.beta
@@ -227,14 +334,22 @@ def train_online(cfg: OnlineConfig, algorithm: Literal["grpo", "rloo"]) -> Path:
                           f"num_generations ({generations}); set one so a batch holds whole prompt groups")
     state.wait_for_everyone()
     if state.is_main_process:
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
+        if checkpoint is None:
+            if work.exists():
+                shutil.rmtree(work)
+            work.mkdir(parents=True)
+        else:  # half-written checkpoints newer than the resume point would confuse checkpoint rotation
+            resumed = int(checkpoint.name.split("-")[1])
+            for child in checkpoint.parent.glob("checkpoint-*"):
+                step = child.name.split("-")[1]
+                if step.isdigit() and int(step) > resumed:
+                    shutil.rmtree(child)
         write_run_record(work, stage="train", config=cfg, seed=cfg.seed, goals=None,
                          extra={"status": "running", "method": algorithm})
     state.wait_for_everyone()
 
-    # 2. TRL's config: its defaults, the batch in completions, no checkpoints (a run starts over).
+    # 2. TRL's config: its defaults, the batch in completions, checkpoints as `gcsl train` keeps them (the
+    # last two, every save_steps: TrainConfig's save_total_limit).
     precision = resolve_precision(cfg)
     if algorithm == "grpo":
         from trl import GRPOConfig as TrlConfig
@@ -249,7 +364,8 @@ def train_online(cfg: OnlineConfig, algorithm: Literal["grpo", "rloo"]) -> Path:
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, beta=beta,
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed, data_seed=cfg.seed,
         bf16=precision.bf16, fp16=precision.fp16, activation_checkpointing=precision.gradient_checkpointing,
-        logging_steps=cfg.logging_steps, logging_first_step=True, save_strategy="no", report_to=[],
+        logging_steps=cfg.logging_steps, logging_first_step=True, save_strategy="steps",
+        save_steps=cfg.save_steps, save_total_limit=2, report_to=[],
         dataloader_num_workers=0, use_cpu=cpu_only())
 
     # 3. Model, tokenizer, LoRA as `gcsl train` sets them; prompts as `gcsl generate` reads a goal-free model's.
@@ -264,17 +380,23 @@ def train_online(cfg: OnlineConfig, algorithm: Literal["grpo", "rloo"]) -> Path:
     lora = LoraConfig(**lora_settings(cfg))
     chat = tokenizer.chat_template is not None
     rows = [{"prompt": [{"role": "user", "content": p}] if isinstance(p, str) and chat else p} for p in prompts]
-    counter = _Counter()
+    counter = _Counter.load(checkpoint)
     reward = _trl_reward(score, counter, f"{cfg.task}_reward")
     with library_deprecations_silenced():  # the trainer wraps the model with peft here
-        trainer = TrlTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
+        trainer = _epoch_seeded(TrlTrainer)(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer, peft_config=lora)
 
-    # 4. Train.
+    # 4. Train (resuming restores adapter, optimizer, scheduler and RNG states). Training time and the
+    # completions scored add up over sittings: each checkpoint records them up to its step.
+    before = seconds_before(checkpoint)
     started = time.perf_counter()
+    trainer.add_callback(training_clock(started, before or 0.0))
+    trainer.add_callback(_counting_checkpoints(counter))
+    for callback in callbacks or []:  # after the checkpoint's own records, so they see a whole checkpoint
+        trainer.add_callback(callback)
     with library_deprecations_silenced():
-        trainer.train()
-    seconds = time.perf_counter() - started
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = (before or 0.0) + time.perf_counter() - started
     trainer.save_model(str(work))  # the adapter, and the tokenizer (processing_class) beside it
 
     # 5. The main process completes the folder and renames it into place.
@@ -286,11 +408,14 @@ def train_online(cfg: OnlineConfig, algorithm: Literal["grpo", "rloo"]) -> Path:
         "algorithm": algorithm, "train_prompts": len(prompts), "num_generations": generations, "beta": beta,
         "prompts_per_step": per_step // generations, "completions_sampled": completions,
         "scorer_calls": completions, "reward_batches": counter.batches * processes,
-        "mean_reward": sum(counter.rewards) / len(counter.rewards) if counter.rewards else None,
+        "mean_reward": counter.reward_sum / counter.completions if counter.completions else None,
         # the report's training facts: a "row" of an online run is a sampled, scored completion
         "train_rows": completions, "rows_per_step": per_step, "epochs": round(float(trainer.state.epoch or 0.0), 4),
         "optimizer_steps": steps, "global_step": steps, "train_tokens": None, "train_seconds": round(seconds, 3),
+        "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else None,
     }
+    if before is None:  # resumed from a checkpoint that does not record its time: this sitting's only
+        metrics["train_seconds_from_step"] = metrics["resumed_from_step"]
     if state.is_main_process:
         print(f"{algorithm}: {steps} optimizer steps, {completions} completions sampled and scored "
               f"({metrics['prompts_per_step']} prompts x {generations} per step) in {seconds:.1f} s", flush=True)

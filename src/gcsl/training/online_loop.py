@@ -21,7 +21,9 @@ The pool mixes the log's scores with the scorer's, so the log must be scored in 
 (the sentiment task's logs are VADER scores in [0, 1]).
 
 Files under ``out``, each written atomically or resumably, so a re-run resumes at the first
-unfinished round and inside it at the first unfinished stage::
+unfinished round and inside it at the first unfinished stage. A re-run with more ``rounds`` than
+rounds.json records goes on from the last finished round (the final model moves on to the new last
+round's); one with fewer is refused, as a loop does not go back to an earlier round::
 
     loop.json                      the settings the rounds were made with (a re-run with others is refused)
     prompts.jsonl                  the pool's distinct prompts ({id, prompt})
@@ -195,6 +197,10 @@ def run_online_loop(cfg: LoopConfig) -> Path:
     score = task_reward(cfg.task, cfg.task_options)  # a task without a scorer fails before anything runs
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(cfg, out / "loop.json")
+    done = read_rounds(out) or []
+    if len(done) > cfg.rounds + 1:
+        raise ConfigError(f"rounds: {out} already holds {len(done) - 1} rounds after round 0, more than rounds: "
+                          f"{cfg.rounds}; set rounds to at least {len(done) - 1}, or choose another out to start anew")
     prompts = _write_prompts(cfg, out / "prompts.jsonl")
     records: list[dict[str, Any]] = []
     for r in range(cfg.rounds + 1):

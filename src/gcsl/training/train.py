@@ -45,7 +45,7 @@ from gcsl.models import DEFAULT_MODEL
 from gcsl.runinfo import atomic_write_json, atomic_write_text, write_run_record
 from gcsl.stages import ModelFolder
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["TrainConfig", "TrainResult", "train", "seconds_before", "training_clock"]
 
 # Names kept for importers from before the method table (gcsl.methods); this module reads the table.
 EMBED_METHOD = next(m.name for m in METHODS.values() if m.trainer == "embed")
@@ -232,9 +232,9 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
 
     # 5. Train (resuming restores model, optimizer, scheduler and RNG states). Training time adds
     # up over sittings: each checkpoint records the seconds spent up to it.
-    before = _seconds_before(checkpoint)
+    before = seconds_before(checkpoint)
     started = time.perf_counter()
-    trainer.add_callback(_training_clock(started, before or 0.0))
+    trainer.add_callback(training_clock(started, before or 0.0))
     from gcsl.models import library_deprecations_silenced
 
     with library_deprecations_silenced():  # TRL's DPOTrainer reads a deprecated name while it trains
@@ -809,7 +809,7 @@ def _throughput(cfg: TrainConfig, built: _Built, trainer, seconds: float, world_
 _CLOCK_FILE = "gcsl_train_seconds.json"
 
 
-def _seconds_before(checkpoint: Path | None) -> float | None:
+def seconds_before(checkpoint: Path | None) -> float | None:
     """Training seconds spent before ``checkpoint`` (0 for a fresh run; None when a checkpoint does not say)."""
     if checkpoint is None:
         return 0.0
@@ -819,7 +819,7 @@ def _seconds_before(checkpoint: Path | None) -> float | None:
         return None
 
 
-def _training_clock(started: float, before: float):
+def training_clock(started: float, before: float):
     """A callback that writes, into each checkpoint it follows, the training seconds up to it."""
     from transformers import TrainerCallback
 

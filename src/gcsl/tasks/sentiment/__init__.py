@@ -11,7 +11,8 @@
   sentiment; a second scorer with its own lexicon and rules tells the two apart.
 - Metrics over prompts (units: prompt ids): ``mean_score`` (mean of each prompt's mean score),
   ``mean_score_textblob`` (the same under TextBlob), ``above_threshold`` (mean of each
-  prompt's fraction of generations scoring strictly above ``threshold``), ``dist-1/2/3`` and
+  prompt's fraction of generations scoring strictly above ``threshold``), ``words`` (mean of
+  each prompt's mean word count: what a brevity aspect is scored by), ``dist-1/2/3`` and
   optional ``perplexity`` (:mod:`gcsl.metrics.text`).
 - An empty or non-text completion scores the neutral 0.5 under both scorers, with its reason
   recorded: VADER and TextBlob give an empty text 0 (0.5 after mapping) anyway, and counting
@@ -40,15 +41,19 @@ from gcsl.tasks.sentiment.data import (
 from gcsl.tasks.sentiment.evaluation import (
     CHECK_KEY,
     NEUTRAL_SCORE,
+    WORDS_KEY,
     SentimentEvalConfig,
     evaluate,
     reward_function,
+    word_count,
 )
 
 __all__ = [
     "TASK",
     "NEUTRAL_SCORE",
     "CHECK_KEY",
+    "WORDS_KEY",
+    "word_count",
     "REVIEW_TEMPLATES",
     "SHIPPED_FILES",
     "Movie",
@@ -78,6 +83,8 @@ TASK = Task(
                    "that a learned VADER quirk does not move"),
         MetricSpec("above_threshold", True, False, "share of a prompt's generations scoring strictly above "
                    "--threshold, averaged over prompts"),
+        MetricSpec("words", False, False, "words per generation (whitespace-separated), mean per prompt, then "
+                   "over prompts: the length a brevity aspect asks for (fewer is briefer)"),
         *(MetricSpec(f"dist-{n}", True, False, f"distinct {n}-grams over all {n}-grams of a prompt's "
                      "generations, averaged over prompts") for n in (1, 2, 3)),
         MetricSpec("perplexity", False, False, "perplexity of the generations under --reference-model"),

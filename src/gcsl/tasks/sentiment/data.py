@@ -3,7 +3,9 @@
 ``gcsl data sentiment --out DIR`` copies the shipped data (``gcsl/resources/sentiment``: the
 feedback log of SmolLM2-135M-Instruct's reviews scored by VADER, and the train / test prompts) or,
 with ``--source movielens``, writes fresh train / test prompt splits (a feedback log then needs a
-model to write the reviews: ``scripts/make_sentiment_data.py``).
+model to write the reviews: ``scripts/make_sentiment_data.py``). ``--length-column words`` adds each
+response's word count to the copied log as a column of that name (the shipped file stays as it is), so a
+brevity aspect can be trained on it (configs/cpu/multi-aspect.yaml).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import random
 import re
 import shutil
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +24,7 @@ from typing import Any, Literal
 from gcsl.config import field
 from gcsl.errors import DataError, MissingDependencyError
 from gcsl.runinfo import atomic_dir, write_run_record
-from gcsl.stages import write_jsonl
+from gcsl.stages import iter_jsonl, write_jsonl
 
 __all__ = [
     "REVIEW_TEMPLATES",
@@ -34,6 +36,7 @@ __all__ = [
     "sentiment_prompt_splits",
     "write_sentiment_prompts",
     "write_sentiment_data",
+    "with_length_column",
 ]
 
 REVIEW_TEMPLATES = (
@@ -180,9 +183,17 @@ class SentimentDataConfig:
     seed: int = field(0, help="movielens: seed of the title shuffle")
     n_train: int | None = field(None, help="movielens: keep this many train prompts (default: all)")
     n_test: int | None = field(None, help="movielens: keep this many test prompts (default: all)")
+    length_column: str | None = field(
+        None, help="shipped: also write each response's word count into the copied feedback log under this "
+                   "column (e.g. words), for a brevity aspect; the same count as the evaluator's `words` metric")
 
     def validate(self) -> list[str]:
         problems = []
+        if self.length_column is not None and self.source != "shipped":
+            problems.append("length_column: only for --source shipped (a movielens run writes no feedback log)")
+        if self.length_column in ("prompt", "response", "score"):
+            problems.append(f"length_column: {self.length_column!r} is a column of the log already; choose "
+                            "another name, e.g. words")
         if not 0.0 < self.test_fraction < 1.0:
             problems.append(f"test_fraction: must be between 0 and 1, got {self.test_fraction}")
         for name in ("n_train", "n_test"):
@@ -204,10 +215,25 @@ def write_sentiment_data(config: SentimentDataConfig, out: Path, overwrite: bool
             names = list(SHIPPED_FILES)
             for name in names:
                 with importlib.resources.as_file(shipped / name) as path:
-                    shutil.copyfile(path, tmp / name)
+                    if name == "feedback.jsonl" and config.length_column:
+                        write_jsonl(tmp / name, with_length_column(
+                            (row for _, row in iter_jsonl(path, "feedback log")), config.length_column))
+                    else:
+                        shutil.copyfile(path, tmp / name)
         else:
             names = ["train_prompts.jsonl", "test_prompts.jsonl"]
             write_sentiment_prompts(tmp / names[0], tmp / names[1], test_fraction=config.test_fraction,
                                     seed=config.seed, n_train=config.n_train, n_test=config.n_test)
             write_run_record(tmp, stage="sentiment-data", config=config, seed=config.seed)
     return [out / name for name in names]
+
+
+def with_length_column(rows: Iterable[dict[str, Any]], column: str) -> list[dict[str, Any]]:
+    """Feedback rows with ``column`` added: the word count of each row's response.
+
+    >>> with_length_column([{"prompt": "p", "response": "A dull film.", "score": 0.2}], "words")[0]["words"]
+    3
+    """
+    from gcsl.tasks.sentiment.evaluation import word_count
+
+    return [{**row, column: word_count(row.get("response"))} for row in rows]

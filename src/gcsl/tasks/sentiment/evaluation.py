@@ -16,11 +16,27 @@ from gcsl.metrics.text import TextQualityOptions, text_quality
 from gcsl.scorers import TextBlobScorer, VaderScorer
 from gcsl.tasks.base import TaskResult, TextScorer, score_generations
 
-__all__ = ["NEUTRAL_SCORE", "CHECK_KEY", "SentimentEvalConfig", "evaluate", "reward_function"]
+__all__ = ["NEUTRAL_SCORE", "CHECK_KEY", "WORDS_KEY", "SentimentEvalConfig", "evaluate", "reward_function",
+           "word_count"]
 
 NEUTRAL_SCORE = 0.5
 # Item key of the TextBlob check score; its per-prompt mean is the metric ``mean_score_textblob``.
 CHECK_KEY = "score_textblob"
+# Item key of a generation's word count (a "score" key, so the experiment keeps it in items/); its
+# per-prompt mean is the metric ``words``, the length a brevity aspect is scored by.
+WORDS_KEY = "score_words"
+
+
+def word_count(text: Any) -> int:
+    """Whitespace-separated words of a text; anything but a string has none.
+
+    The one count used for the feedback log's length column (``gcsl data sentiment --length-column``)
+    and for the ``words`` metric, so a brevity goal is scored exactly as it was trained.
+
+    >>> word_count("A dull,  dull film."), word_count(None)
+    (4, 0)
+    """
+    return len(text.split()) if isinstance(text, str) else 0
 
 
 @dataclass
@@ -56,22 +72,28 @@ def evaluate(rows: Sequence[dict[str, Any]], config: SentimentEvalConfig, *, sco
             item.update(score=NEUTRAL_SCORE, status="neutral",
                         reason=f"{item['reason']}; scored neutral {NEUTRAL_SCORE}")
         item[CHECK_KEY] = other[CHECK_KEY]
+        item[WORDS_KEY] = word_count(item.get("completion"))
         if other[CHECK_KEY] is None:
             item.update({CHECK_KEY: NEUTRAL_SCORE,
                          f"{CHECK_KEY}_reason": f"{other['reason']}; scored neutral {NEUTRAL_SCORE}"})
 
     by_prompt: dict[str, list[float]] = defaultdict(list)
     check_by_prompt: dict[str, list[float]] = defaultdict(list)
+    words_by_prompt: dict[str, list[int]] = defaultdict(list)
     for item in items:
         by_prompt[item["prompt_id"]].append(item["score"])
         check_by_prompt[item["prompt_id"]].append(item[CHECK_KEY])
+        words_by_prompt[item["prompt_id"]].append(item[WORDS_KEY])
     mean_score = {pid: sum(s) / len(s) for pid, s in by_prompt.items()}
     mean_check = {pid: sum(s) / len(s) for pid, s in check_by_prompt.items()}
+    words = {pid: sum(s) / len(s) for pid, s in words_by_prompt.items()}
     above = {pid: sum(1 for x in s if x > config.threshold) / len(s) for pid, s in by_prompt.items()}
     metrics = {"mean_score": sum(mean_score.values()) / len(mean_score) if mean_score else math.nan,
                f"mean_{CHECK_KEY}": sum(mean_check.values()) / len(mean_check) if mean_check else math.nan,
-               "above_threshold": sum(above.values()) / len(above) if above else math.nan}
-    unit_scores = {"mean_score": mean_score, f"mean_{CHECK_KEY}": mean_check, "above_threshold": above}
+               "above_threshold": sum(above.values()) / len(above) if above else math.nan,
+               "words": sum(words.values()) / len(words) if words else math.nan}
+    unit_scores = {"mean_score": mean_score, f"mean_{CHECK_KEY}": mean_check, "above_threshold": above,
+                   "words": words}
     notes = [f"sentiment scorer: {scorer.name} ({config.direction}: 1 = fully {config.direction}); "
              f"check scorer: {check.name} (mean_{CHECK_KEY}, same mapping)"]
     neutral = sum(1 for it in items if it["status"] == "neutral")
