@@ -208,6 +208,11 @@ def test_experiment_runs_the_loop_probes_it_and_extends_it(tmp_path, tiny_llama_
     rounds = read_rounds(exp / "runs" / "online-gcsl-bey-nl" / "seed0" / "model")
     assert facts["online-gcsl-bey-nl"]["optimizer_steps"] == [2]  # 1 step in each of rounds 0 and 1
     assert facts["online-gcsl-bey-nl"]["train_seconds"] == [pytest.approx(sum(r["train_seconds"] for r in rounds))]
+    # Each round is a row of the report's rounds section, as rounds.json recorded it, with its plot.
+    table = [(r["round"], r["pool_rows"], r["samples"], r["thresholds"]) for r in results["loop_rounds"]]
+    assert table == [(r["round"], r["pool_rows"], r["samples"], r["thresholds"]) for r in rounds]
+    assert [r["samples"] for r in results["loop_rounds"]] == [0, 4] and "## Online loop rounds" in text
+    assert "averaged over n = 1 seed; no interval" in text and (exp / "loop_rounds.png").is_file()
     gens = exp / "runs" / "online-gcsl-bey-nl" / "seed0" / "gens-top.jsonl"
     assert {row["goal"] for _, row in iter_jsonl(gens)} != {None}  # sampled at its goal, like a GCSL model
     # The final model is probed on the validation rows, like a trained variant.

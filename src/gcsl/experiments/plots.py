@@ -1,5 +1,5 @@
-"""Report plots (matplotlib, Agg backend): method bars, goal-following curve, training histogram, and the
-multi-aspect goal grids' heatmaps."""
+"""Report plots (matplotlib, Agg backend): method bars, goal-following curve, training histogram, the
+multi-aspect goal grids' heatmaps, and the online loops' rounds."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_bars", "plot_goal_curve", "plot_histogram", "plot_aspect_heatmaps"]
+__all__ = ["plot_bars", "plot_goal_curve", "plot_histogram", "plot_aspect_heatmaps", "plot_loop_rounds"]
 
 
 def _plt():
@@ -161,3 +161,28 @@ def plot_aspect_heatmaps(out: Path, grids: dict[str, Any], aspect_metrics: dict[
             ax.set_title(f"{name}: {metric} (* never trained)")
             paths.append(_save(fig, out / f"heatmap-{slug(name)}-{slug(metric)}.png"))
     return paths
+
+
+def plot_loop_rounds(out: Path, rows: list[dict[str, Any]]) -> Path | None:
+    """Per loop variant (one row of panels), the samples' mean score and the top threshold against the round,
+    one line per seed. ``rows`` are the report's :func:`gcsl.experiments.report.loop_rounds` rows; round 0 has
+    no samples, so its score is a gap. Saved as ``loop_rounds.png``."""
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    if not names:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(len(names), 2, figsize=(10, 3.2 * len(names)), squeeze=False, constrained_layout=True)
+    for (score_ax, top_ax), name in zip(axes, names):
+        mine = [r for r in rows if r["variant"] == name]
+        for seed in dict.fromkeys(r["seed"] for r in mine):
+            series = sorted((r["round"], r["mean_sample_score"], r["top_threshold"]) for r in mine if r["seed"] == seed)
+            x, score, top = (np.array([np.nan if v is None else v for v in col], dtype=float) for col in zip(*series))
+            score_ax.plot(x, score, marker="o", label=f"seed {seed}")
+            top_ax.plot(x, top, marker="o", label=f"seed {seed}")
+        for ax, what in ((score_ax, "mean sample score"), (top_ax, "top threshold")):
+            ax.set_xlabel("round")
+            ax.set_ylabel(what)
+            ax.set_title(f"{name}: {what}")
+            ax.set_xticks(sorted({r['round'] for r in mine}))  # whole rounds only, the same on both panels
+            ax.legend(fontsize=8)
+    return _save(fig, out / "loop_rounds.png")

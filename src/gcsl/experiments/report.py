@@ -21,7 +21,7 @@ from gcsl.metrics.stats import mean_ci, paired_bootstrap, paired_ttest
 from gcsl.runinfo import atomic_write_json, atomic_write_text
 
 __all__ = ["write_report", "collect_results", "curve_statistics", "training_facts", "requested_goals",
-           "aspect_metric_problems", "aspect_grids"]
+           "aspect_metric_problems", "aspect_grids", "loop_rounds"]
 
 
 # Per-unit scores stay out of results.json's goal curves (one value per prompt each).
@@ -181,6 +181,75 @@ def _training_table(cfg, variants) -> list[dict[str, Any]]:
             out.append({"variant": name, "method": v.method, "seeds": sorted(facts),
                         **{k: [facts[seed][k] for seed in sorted(facts)] for k in TRAIN_FACTS}})
     return out
+
+
+# -- online loop rounds ------------------------------------------------------------------------
+
+# rounds.json's facts shown per round (gcsl.training.online_loop.ROUND_FACTS), in the table's order.
+LOOP_ROUND_FACTS = ("pool_rows", "samples", "mean_sample_score", "thresholds", "retained_levels", "optimizer_steps",
+                    "train_seconds", "scorer_calls")
+
+
+def loop_rounds(cfg, variants) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every loop variant's rounds, one row per (seed, round) from its final model's rounds.json, and per variant
+    the change in the samples' mean score from round 1 (the first that samples) to the last round over seeds.
+
+    ``top_threshold`` is the highest level's threshold (oriented units, larger is better, as rounds.json records
+    them). The change's interval is a bootstrap over the seeds' changes, None with fewer than 2 seeds.
+    """
+    from gcsl.methods import get_method
+    from gcsl.training.online_loop import read_rounds
+
+    layout = ExperimentLayout(cfg.out)
+    rows, changes = [], []
+    for v in variants:
+        if get_method(v.method).variant_kind != "loop":
+            continue
+        deltas = {}
+        for seed in v.seeds:
+            rounds = read_rounds(layout.stage(v.name, seed).model) or []
+            for r in rounds:
+                thresholds = r.get("thresholds") or []
+                rows.append({"variant": v.name, "seed": seed, "round": r["round"],
+                             **{k: r.get(k) for k in LOOP_ROUND_FACTS},
+                             "top_threshold": thresholds[-1] if thresholds else None})
+            by_round = {r["round"]: r.get("mean_sample_score") for r in rounds}
+            last = max(by_round, default=0)
+            if last >= 1 and by_round.get(1) is not None and by_round[last] is not None:
+                deltas[seed] = by_round[last] - by_round[1]
+        if deltas:
+            ci = mean_ci(list(deltas.values()), n_boot=cfg.ci_samples, seed=0) if len(deltas) >= 2 else None
+            changes.append({"variant": v.name, "seeds": sorted(deltas), "n_seeds": len(deltas),
+                            "per_seed": deltas, "mean_change": float(np.mean(list(deltas.values()))),
+                            "ci_low": ci.low if ci else None, "ci_high": ci.high if ci else None})
+    return rows, changes
+
+
+def _loop_round_lines(rows: list[dict[str, Any]], changes: list[dict[str, Any]], plot: Path | None) -> list[str]:
+    lines = ["", "## Online loop rounds", "",
+             "One row per loop seed and round (rounds.json beside its final model): the pool's rows, the samples "
+             "the previous round's model drew and the scorer scored (round 0 trains on the log: none), their mean "
+             "score, the re-quantized thresholds (oriented units, larger is better; top = the highest level's), the "
+             "levels retained as goals, and the round's optimizer steps and training time.", "",
+             "| variant | seed | round | pool rows | samples | mean sample score | top threshold | thresholds | "
+             "retained levels | optimizer steps | training time | scorer calls |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['seed']} | {r['round']} | {_fmt_fact([r['pool_rows']], 'pool_rows')} | "
+                     f"{_fmt_fact([r['samples']], 'samples')} | {_fmt(r['mean_sample_score'])} | "
+                     f"{_fmt(r['top_threshold'])} | {' '.join(_fmt(t) for t in r['thresholds'] or []) or 'n/a'} | "
+                     f"{' '.join(map(str, r['retained_levels'] or [])) or 'n/a'} | "
+                     + " | ".join(_fmt_fact([r[k]], k) for k in ("optimizer_steps", "train_seconds", "scorer_calls"))
+                     + " |")
+    lines.append("")
+    for c in changes:
+        interval = (f", 95% bootstrap interval over seeds [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]"
+                    if c["ci_low"] is not None else "; no interval with fewer than 2 seeds")
+        lines.append(f"- {c['variant']}: mean sample score changed by {c['mean_change']:+.3f} from round 1 to the "
+                     f"last round, averaged over n = {c['n_seeds']} seed{'s' if c['n_seeds'] != 1 else ''}{interval}.")
+    if plot is not None:
+        lines += ["", f"![{plot.stem}]({plot.name})"]
+    return lines
 
 
 def _fmt_fact(values: list[Any], key: str) -> str:
@@ -462,7 +531,13 @@ def _probes(cfg, variants) -> list[dict[str, Any]]:
 
 
 def write_report(cfg, variants) -> Path:
-    from gcsl.experiments.plots import plot_aspect_heatmaps, plot_bars, plot_goal_curve, plot_histogram
+    from gcsl.experiments.plots import (
+        plot_aspect_heatmaps,
+        plot_bars,
+        plot_goal_curve,
+        plot_histogram,
+        plot_loop_rounds,
+    )
     from gcsl.tasks import get_task
 
     layout = ExperimentLayout(cfg.out)
@@ -500,6 +575,7 @@ def write_report(cfg, variants) -> Path:
                            "mean_exceeds": bool(top["mean"] > bin_mean)})
 
     training = _training_table(cfg, variants)
+    round_rows, round_changes = loop_rounds(cfg, variants)
     curves = _curves(cfg, variants, by_metric)
     probes = _probes(cfg, variants)
     # Aspect metrics (e.g. words for brevity) are collected like the check metrics, for the goal grids only.
@@ -527,7 +603,9 @@ def write_report(cfg, variants) -> Path:
         "check_rows": check_rows, "beyond_check": beyond, "training": training,
         "goal_curves": {n: curve_points(n, r) for n, r in results.items()},
         "curve_statistics": {n: {"requested": c["requested"], **c["statistics"]} for n, c in curves.items()},
-        "probe": probes, **({"aspect_grids": grids} if grids else {})})
+        "probe": probes, **({"aspect_grids": grids} if grids else {}),
+        # Only experiments with loop variants carry these keys: other results.json files are unchanged.
+        **({"loop_rounds": round_rows, "loop_round_change": round_changes} if round_rows else {})})
     plots = []
     for fn, args in ((plot_bars, (rows, metric)), (plot_goal_curve, (curves, metrics, feedback_scale)),
                      (plot_histogram, (cfg, variants))):
@@ -536,6 +614,7 @@ def write_report(cfg, variants) -> Path:
             plots.append(path)
     heatmaps = (plot_aspect_heatmaps(out, grids, {a: _listed(ms) for a, ms in cfg.aspect_metrics.items()})
                 if grids else [])
+    round_plot = plot_loop_rounds(out, round_rows) if round_rows else None
 
     lines = [f"# {cfg.name}", "",
              f"Task `{cfg.task}`, base model `{cfg.model}`, evaluation prompts `{display_path(cfg.eval_prompts)}`, "
@@ -572,6 +651,8 @@ def write_report(cfg, variants) -> Path:
             lines += ["", f"Online loop variants ({', '.join(loops)}) sum their rounds' rows, epochs, optimizer "
                           "steps, tokens and training time (sampling and scoring not included; rows/step is the "
                           "last round's); each round's record is in rounds.json beside its model."]
+    if round_rows:
+        lines += _loop_round_lines(round_rows, round_changes, round_plot)
     if beyond:
         lines += ["", "## Beyond the top training bin?", "",
                   "| variant | top-goal mean [95% CI] | top training bin mean | interval above it |", "|---|---|---|---|"]
