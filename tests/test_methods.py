@@ -178,6 +178,10 @@ def test_base_and_decoding_methods_prepare_nothing(feedback_log, tmp_path):
         _prepare(feedback_log, tmp_path / "base", "base")
     with pytest.raises(ConfigError, match="dexperts trains its adapters with sft and sft-bottom"):
         _prepare(feedback_log, tmp_path / "dexperts", "dexperts")
+    for name, kind in (("pplm", "classifier"), ("llmeraser", "erased"), ("rosepo", "recipe")):
+        with pytest.raises(ConfigError, match=rf"{name} is made by `gcsl experiment` \(variant kind {kind}\)"):
+            _prepare(feedback_log, tmp_path / name, name)
+    assert not any((tmp_path / name).exists() for name in ("base", "dexperts", "pplm", "llmeraser", "rosepo"))
 
 
 def test_old_names_still_import():

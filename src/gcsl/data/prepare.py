@@ -226,7 +226,8 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         what = (f"trains its adapters with {' and '.join(method.experts)}" if method.experts
                 else "is a model-free baseline" if method.heuristic
                 else "trains online on its own samples in `gcsl experiment`" if method.online or method.loop
-                else "is the untrained model")
+                else "is the untrained model" if method.variant_kind == "base"
+                else f"is made by `gcsl experiment` (variant kind {method.variant_kind})")
         raise ConfigError(f"method: {cfg.method} {what} and has no training data of its own; use one of "
                           f"{', '.join(trained_methods())}")
     if cfg.aspects:
