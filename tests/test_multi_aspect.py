@@ -241,7 +241,7 @@ def test_aspect_specs_name_the_field_at_fault():
         "or use direction=below",
         "aspects[3].kind: 'ratio' is not one of scalar, ordinal, categorical",
         "aspects[4]: unknown field(s) colour; valid fields are name, column, range, direction, kind, bins, "
-        "precision, categories, flipped_name, best_meaning, templates"]
+        "precision, categories, flipped_name, best_meaning, templates, words"]
     assert aspects == []
 
 
@@ -323,3 +323,105 @@ def test_yaml_aspects_list_with_clause_templates_and_a_below_aspect(tmp_path, tw
         assert r["goal"] == (f"Generate a response with a sentiment score of at least {sent_t:.2f}, plus a brevity "
                              f"score less than {brev_t:.1f}.")
     assert brevity["metric"]["higher_is_better"] is False and brevity["metric"]["flip"] is False
+
+
+# -- level words per aspect --------------------------------------------------------------------
+
+# Lowest level first, as a single aspect's level_words (configs/cpu/sentiment.yaml, multi-aspect.yaml).
+SENT_WORDS = ["very positive", "positive", "mildly positive", "mixed", "negative"]
+BREV_WORDS = ["long", "fairly long", "fairly short", "short"]
+WORD_TEMPLATES = ({"bey": "{level_word} or more negative ({a_metric} greater than {threshold})"},
+                  {"bey": "{level_word} or shorter (fewer than {threshold} words)"})
+
+
+def test_two_aspect_goal_text_leads_with_each_aspects_level_word():
+    def aspect(name, thresholds, words, templates, **spec_kw):
+        spec = MetricSpec(name=name, subject="a review", **spec_kw)
+        base = default_aspect_templates(spec)
+        if spec.low is None:  # prepare drops the range sentence of an aspect without a range
+            del base["detail"]
+        return GoalSetup("gcsl-bey-nl", spec, thresholds, (len(thresholds) - 1, len(thresholds)), 0.3,
+                         len(thresholds), {**base, **templates}, level_words=tuple(words))
+
+    setup = MultiGoalSetup("gcsl-bey-nl", (
+        aspect("negative sentiment", (0.0, 0.1, 0.3, 0.57, 0.8), SENT_WORDS, WORD_TEMPLATES[0], low=0, high=1),
+        # "below": thresholds are stored negated (oriented), so -40 reads "fewer than 40".
+        aspect("brevity", (-46.0, -40.0, -33.0, -29.0), BREV_WORDS, WORD_TEMPLATES[1], higher_is_better=False,
+               flip=False, precision=0)), sentence="Write {subject} that is {goals}.{details}")
+    assert inference_goal(setup, "top").text == (
+        "Write a review that is negative or more negative (a negative sentiment score greater than 0.80) and short "
+        "or shorter (fewer than 29 words). Negative sentiment scores range from 0 to 1, with 1 indicating the "
+        "highest negative sentiment.")
+    assert setup.goal_text(combination_ids(np.array([[4, 2]]), setup.sizes)[0]).startswith(
+        "Write a review that is mixed or more negative (a negative sentiment score greater than 0.57) and fairly "
+        "long or shorter (fewer than 40 words).")
+
+
+def test_aspect_words_must_name_every_bin():
+    aspects, problems = read_aspects([
+        "name=sentiment,column=sent,range=0:1,words=negative|mixed|positive",
+        {"name": "brevity", "column": "brev", "bins": 4, "words": BREV_WORDS[:3]},
+        {"name": "stars", "column": "s", "kind": "ordinal", "words": ["bad", "good"]},
+        {"name": "tone", "column": "t", "words": "calm|loud"}])
+    assert problems == [
+        "aspects[1].words: aspect 'sentiment' has 5 bins, so give 5 words, lowest level first; got 3",
+        "aspects[2].words: aspect 'brevity' has 4 bins, so give 4 words, lowest level first; got 3",
+        "aspects[3].words: ordinal feedback names its levels already; drop words",
+        "aspects[4].words: a list of non-empty words, lowest level first (CLI: words=low|mid|high)"]
+    assert aspects == []
+    cli = "name=sentiment,column=sent,range=0:1,words=" + "|".join(SENT_WORDS)
+    assert read_aspects([cli])[0][0].words == tuple(SENT_WORDS)
+
+    def refused(**kw):
+        return PrepareConfig(data="log.jsonl", out=Path("x"), method="gcsl-bey-nl", **kw).validate()
+
+    assert refused(aspects=[*ASPECTS[:1], {"name": "brevity", "column": "brev", "templates": WORD_TEMPLATES[1]}]) == [
+        "aspect 'brevity': its templates state {level_word}; give it words=..., one per bin, lowest first"]
+    assert refused(aspects=list(ASPECTS), level_words=SENT_WORDS) == [
+        "level_words: with several aspects give each aspect its own words (YAML aspects[i].words: [...], CLI "
+        "words=a|b|c), lowest level first"]
+
+
+def test_aspect_words_must_name_the_bins_ties_leave(tmp_path, two_aspect_log):
+    tied = tmp_path / "tied.jsonl"
+    rows = [json.loads(line) for line in two_aspect_log.read_text().splitlines()]
+    tied.write_text("".join(json.dumps({**r, "brev": [0.1, 0.1, 0.1, 0.5, 0.9][i % 5]}) + "\n"
+                            for i, r in enumerate(rows)))
+    words = "|".join(["a", "b", "c", "d", "e"])
+    with pytest.raises(DataError, match=r"aspect 'brevity' \(column 'brev'\): .*ties left 3 bins, but words names 5; "
+                                        r"give 3 words or fewer bins"):
+        prepare(PrepareConfig(data=str(tied), out=tmp_path / "t", method="gcsl-bey-nl", quiet=True,
+                              aspects=[ASPECTS[0], f"{ASPECTS[1]},words={words}"]))
+
+
+def test_yaml_aspect_words_reach_the_goals_and_round_trip_through_goals_json(tmp_path, two_aspect_log):
+    config = tmp_path / "prepare.yaml"
+    config.write_text(
+        "method: gcsl-bey-nl\n"
+        "subject: a review\n"
+        "aspect_sentence: 'Write {subject} that is {goals}.{details}'\n"
+        "aspects:\n"
+        f"  - {{name: negative sentiment, column: sent, range: [0, 1], words: {json.dumps(SENT_WORDS)},\n"
+        f"     templates: {json.dumps(WORD_TEMPLATES[0])}}}\n"
+        f"  - {{name: brevity, column: brev, direction: below, bins: 4, words: {json.dumps(BREV_WORDS)},\n"
+        f"     templates: {json.dumps(WORD_TEMPLATES[1])}}}\n")
+    out = tmp_path / "words"
+    assert cli_main(["prepare", "--config", str(config), "--data", str(two_aspect_log), "--out", str(out),
+                     "--quiet"]) == 0
+    goals = json.loads((out / "goals.json").read_text())
+    assert [a.get("level_words") for a in goals["aspects"]] == [SENT_WORDS, BREV_WORDS]
+    sent, brev = (a["thresholds"] for a in goals["aspects"])
+    rows = pq.read_table(out / "train.parquet").to_pylist()
+    assert rows
+    for r in rows:
+        a, b = r["aspect_levels"]
+        assert r["goal"] == (f"Write a review that is {SENT_WORDS[a - 1]} or more negative (a negative sentiment "
+                             f"score greater than {sent[a - 1]:.2f}) and {BREV_WORDS[b - 1]} or shorter (fewer than "
+                             f"{brev[b - 1]:.2f} words). Negative sentiment scores range from 0 to 1, with 1 "
+                             "indicating the highest negative sentiment.")
+    loaded = GoalSetup.load(out)
+    assert isinstance(loaded, MultiGoalSetup)
+    assert [a.level_words for a in loaded.aspects] == [tuple(SENT_WORDS), tuple(BREV_WORDS)]
+    assert json.loads(json.dumps(loaded.to_json())) == goals
+    top = inference_goal(loaded, "top")
+    assert top.text == next(r["goal"] for r in rows if r["aspect_levels"] == [a.level for a in top.aspects])

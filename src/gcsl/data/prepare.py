@@ -91,7 +91,8 @@ class PrepareConfig:
         default_factory=list, flag="--aspect",
         help="multi-aspect goals: one spec per feedback column, 'name=NAME,column=COL[,range=LOW:HIGH]"
              "[,direction=higher|lower|below][,kind=scalar|ordinal|categorical][,bins=K][,precision=P]"
-             "[,categories=a|b|c]' (YAML: an aspects: list of mappings, which may add flipped_name, "
+             "[,categories=a|b|c][,words=a|b|c]' (words: one per bin, lowest first, for {level_word}; "
+             "YAML: an aspects: list of mappings, which may add flipped_name, "
              "best_meaning and templates: clause templates by style plus 'detail'); replaces --score-column, "
              "--metric-name, --range, --lower-is-better, --kind, --bins; one aspect is the same as those options")
     conjunction: str = field(" and ", help="multi-aspect NL goals: text joining the aspects' clauses")
@@ -142,8 +143,7 @@ class PrepareConfig:
                 if used:
                     problems.append(f"templates.{style}: {', '.join(used)} need --range LOW HIGH (no range is "
                                     "known to state)")
-        uses_word = any("{level_word}" in str(t) for t in (self.templates or {}).values())
-        if uses_word and not self.level_words:
+        if _uses_level_word(self.templates) and not self.level_words:
             problems.append("templates: {level_word} needs --level-words, one word per bin, lowest first")
         if self.level_words and self.kind == "scalar" and len(self.level_words) != self.bins:
             problems.append(f"level_words: give one per bin, lowest first ({self.bins} for --bins {self.bins}), "
@@ -153,14 +153,19 @@ class PrepareConfig:
         if self.dpo_pairs < 1:
             problems.append("dpo_pairs: must be at least 1")
         if self.aspects:
-            problems += read_aspects(self.aspects)[1]
+            aspects, aspect_problems = read_aspects(self.aspects)
+            problems += aspect_problems
+            problems += [f"aspect {a.name!r}: its templates state {{level_word}}; give it words=..., one per bin, "
+                         "lowest first" for a in aspects
+                         if _uses_level_word(a.templates) and not (a.words or self.level_words)]
             # Each aspect carries its own metric options; a top-level one would be silently ignored.
             defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                         for f in dataclasses.fields(self) if f.name in _ASPECT_OWNED}
             problems += [f"{name}: with --aspect, give it inside each aspect ({_ASPECT_OWNED[name]}=...)"
                          for name, default in defaults.items() if getattr(self, name) != default]
             if len(self.aspects) > 1 and self.level_words:
-                problems.append("level_words: not available with several aspects; drop --level-words")
+                problems.append("level_words: with several aspects give each aspect its own words (YAML "
+                                "aspects[i].words: [...], CLI words=a|b|c), lowest level first")
             if len(self.aspects) > 1 and self.templates:
                 problems.append("templates: with several aspects give clause templates inside each aspect "
                                 "(aspects[i].templates)")
@@ -180,7 +185,7 @@ class PrepareConfig:
             lower_is_better=aspect.direction != "higher", flip=aspect.direction != "below", kind=aspect.kind,
             categories=list(aspect.categories), bins=aspect.bins, precision=aspect.precision,
             flipped_name=aspect.flipped_name, best_meaning=aspect.best_meaning,
-            templates=aspect.templates or self.templates)
+            templates=aspect.templates or self.templates, level_words=list(aspect.words) or self.level_words)
 
     @property
     def goal_placement(self) -> str:
@@ -313,12 +318,13 @@ def prepare_aspects(cfg: PrepareConfig, aspects: list[Aspect]) -> PrepareResult:
         try:
             aspect_log = validate_feedback(view, cfg.data, fmt, spec, bins=aspect.bins)
             _check_ordinal_levels(aspect_cfg, spec, column_numpy(aspect_log.table.column("score")))
+            scores.append(column_numpy(aspect_log.table.column("score")))
+            oriented = spec.orient(scores[-1])
+            quant = quantize_feedback(oriented, spec, bins=aspect.bins)
+            words = _level_words(aspect_cfg, quant, flags=("words", "bins"))
         except DataError as exc:
             raise DataError(f"aspect {aspect.name!r} (column {aspect.column!r}): {exc}") from None
         log = log or aspect_log
-        scores.append(column_numpy(aspect_log.table.column("score")))
-        oriented = spec.orient(scores[-1])
-        quant = quantize_feedback(oriented, spec, bins=aspect.bins)
         train_mean = float(oriented.mean())
         retained = retained_levels(quant.thresholds, train_mean, filter_goals=use_filter)
         templates, range_notes = _templates(aspect_cfg, spec, default_aspect_templates(spec))
@@ -326,7 +332,7 @@ def prepare_aspects(cfg: PrepareConfig, aspects: list[Aspect]) -> PrepareResult:
             method=cfg.method, metric=spec, thresholds=quant.thresholds, retained_levels=retained,
             train_mean=train_mean, bins_requested=aspect.bins, templates=templates, placement=cfg.goal_placement,
             separator=cfg.separator, top_bin_mean=float(oriented[quant.levels == quant.levels.max()].mean()),
-            score_max=float(oriented.max()), extra={"column": aspect.column}))
+            score_max=float(oriented.max()), level_words=words, extra={"column": aspect.column}))
         levels.append(quant.levels)
         notes += [f"{aspect.name}: {n}" for n in range_notes + list(quant.notes)]
         if use_filter and not any(t > train_mean for t in quant.thresholds):
@@ -403,13 +409,19 @@ def _check_ordinal_levels(cfg: PrepareConfig, spec: MetricSpec, scores: np.ndarr
                         "(binned), fix the scores, or raise --max-levels")
 
 
-def _level_words(cfg: PrepareConfig, quant) -> tuple[str, ...]:
-    """The level words, checked against the bins actually used (ties can merge bins)."""
+def _uses_level_word(templates: dict | None) -> bool:
+    """Whether any template states {level_word} (it then needs level words)."""
+    return any("{level_word}" in str(t) for t in (templates or {}).values())
+
+
+def _level_words(cfg: PrepareConfig, quant, flags: tuple[str, str] = ("--level-words", "--bins")) -> tuple[str, ...]:
+    """The level words, checked against the bins actually used (ties can merge bins); ``flags`` name the
+    words and bins options as the user gave them (an aspect's fields, or the command line's)."""
     if not cfg.level_words:
         return ()
     if len(cfg.level_words) != len(quant.thresholds):
-        raise DataError(f"{cfg.data}: ties left {len(quant.thresholds)} bins, but --level-words names "
-                        f"{len(cfg.level_words)}; give {len(quant.thresholds)} words or fewer --bins")
+        raise DataError(f"{cfg.data}: ties left {len(quant.thresholds)} bins, but {flags[0]} names "
+                        f"{len(cfg.level_words)}; give {len(quant.thresholds)} words or fewer {flags[1]}")
     return tuple(cfg.level_words)
 
 

@@ -37,7 +37,8 @@ class Aspect:
     """One aspect of a multi-aspect goal, as `gcsl prepare --aspect` / the YAML ``aspects:`` list give it.
 
     ``direction``: ``higher`` is better; ``lower`` is better and flipped (non-toxicity = high + low -
-    toxicity, needs a range); ``below``: lower is better, goals read "less than".
+    toxicity, needs a range); ``below``: lower is better, goals read "less than". ``words``: one word per
+    level, lowest first, as a single aspect's ``level_words`` (its clause templates state it as {level_word}).
     """
 
     name: str
@@ -52,6 +53,7 @@ class Aspect:
     flipped_name: str | None = None
     best_meaning: str | None = None
     templates: dict[str, str] | None = None
+    words: tuple[str, ...] = ()
 
     def spec(self, subject: str) -> MetricSpec:
         return MetricSpec(name=self.name, low=self.low, high=self.high, higher_is_better=self.direction == "higher",
@@ -60,12 +62,13 @@ class Aspect:
 
 
 _KEYS = ("name", "column", "range", "direction", "kind", "bins", "precision", "categories", "flipped_name",
-         "best_meaning", "templates")
-ASPECT_SYNTAX = "name=NAME,column=COLUMN[,range=LOW:HIGH][,direction=higher|lower|below][,kind=...][,bins=K]"
+         "best_meaning", "templates", "words")
+ASPECT_SYNTAX = ("name=NAME,column=COLUMN[,range=LOW:HIGH][,direction=higher|lower|below][,kind=...][,bins=K]"
+                 "[,words=LOWEST|...|HIGHEST]")
 
 
 def _parse_cli(text: str, where: str, problems: list[str]) -> dict[str, Any]:
-    """``name=sentiment,column=score,range=0:1`` -> a mapping (categories as ``a|b|c``)."""
+    """``name=sentiment,column=score,range=0:1`` -> a mapping (categories and words as ``a|b|c``)."""
     values: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, eq, value = part.partition("=")
@@ -75,7 +78,7 @@ def _parse_cli(text: str, where: str, problems: list[str]) -> dict[str, Any]:
         key = key.strip().replace("-", "_")
         if key == "range":
             value = value.split(":")
-        elif key == "categories":
+        elif key in ("categories", "words"):
             value = value.split("|")
         values[key] = value
     return values
@@ -141,10 +144,19 @@ def read_aspects(items: list[dict | str]) -> tuple[list[Aspect], list[str]]:
                 str(text).format(**{f: "x" for f in TEMPLATE_FIELDS})
             except (KeyError, IndexError, ValueError) as exc:
                 problems.append(f"{where}.templates.{style}: unknown field {exc} (fields: {', '.join(TEMPLATE_FIELDS)})")
+        words = raw.get("words") or []
+        if not isinstance(words, (list, tuple)) or not all(str(w).strip() for w in words):
+            problems.append(f"{where}.words: a list of non-empty words, lowest level first (CLI: words=low|mid|high)")
+        elif words and kind != "scalar":
+            problems.append(f"{where}.words: {kind} feedback names its levels already; drop words")
+        elif words and "bins" in numbers and len(words) != numbers["bins"]:
+            # As one aspect's --level-words: one word per bin, so each level has its word.
+            problems.append(f"{where}.words: aspect {str(raw.get('name')).strip()!r} has {numbers['bins']} bins, so "
+                            f"give {numbers['bins']} words, lowest level first; got {len(words)}")
         if len(problems) == before:
             aspects.append(Aspect(str(raw["name"]).strip(), str(raw["column"]).strip(), low, high, direction, kind,
                                   numbers["bins"], numbers["precision"], categories, raw.get("flipped_name"),
-                                  raw.get("best_meaning"), templates))
+                                  raw.get("best_meaning"), templates, tuple(str(w).strip() for w in words)))
     for key in ("name", "column"):
         seen = [getattr(a, key) for a in aspects]
         for value in sorted({v for v in seen if seen.count(v) > 1}):
