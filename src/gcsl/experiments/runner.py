@@ -496,6 +496,14 @@ def _evaluate_options(cfg: ExperimentConfig, method: str) -> dict[str, Any]:
     return {**own, **cfg.evaluate}
 
 
+def _own_protocol(method: str) -> dict[str, Any]:
+    """Generate options a method's own protocol fixes: a method scored by its own grounding (BIGRec) samples a
+    title to ground even where the experiment ranks the catalogue (``generate.rank_catalogue``)."""
+    from gcsl.methods import get_method
+
+    return {"rank_catalogue": None} if dict(get_method(method).evaluate_defaults).get("grounding") else {}
+
+
 def _say(msg: str) -> None:
     print(f"[gcsl experiment {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -619,7 +627,7 @@ def _heuristic_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Var
             "kind": v.method, "prompts": gen.prompts, "out": gen.out, "dataset": grounding.dataset,
             "path": grounding.path, "feedback": training_data(cfg), **feedback, "num_samples": gen.num_samples,
             "seed": gen.seed, "limit": gen.limit, "id_field": gen.id_field, "prompt_field": gen.prompt_field,
-            "split": gen.split}))
+            "split": gen.split, "rank": gen.rank_catalogue is not None}))
 
     return _Generator(v.method, {}, write)
 
@@ -804,8 +812,9 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
                     _copy_generations(earlier, p.gens, goal)
                 else:
                     gen = resolve_config(GenerateConfig, overrides={
-                        **cfg.generate, **v.generate, **generator.generate, "model": generator.model,
-                        "prompts": cfg.eval_prompts, "goal": goal, "seed": seed, "out": p.gens})
+                        **cfg.generate, **v.generate, **generator.generate, **_own_protocol(v.method),
+                        "model": generator.model, "prompts": cfg.eval_prompts, "goal": goal, "seed": seed,
+                        "out": p.gens})
                     if generator.write is not None:
                         _say(f"  write {v.method} generations (no model) -> {p.gens.name}")
                         generator.write(gen)

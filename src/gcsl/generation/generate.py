@@ -2,7 +2,9 @@
 
 ``generate`` reads top to bottom: load the prompts, look at what an earlier run already wrote,
 load the model, write the goal into every prompt the way ``gcsl prepare`` did, tokenize, plan
-length-sorted batches, sample, append rows, and finally write the sorted output.
+length-sorted batches, sample, append rows, and finally write the sorted output. With
+``rank_catalogue`` the sampling step is replaced by ranking a recommendation catalogue's titles
+by the model's probability of answering each (:mod:`gcsl.generation.ranking`).
 
 Resuming. Rows go to ``<out>.partial`` and are flushed after every batch; a killed run leaves
 only that file (never a finished-looking ``<out>``). A rerun with the same options reads
@@ -41,7 +43,7 @@ ROW_INDEX = "#row"
 _SAMPLING_OPTIONS = ("model", "prompts", "split", "id_field", "prompt_field", "goal", "template_text_prompts",
                      "top_p", "top_k", "temperature", "max_new_tokens", "seed", "expert", "anti_expert", "alpha",
                      "classifier", "pplm_step_size", "pplm_iterations", "pplm_window", "pplm_horizon", "pplm_gamma",
-                     "pplm_kl_scale", "pplm_gm_scale")
+                     "pplm_kl_scale", "pplm_gm_scale", "rank_catalogue")
 _TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 
@@ -92,6 +94,12 @@ class GenerateConfig:
     pplm_kl_scale: float = field(0.01, help="PPLM: weight of KL(perturbed || unperturbed next-token "
                                             "distribution) in the loss")
     pplm_gm_scale: float = field(0.9, help="PPLM: sample from p_perturbed^gm x p_unperturbed^(1-gm)")
+    rank_catalogue: Path | None = field(None, help="rank instead of sampling: score every title of this `gcsl data "
+                                        "recommendation` folder's catalogue (catalogue.jsonl) by the model's "
+                                        "log-probability of answering it (quoted, then end of turn) and write "
+                                        "the titles most probable first in each row's `ranking`, the top one "
+                                        "as the completion; one row per prompt (num_samples 1), sampling "
+                                        "options unused, batch_size = answers scored together")
     template_text_prompts: Literal["auto", "always", "never"] = field(
         "auto", help="apply the chat template to text prompts as one user message: auto = for models not "
                      "fine-tuned by gcsl whose tokenizer has one (gcsl fine-tunes on text prompts without a "
@@ -124,6 +132,13 @@ class GenerateConfig:
         from gcsl.generation.pplm import settings_problems
 
         problems.extend(settings_problems(self.__dict__))
+        if self.rank_catalogue is not None:
+            if self.num_samples != 1:
+                problems.append(f"num_samples: a ranking is deterministic; with rank_catalogue give 1, got "
+                                f"{self.num_samples}")
+            if self.expert is not None or self.classifier is not None:
+                problems.append("rank_catalogue: ranking scores the model's own probabilities; it cannot be "
+                                "combined with DExperts (expert) or PPLM (classifier)")
         if self.expert is not None and (Path(str(self.model)).expanduser() / "adapter_config.json").is_file():
             problems.append(f"model: {self.model} is an adapter folder; with expert/anti_expert give the base model "
                             "they were trained on")
@@ -194,6 +209,9 @@ def generate(cfg: GenerateConfig) -> Path:
     if goal_value is not None:
         from gcsl.goal_embedding import apply_goal_embedding, load_goal_embedding
 
+        if cfg.rank_catalogue is not None:
+            raise ConfigError(f"rank_catalogue: method {setup.method} states its goal through an embedding, which "
+                              "ranking does not feed; sample from it instead")
         if load_goal_embedding(model, cfg.model) is None:
             raise StageError(f"{cfg.model}: method {setup.method} needs its goal embedding (goal_embedding.json) "
                              "beside the weights; re-run `gcsl train` or `gcsl merge`")
@@ -209,6 +227,11 @@ def generate(cfg: GenerateConfig) -> Path:
     pad_id = tokenizer.pad_token_id
 
     _write_record(record_path, cfg, lm, setup, goal, complete=False, rows=len(done))
+    if cfg.rank_catalogue is not None:
+        _rank(cfg, model, tokenizer, prompts, encoded, missing, done, partial, goal_text, goal_request)
+        path = _finish(out, partial, prompts, done, cfg.num_samples)
+        _write_record(record_path, cfg, lm, setup, goal, complete=True, rows=len(done))
+        return path
     batches = _plan_batches(wanted, {pid: len(ids) for pid, ids in encoded.items()}, cfg.batch_size)
     partial.parent.mkdir(parents=True, exist_ok=True)
     prompt_by_id = {p.id: p for p in prompts}
@@ -244,6 +267,33 @@ def generate(cfg: GenerateConfig) -> Path:
     path = _finish(out, partial, prompts, done, cfg.num_samples)
     _write_record(record_path, cfg, lm, setup, goal, complete=True, rows=len(done))
     return path
+
+
+def _rank(cfg: GenerateConfig, model, tokenizer, prompts: list[PromptRow], encoded: dict[str, list[int]],
+          missing: list[tuple[str, int]], done: dict, partial: Path, goal_text: str | None,
+          goal_request: str | None) -> None:
+    """Ranks the catalogue's titles for every missing prompt (:mod:`gcsl.generation.ranking`), one row each,
+    appended to ``partial`` as it goes. Ties keep catalogue order."""
+    from tqdm.auto import tqdm
+
+    from gcsl.generation.ranking import answer_ids, candidate_logprobs
+    from gcsl.tasks.recommendation.prompts import catalogue_answers
+
+    titles, answers = catalogue_answers(Path(cfg.rank_catalogue))
+    candidates = answer_ids(tokenizer, answers)
+    prompt_by_id = {p.id: p for p in prompts}
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial, "a", encoding="utf-8") as sink:
+        for pid, sample in tqdm(missing, desc="rank", unit="prompt", disable=None):
+            scores = candidate_logprobs(model, encoded[pid], candidates, batch_size=cfg.batch_size)
+            order = sorted(range(len(titles)), key=lambda j: (-scores[j], j))
+            p = prompt_by_id[pid]
+            row = {"prompt_id": pid, "prompt": p.prompt, "goal": goal_text, "goal_request": goal_request,
+                   "sample": sample, "completion": answers[order[0]], "ranking": [titles[j] for j in order],
+                   "ranking_logprobs": [round(scores[j], 4) for j in order], "meta": p.meta}
+            sink.write(json_line(row))
+            sink.flush()
+            done[(pid, sample)] = row
 
 
 def load_prompts(source: str | Path, *, id_field: str = "id", prompt_field: str = "prompt", split: str = "train",

@@ -67,7 +67,7 @@ OWNED_OPTIONS = {"prepare": ("data", "out", "method", "overwrite", "prompt_colum
                     "data_format", "split"),
         "train": ("data", "out", "model", "seed", "init_adapter", "resume", "overwrite", "epochs", "max_steps"),
         "generate": ("model", "prompts", "out", "goal", "seed", "num_samples", "limit", "id_field", "prompt_field",
-                     "expert", "anti_expert")}
+                     "expert", "anti_expert", "rank_catalogue")}
 
 
 @dataclass

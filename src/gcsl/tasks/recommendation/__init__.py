@@ -93,6 +93,7 @@ from gcsl.tasks.recommendation.grounding import (
 )
 from gcsl.tasks.recommendation.prompts import (
     build_prompt,
+    catalogue_answers,
     export_recommendation_files,
     feedback_rows,
     format_response,
@@ -123,6 +124,7 @@ __all__ = [
     "split_by_time",
     "sample_splits",
     "build_prompt",
+    "catalogue_answers",
     "format_response",
     "feedback_rows",
     "prompt_rows",

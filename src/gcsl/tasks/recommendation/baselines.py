@@ -70,6 +70,10 @@ class BaselineConfig:
     id_field: str = field("id", help="field holding the prompt id (as `gcsl generate --id-field`)")
     prompt_field: str = field("prompt", help="field holding the prompt (as `gcsl generate --prompt-field`)")
     split: str = field("train", help="split to read when --prompts is a dataset with splits")
+    rank: bool = field(False, help="write each prompt's whole ranking of the catalogue's titles (row field "
+                                   "`ranking`, as `gcsl generate --rank-catalogue` does) instead of one title: "
+                                   "random = a seeded shuffle; most-popular = popularity order, the history's "
+                                   "titles last")
 
     def validate(self) -> list[str]:
         problems = []
@@ -83,6 +87,8 @@ class BaselineConfig:
             problems.append(f"num_samples: must be at least 1, got {self.num_samples}")
         if self.limit is not None and self.limit < 1:
             problems.append(f"limit: must be at least 1, got {self.limit}")
+        if self.rank and self.num_samples != 1:
+            problems.append(f"num_samples: a ranking is one row per prompt; with rank give 1, got {self.num_samples}")
         return problems
 
 
@@ -166,17 +172,25 @@ def write_baseline_generations(cfg: BaselineConfig) -> Path:
         ranking = popularity_ranking(_training_titles(cfg), catalogue)
         extra["most_popular"] = [{"title": t, "count": c} for t, c in ranking[:20]]
 
+    titles = list(dict.fromkeys(it.title.strip() for it in catalogue))
     rows = []
     for p in prompts:
+        order: list[str] | None = None
         if cfg.kind == "most-popular":
             seen = history_titles(p.prompt)
-            # Every title in the history (a tiny catalogue): the most popular one all the same.
-            title = next((t for t, _ in ranking if t not in seen), ranking[0][0])
+            # Stable sort: popularity order, the history's titles moved behind the rest.
+            order = sorted((t for t, _ in ranking), key=lambda t: t in seen)
         for sample in range(cfg.num_samples):
             if cfg.kind == "random":
-                title = catalogue[int(_row_rng(cfg.seed, p.id, sample).integers(len(catalogue)))].title.strip()
-            rows.append({"prompt_id": p.id, "prompt": p.prompt, "goal": None, "goal_request": None,
-                         "sample": sample, "completion": format_response(title), "meta": p.meta})
+                rng = _row_rng(cfg.seed, p.id, sample)
+                # A ranking shuffles the distinct titles; a single draw picks an item (so a shared title is likelier).
+                order = [titles[j] for j in rng.permutation(len(titles))] if cfg.rank else \
+                    [catalogue[int(rng.integers(len(catalogue)))].title.strip()]
+            row = {"prompt_id": p.id, "prompt": p.prompt, "goal": None, "goal_request": None,
+                   "sample": sample, "completion": format_response(order[0]), "meta": p.meta}
+            if cfg.rank:
+                row["ranking"] = order
+            rows.append(row)
     write_jsonl(out, rows)
     write_run_record(out.parent, stage=f"baseline:{cfg.kind}", config=cfg, seed=cfg.seed,
                      filename=out.name + ".run.json", extra={**extra, "complete": True, "rows": len(rows)})

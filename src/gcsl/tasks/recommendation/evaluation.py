@@ -9,6 +9,10 @@ Grounding is an option too (``grounding``): ``cosine`` (a sentence-transformer, 
 method) or ``bigrec-l2`` (BIGRec's: the base LLM ``lm`` embeds titles, L2 distance ranks them, weighed by
 training popularity when ``popularity_gamma`` > 0; :mod:`~gcsl.tasks.recommendation.bigrec`). The
 ``bigrec`` method of :data:`gcsl.methods.METHODS` is scored with it in ``gcsl experiment``.
+
+Rows that carry a ``ranking`` (the catalogue's titles, best first: ``gcsl generate --rank-catalogue``, or the
+random and most-popular baselines under it) are not grounded: the target's rank is its place in that list.
+A file mixes neither kind; a ranking that lacks the target is a DataError (it was made on another catalogue).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from gcsl.tasks.recommendation.grounding import (
     GROUNDINGS,
     MINILM,
     TIE_POLICY,
+    GroundedTitle,
     TitleGrounder,
     extract_title,
     load_encoder,
@@ -134,6 +139,26 @@ def _check_rows(rows: Sequence[dict[str, Any]], g_max: float) -> list[tuple[str,
     return parsed
 
 
+def _ranked_rows(rows: Sequence[dict[str, Any]], targets: Sequence[tuple[str, str, float]]) -> list[GroundedTitle] | None:
+    """Each row's target place in its own ``ranking`` (None when no row has one)."""
+    has = [isinstance(row.get("ranking"), list) for row in rows]
+    if not any(has):
+        return None
+    if not all(has):
+        first = has.index(False) + 1
+        raise DataError(f"generation row {first}: has no ranking while other rows have one; score one kind of "
+                        "file (all ranked by `gcsl generate --rank-catalogue`, or all sampled)")
+    out = []
+    for i, (row, (_, title, _)) in enumerate(zip(rows, targets), start=1):
+        ranking = [str(t).strip() for t in row["ranking"]]
+        if title not in ranking:
+            raise DataError(f"generation row {i}: its ranking ({len(ranking)} titles) lacks the target {title!r}; "
+                            "rank with the catalogue of the data the prompts came from")
+        place = ranking.index(title)
+        out.append(GroundedTitle(rank=float(place + 1), nearest_title=ranking[0], similarity=float("nan")))
+    return out
+
+
 def build_grounder(config: RecommendationEvalConfig) -> TitleGrounder:
     """The grounder ``config`` asks for, over the catalogue of ``config.dataset`` / ``config.path``.
 
@@ -173,16 +198,24 @@ def evaluate(rows: list[dict[str, Any]], config: RecommendationEvalConfig, *,
     if not rows:
         raise DataError("no generations to evaluate; check the --generations file")
     targets = _check_rows(rows, config.g_max)
-    if grounder is None:
+    ranked = _ranked_rows(rows, targets)
+    if ranked is None and grounder is None:
         grounder = build_grounder(config)
-    unknown = sorted({title for _, title, _ in targets if title not in grounder})
-    if unknown:
-        raise DataError(f"meta.target_title not in the {config.dataset} catalogue: {', '.join(map(repr, unknown[:3]))}"
-                        f"{' ...' if len(unknown) > 3 else ''}; set --dataset/--path to the data the prompts came from")
+    if ranked is None:
+        unknown = sorted({title for _, title, _ in targets if title not in grounder})
+        if unknown:
+            raise DataError(f"meta.target_title not in the {config.dataset} catalogue: "
+                            f"{', '.join(map(repr, unknown[:3]))}{' ...' if len(unknown) > 3 else ''}; set "
+                            "--dataset/--path to the data the prompts came from")
 
     extracted = [extract_title(row["completion"]) for row in rows]
-    usable = [i for i, t in enumerate(extracted) if t is not None]
-    grounded = dict(zip(usable, grounder.ground([extracted[i] for i in usable], [targets[i][1] for i in usable])))
+    if ranked is not None:
+        grounded = dict(enumerate(ranked))
+        usable = list(range(len(rows)))
+    else:
+        usable = [i for i, t in enumerate(extracted) if t is not None]
+        grounded = dict(zip(usable, grounder.ground([extracted[i] for i in usable],
+                                                    [targets[i][1] for i in usable])))
 
     ranks = np.array([grounded[i].rank if i in grounded else np.inf for i in range(len(rows))])
     grades = np.array([t[2] for t in targets])
@@ -200,7 +233,7 @@ def evaluate(rows: list[dict[str, Any]], config: RecommendationEvalConfig, *,
         item = {"prompt_id": targets[i][0], "sample": row.get("sample"), "target_title": targets[i][1],
                 "target_rating": targets[i][2], "extracted_title": extracted[i],
                 "nearest_title": g.nearest_title if g else None,
-                "similarity": g.similarity if g else None,
+                "similarity": g.similarity if g and np.isfinite(g.similarity) else None,
                 "rank": int(g.rank) if g and np.isfinite(g.rank) else None,
                 "status": "ranked" if g else "unparsable",
                 "reason": None if g else "no title: the generation is empty or has no letters or digits"}
@@ -216,12 +249,17 @@ def evaluate(rows: list[dict[str, Any]], config: RecommendationEvalConfig, *,
     n_unparsable = len(rows) - len(usable)
 
     options = {"dataset": config.dataset, "path": str(config.path) if config.path else None,
-               "grounding": config.grounding, "model": config.model if config.grounding == "cosine" else config.lm,
-               "popularity_gamma": config.popularity_gamma, "ks": list(config.ks), "g_max": config.g_max,
-               "ndcg_ideal": config.ndcg_ideal,
-               "catalogue_items": grounder.n_items, "catalogue_unique_titles": len(grounder.unique_titles),
-               "tie_policy": TIE_POLICY}
-    notes = [f"tie policy: {TIE_POLICY}",
+               "ks": list(config.ks), "g_max": config.g_max, "ndcg_ideal": config.ndcg_ideal}
+    if ranked is not None:  # the rows ranked the catalogue themselves: no encoder, no ties to break
+        options.update(grounding="ranking", catalogue_unique_titles=len(rows[0]["ranking"]))
+        policy = "none: each row's ranking orders every title"
+    else:
+        options.update(grounding=config.grounding, popularity_gamma=config.popularity_gamma,
+                       model=config.model if config.grounding == "cosine" else config.lm,
+                       catalogue_items=grounder.n_items, catalogue_unique_titles=len(grounder.unique_titles))
+        policy = TIE_POLICY
+    options["tie_policy"] = policy
+    notes = [f"tie policy: {policy}",
              "each metric (unparsable: the share of generations naming no title) is averaged over a prompt's "
              "generations, then over prompts"]
     if n_unparsable:

@@ -21,11 +21,13 @@ from gcsl.tasks.recommendation.data import (
     RecommendationData,
     RecommendationDataConfig,
     load_recommendation_data,
+    read_catalogue_file,
 )
 
 __all__ = [
     "build_prompt",
     "format_response",
+    "catalogue_answers",
     "feedback_rows",
     "prompt_rows",
     "write_feedback_log",
@@ -68,6 +70,20 @@ def format_response(title: str) -> str:
     ('"Heat"', '“The "Black" Album”')
     """
     return f"“{title}”" if '"' in title else f'"{title}"'
+
+
+def catalogue_answers(folder: Path) -> tuple[list[str], list[str]]:
+    """The distinct titles of a ``gcsl data recommendation`` folder's catalogue (catalogue order) and each one
+    as the prompts ask for the answer (:func:`format_response`): the candidates ``gcsl generate
+    --rank-catalogue`` scores.
+
+    >>> titles, answers = catalogue_answers(Path("data/movielens-top50"))  # doctest: +SKIP
+    >>> answers[0]  # doctest: +SKIP
+    '"Star Wars"'
+    """
+    items, _ = read_catalogue_file(Path(folder))
+    titles = list(dict.fromkeys(it.title for it in items))
+    return titles, [format_response(t) for t in titles]
 
 
 def _prompt_value(data: RecommendationData, ex: Interaction, chat: bool) -> str | list[dict[str, str]]:
