@@ -24,13 +24,13 @@ from gcsl.goals.formulate import (
     FormulationInput,
     Pairs,
     beyond_threshold,
+    bigrec_positives,
     bottom_fraction,
     per_level,
     preference_pairs,
     top_fraction,
     unquantized,
 )
-from gcsl.tasks.recommendation.bigrec import bigrec_positives
 
 __all__ = [
     "Method",

@@ -27,6 +27,8 @@ __all__ = [
     "beyond_threshold",
     "unquantized",
     "preference_pairs",
+    "bigrec_positives",
+    "BIGREC_POSITIVE_ABOVE",
     "retained_levels",
     "formulate_classic",
     "formulate_beyond",
@@ -320,6 +322,24 @@ def beyond_threshold(data: FormulationInput) -> Formulation:
 def unquantized(data: FormulationInput) -> Formulation:
     """No quantization: every row once; its goal is its own raw score, not a level."""
     return formulate_all(len(data.levels))
+
+
+# BIGRec's positive label: rating > 3 on the 1-5 scale (SAI990323/BIGRec data/movie/process.ipynb).
+BIGREC_POSITIVE_ABOVE = 3.0
+
+
+def bigrec_positives(data: FormulationInput) -> Formulation:
+    """BIGRec's training rows: the interactions rated above 3 (oriented scores, 1-5 ratings), no goal.
+
+    >>> f = bigrec_positives(FormulationInput(np.zeros(4), np.array([5.0, 3.0, 4.0, 1.0]), np.zeros(4), ()))
+    >>> f.rows.tolist(), f.dropped
+    ([0, 2], {'rated 3 or below (BIGRec keeps ratings > 3)': 2})
+    """
+    oriented = np.asarray(data.oriented, dtype=np.float64)
+    rows = np.flatnonzero(oriented > BIGREC_POSITIVE_ABOVE).astype(np.int64)
+    dropped = int(len(oriented) - len(rows))
+    reason = f"rated {BIGREC_POSITIVE_ABOVE:g} or below (BIGRec keeps ratings > {BIGREC_POSITIVE_ABOVE:g})"
+    return Formulation(rows, np.zeros(len(rows), dtype=np.int32), {reason: dropped} if dropped else {})
 
 
 def preference_pairs(data: FormulationInput) -> Pairs:

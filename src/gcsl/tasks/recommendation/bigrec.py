@@ -5,7 +5,8 @@ The two steps, as the reference repository (SAI990323/BIGRec) implements them:
 
 1. **Grounding to the recommendation space**: instruction tuning on histories -> the next item, on the
    interactions the user liked only: a rating above 3 of 5 (``data/movie/process.ipynb`` turns each rating
-   into ``rating > 3.0`` and skips the target when it is 0). :func:`bigrec_positives` is that row selection,
+   into ``rating > 3.0`` and skips the target when it is 0). :func:`~gcsl.goals.formulate.bigrec_positives`
+   is that row selection,
    the ``bigrec`` entry of :data:`gcsl.methods.METHODS`; it trains like ``sft`` otherwise.
 2. **Grounding to the actual item space**: the generation and every catalogue title are embedded by the
    *base* LLM (not the tuned one): the last layer's hidden state at the last token, titles fed bare and
@@ -32,27 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from gcsl.goals.formulate import Formulation, FormulationInput
+# Step 1's row selection lives with the other formulations (the method table reads it there); re-exported here.
+from gcsl.goals.formulate import BIGREC_POSITIVE_ABOVE, bigrec_positives
 
 __all__ = ["BIGREC_POSITIVE_ABOVE", "bigrec_positives", "LastTokenEncoder", "popularity_adjusted", "l2_distances"]
-
-# BIGRec's positive label: rating > 3 on the 1-5 scale (SAI990323/BIGRec data/movie/process.ipynb).
-BIGREC_POSITIVE_ABOVE = 3.0
-
-
-def bigrec_positives(data: FormulationInput) -> Formulation:
-    """BIGRec's training rows: the interactions rated above 3 (oriented scores, 1-5 ratings), no goal.
-
-    >>> f = bigrec_positives(FormulationInput(np.zeros(4), np.array([5.0, 3.0, 4.0, 1.0]), np.zeros(4), ()))
-    >>> f.rows.tolist(), f.dropped
-    ([0, 2], {'rated 3 or below (BIGRec keeps ratings > 3)': 2})
-    """
-    oriented = np.asarray(data.oriented, dtype=np.float64)
-    rows = np.flatnonzero(oriented > BIGREC_POSITIVE_ABOVE).astype(np.int64)
-    dropped = int(len(oriented) - len(rows))
-    reason = f"rated {BIGREC_POSITIVE_ABOVE:g} or below (BIGRec keeps ratings > {BIGREC_POSITIVE_ABOVE:g})"
-    return Formulation(rows, np.zeros(len(rows), dtype=np.int32), {reason: dropped} if dropped else {})
-
 
 def l2_distances(queries: np.ndarray, items: np.ndarray) -> np.ndarray:
     """Euclidean distance of every query row to every item row (``torch.cdist(p=2)``'s values).
