@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import write_scripted_reviews
-from gcsl.config import resolve_config
+from gcsl.config import config_to_dict, resolve_config
 from gcsl.errors import ConfigError, StageError
 from gcsl.generation import GenerateConfig, generate
 from gcsl.generation.pplm import (
@@ -184,7 +184,8 @@ def test_experiment_trains_the_classifier_once_per_seed_and_samples_with_it(tmp_
         "name": "tiny-pplm", "out": tmp_path / "exp", "task": "sentiment", "data": "fb.jsonl",
         "eval_prompts": "p.jsonl", "model": str(tiny_llama_dir), "methods": ["base", "pplm"], "seeds": [0],
         "baseline": "base", "prepare": {"score_range": [0, 1], "sft_top": 0.25},
-        "generate": {"max_new_tokens": 2, "batch_size": 2, "pplm_iterations": 2}, "ci_samples": 50})
+        "generate": {"max_new_tokens": 2, "batch_size": 2, "pplm_iterations": 2}, "ci_samples": 50,
+        "classifier": {"epochs": 2, "learning_rate": 0.001}})
     report = run_experiment(cfg)
     assert "| pplm | 0 |" in report.read_text()
     layout = ExperimentLayout(tmp_path / "exp")
@@ -192,6 +193,11 @@ def test_experiment_trains_the_classifier_once_per_seed_and_samples_with_it(tmp_
     meta = json.loads((folder / "classifier.json").read_text())
     # The classes are the sft and sft-bottom rows: the top and bottom quarter of the 24 scores.
     assert meta["train_rows"] + meta["held_rows"] == 12 and meta["desired_rows"] == 6
+    # The experiment's classifier block reaches the classifier's training; the runner's own options stay its own.
+    options = json.loads((folder / "run.json").read_text())["config"]
+    assert options["epochs"] == 2 and options["learning_rate"] == 0.001 and options["seed"] == 0
+    with pytest.raises(ConfigError, match=r"classifier\.out: unknown option of ClassifierConfig"):
+        resolve_config(ExperimentConfig, overrides={**config_to_dict(cfg), "classifier": {"out": "elsewhere"}})
     record = json.loads(Path(str(layout.stage("pplm").gens) + ".run.json").read_text())
     assert record["config"]["classifier"] == str(folder) and record["pplm"]["num_iterations"] == 2
     training = {t["variant"]: t for t in json.loads((tmp_path / "exp" / "results.json").read_text())["training"]}

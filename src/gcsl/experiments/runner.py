@@ -100,6 +100,10 @@ class ExperimentConfig:
     erase: dict = field(default_factory=dict, cli=False,
                         help="EraseConfig options of the unlearning variants (llmeraser), e.g. solver, iterations, "
                              "damping, batch_size; the adapter it erases from trains with the shared train block")
+    classifier: dict = field(default_factory=dict, cli=False,
+                             help="ClassifierConfig options of PPLM's attribute classifier (pplm), e.g. epochs, "
+                                  "learning_rate, batch_size, max_length, held_out; it reads the shared prepare "
+                                  "block's columns and classes")
     recipe: dict = field(default_factory=dict, cli=False,
                          help="RecipeConfig options of the recommendation preference recipes (rosepo, sprec), e.g. "
                               "rounds, sample_size, positive_min, negatives, max_smoothing; their stages prepare, "
@@ -248,6 +252,12 @@ class ExperimentConfig:
             known = {f.name for f in dataclasses.fields(EraseConfig)} - {"model", "data", "erase", "out", "seed"}
             problems.extend(f"erase.{key}: unknown option of EraseConfig (one of {', '.join(sorted(known))})"
                             for key in self.erase if key not in known)
+        if self.classifier:
+            from gcsl.generation.pplm import CLASSIFIER_SET_BY_RUNNER, ClassifierConfig
+
+            known = {f.name for f in dataclasses.fields(ClassifierConfig)} - set(CLASSIFIER_SET_BY_RUNNER)
+            problems.extend(f"classifier.{key}: unknown option of ClassifierConfig (one of {', '.join(sorted(known))})"
+                            for key in self.classifier if key not in known)
         return problems
 
 
@@ -604,8 +614,8 @@ def _classifier_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Va
     if ModelFolder(folder).state != "complete":
         _say(f"  train PPLM classifier -> {folder}")
         train_classifier(resolve_config(ClassifierConfig, overrides={
-            "model": cfg.model, "data": training_data(cfg), "out": folder, "seed": seed, "overwrite": True,
-            "prepare": {**cfg.prepare, **v.prepare, **_split_format(split)}}))
+            **cfg.classifier, "model": cfg.model, "data": training_data(cfg), "out": folder, "seed": seed,
+            "overwrite": True, "prepare": {**cfg.prepare, **v.prepare, **_split_format(split)}}))
     return _Generator(cfg.model, {"classifier": str(folder)})
 
 

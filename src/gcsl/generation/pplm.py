@@ -44,7 +44,7 @@ from typing import Any
 from gcsl.config import field, resolve_config
 from gcsl.errors import DataError, StageError
 
-__all__ = ["ClassifierConfig", "PPLMSettings", "AttributeClassifier", "PPLMModel", "train_classifier",
+__all__ = ["ClassifierConfig", "CLASSIFIER_SET_BY_RUNNER", "PPLMSettings", "AttributeClassifier", "PPLMModel", "train_classifier",
            "load_classifier", "load_pplm", "settings_problems"]
 
 CLASSES = ("undesired", "desired")
@@ -52,6 +52,10 @@ DESIRED = CLASSES.index("desired")
 _WEIGHTS, _META = "classifier.safetensors", "classifier.json"
 # The reference adds this to probabilities at or below it before taking the KL's logarithms.
 _SMALL = 1e-15
+
+
+# ClassifierConfig options `gcsl experiment` sets itself for method pplm (its `classifier` block may not).
+CLASSIFIER_SET_BY_RUNNER = ("model", "data", "out", "seed", "overwrite", "prepare")
 
 
 @dataclass
