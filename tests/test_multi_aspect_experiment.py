@@ -104,8 +104,20 @@ def test_two_aspect_experiment_reports_a_goal_grid_with_rho_and_heatmaps(tmp_pat
     for metric in ("mean_score", "mean_score_textblob", "words"):
         png = exp / f"heatmap-gcsl-nl-{metric}.png"
         assert png.stat().st_size > 1000 and f"]({png.name})" in section
-    # The probe does not apply to multi-aspect goals, and the report says so.
-    assert not (exp / "probe").exists() and "probe: not run for gcsl-nl: multi-aspect goals" in text
+    # The probe runs once per aspect: that aspect's levels, the other at its top goal, rows binned by its column.
+    for aspect, column, other in (("negative sentiment", "score", "brevity"), ("brevity", "words", "negative sentiment")):
+        probe = json.loads((exp / "probe" / "gcsl-nl" / "seed0" / slug(aspect) / "probe.json").read_text())
+        assert probe["aspect"] == aspect and probe["score_column"] == column and probe["n_rows"] == 4
+        a = setup.aspects[setup.names.index(aspect)]
+        top_other = setup.aspects[setup.names.index(other)].goal_text(2)
+        assert probe["goal_levels"] == [1, 2] and all(top_other in g for g in probe["goals"])
+        assert [a.goal_text(k) in g for k in (1, 2) for g in probe["goals"]] == [True, False, False, True]
+        # the held-out rows' bins follow the aspect's own column and thresholds
+        held = [json.loads(x) for x in (exp / "validation.jsonl").read_text().splitlines()]
+        rows = [json.loads(x) for x in (exp / "runs" / "gcsl-nl" / "seed0" / "probe" / slug(aspect) / "rows.jsonl")
+                .read_text().splitlines()]
+        assert [r["score"] for r in rows] == [float(h[column]) for h in held]
+        assert f"| gcsl-nl ({aspect}) | 0 | 4 |" in text
     # The single-aspect sections leave the multi-aspect variant out where they cannot apply to it.
     assert results["beyond_check"] == [] and "gcsl-nl" not in results["curve_statistics"]
     assert {r["variant"] for r in results["rows"]} == {"base", "gcsl-nl"}

@@ -120,6 +120,8 @@ def test_probe_refuses_goal_free_models_and_single_bin_data(trained, feedback_lo
     with pytest.raises(DataError, match="at least two score bins"):
         run_probe(ProbeConfig(model=str(nl), data=str(one_bin), out=tmp_path / "b"))
     assert not (tmp_path / "b").exists()  # nothing half-written
+    with pytest.raises(ConfigError, match="aspect: .* has one goal aspect .*; drop --aspect"):
+        run_probe(ProbeConfig(model=str(nl), data=str(feedback_log), out=tmp_path / "c", aspect="brevity"))
 
 
 def test_probe_cli_prints_sensitivity_and_refuses_to_overwrite(trained, feedback_log, tmp_path, capsys):

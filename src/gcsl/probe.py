@@ -25,6 +25,9 @@ Writes ``OUT/probe.json`` (matrix, sensitivity, interval, counts, goals), ``OUT/
 row's log-probabilities, so the numbers can be re-analysed), ``OUT/probe.png`` (a heatmap of the
 matrix with each bin's mean over goals subtracted, which shows the goal's effect alone) and
 ``OUT/run.json``, all appearing together once the probe has finished.
+
+A multi-aspect model is probed one aspect at a time (``--aspect``): that aspect's goal runs over its trained
+levels while every other aspect asks for its top goal, and rows are binned by that aspect's own column.
 """
 
 from __future__ import annotations
@@ -52,7 +55,12 @@ class ProbeConfig:
     out: Path = field(help="output folder for probe.json, rows.jsonl, probe.png and run.json")
     prompt_column: str = field("prompt", help="column holding the prompt (text or chat messages)")
     response_column: str = field("response", help="column holding the logged response")
-    score_column: str = field("score", help="column holding the feedback score")
+    score_column: str = field("score", help="column holding the feedback score (multi-aspect models: each "
+                                            "aspect reads the column it was trained on)")
+    aspect: str | None = field(None, help="multi-aspect models: the aspect whose goal is varied, by name or column "
+                                          "(default: the first); it runs over that aspect's trained levels while "
+                                          "every other aspect asks for its top goal, and rows are binned by its "
+                                          "column")
     limit: int | None = field(None, help="use only the first N rows")
     batch_size: int = field(8, help="sequences per forward pass")
     max_length: int = field(1024, help="longest prompt + response in tokens (longer ones are cut at the end, "
@@ -86,10 +94,12 @@ class ProbeGoal:
     value: float | None = None
 
 
-def probe_goals(setup) -> list[ProbeGoal]:
+def probe_goals(setup, aspect: int | None = None) -> list[ProbeGoal]:
     """The goals the model trained on, lowest first: retained levels for beyond methods, all levels otherwise.
 
-    No-quantization methods trained on raw scores, so they are asked for each bin's threshold.
+    No-quantization methods trained on raw scores, so they are asked for each bin's threshold. For a
+    multi-aspect setup, ``aspect`` (an index) runs over its own trained levels, every other aspect at its
+    top goal (:func:`gcsl.goals.aspects.aspect_inference_goal`).
 
     >>> from gcsl.goals import GoalSetup
     >>> from gcsl.goals.render import default_templates
@@ -103,6 +113,17 @@ def probe_goals(setup) -> list[ProbeGoal]:
     from gcsl.methods import get_method
 
     method = get_method(setup.method)
+    if aspect is not None:
+        from gcsl.goals.aspects import aspect_inference_goal
+
+        view = setup.aspects[aspect]
+        goals = []
+        for k in view.trained_levels if method.is_goal_conditioned else ():
+            threshold = view.threshold_display(k)
+            text = aspect_inference_goal(setup, f"{view.metric.name}=level:{k}", quiet=True).text
+            goals.append(ProbeGoal(k, threshold, f"{view.metric.name} L{k} ({view.metric.format_value(threshold)})",
+                                   text))
+        return goals
     goals = []
     for k in setup.trained_levels if method.is_goal_conditioned else ():
         threshold = setup.threshold_display(k)
@@ -186,7 +207,11 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
     if setup is None:
         raise ConfigError(f"{cfg.model}: no goals.json beside the weights, so there is no goal to probe; give a "
                           "`gcsl train` output folder of a goal-conditioned method")
-    goals = probe_goals(setup)
+    # A multi-aspect model is probed one aspect at a time: that aspect's metric, thresholds and column.
+    aspect = _aspect_index(setup, cfg.aspect, cfg.model)
+    view = setup.aspects[aspect] if aspect is not None else setup
+    score_column = view.extra.get("column", cfg.score_column) if aspect is not None else cfg.score_column
+    goals = probe_goals(setup, aspect)
     if len(goals) < 2:
         raise ConfigError(f"{cfg.model}: method {setup.method} trained {len(goals)} goal(s); the probe compares "
                           "at least two (goal-free methods have none, a filtered expansion may keep one)")
@@ -194,14 +219,14 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
 
     # 2. Held-out rows, each in its bin by the model's own thresholds.
     table, fmt = read_feedback(cfg.data, prompt_column=cfg.prompt_column, response_column=cfg.response_column,
-                               score_column=cfg.score_column)
+                               score_column=score_column)
     if cfg.limit is not None:
         table = table.slice(0, cfg.limit)
-    log = validate_feedback(table, cfg.data, fmt, setup.metric, bins=1)
+    log = validate_feedback(table, cfg.data, fmt, view.metric, bins=1)
     scores = np.asarray(log.table.column("score").to_numpy(), dtype=np.float64)
-    oriented = setup.metric.orient(scores)
+    oriented = view.metric.orient(scores)
     # Held-out scores may fall below the lowest training score: they belong to the bottom bin.
-    bins = np.maximum(assign_levels(oriented, setup.thresholds), 1)
+    bins = np.maximum(assign_levels(oriented, view.thresholds), 1)
     prompts = log.table.column("prompt").to_pylist()
     responses = log.table.column("response").to_pylist()
 
@@ -209,7 +234,7 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
     logp, tokens = _score_rows(lm, setup, goals, prompts, responses, cfg)
 
     # 4. The matrix, the sensitivity and its interval.
-    levels = list(setup.levels)
+    levels = list(view.levels)
     matrix = [[float(logp[bins == b, j].mean()) if np.any(bins == b) else None for j in range(len(goals))]
               for b in levels]
     result = sensitivity(logp[:, -1] - logp[:, 0], bins, confidence=cfg.confidence, n_boot=cfg.ci_samples,
@@ -220,6 +245,7 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
     summary = {
         "model": str(cfg.model),
         "method": setup.method,
+        **({"aspect": view.metric.name, "score_column": score_column} if aspect is not None else {}),
         "data": str(cfg.data),
         "n_rows": int(len(bins)),
         "sensitivity": result.mean,
@@ -236,7 +262,7 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
         "goal_labels": [g.label for g in goals],
         "goal_levels": [g.level for g in goals],
         "goals": [g.text if g.text is not None else g.value for g in goals],
-        "bin_labels": [f"bin {b} (>= {setup.metric.format_value(setup.threshold_display(b))})" for b in levels],
+        "bin_labels": [f"bin {b} (>= {view.metric.format_value(view.threshold_display(b))})" for b in levels],
         "matrix": matrix,
         "matrix_centered": _centered(matrix),
         "mean_tokens": float(tokens.mean()),
@@ -254,6 +280,20 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
         write_run_record(tmp, stage="probe", config=cfg, seed=cfg.seed, goals=setup.to_json(),
                          extra={"sensitivity": result.mean, "ci_low": result.low, "ci_high": result.high})
     return summary
+
+
+def _aspect_index(setup, wanted: str | None, model: str) -> int | None:
+    """The probed aspect's index in a multi-aspect setup (None for a single-aspect one)."""
+    if not hasattr(setup, "aspects"):
+        if wanted is not None:
+            raise ConfigError(f"aspect: {model} has one goal aspect ({setup.metric.name}); drop --aspect")
+        return None
+    if wanted is None:
+        return 0
+    for i, a in enumerate(setup.aspects):
+        if wanted in (a.metric.name, a.extra.get("column")):
+            return i
+    raise ConfigError(f"aspect: {model} has no aspect {wanted!r}; its aspects are {', '.join(setup.names)}")
 
 
 def _score_rows(lm, setup, goals: list[ProbeGoal], prompts: list, responses: list[str],

@@ -16,6 +16,7 @@ from gcsl.experiments.layout import (
     display_path,
     is_multi_aspect,
     read_json,
+    slug,
 )
 from gcsl.metrics.stats import mean_ci, paired_bootstrap, paired_ttest
 from gcsl.runinfo import atomic_write_json, atomic_write_text
@@ -516,18 +517,27 @@ def _probes(cfg, variants) -> list[dict[str, Any]]:
     layout = ExperimentLayout(cfg.out)
     out = []
     for v in variants:
+        setup = layout.goal_setup(v.name)
+        # A multi-aspect variant has one probe per aspect, each in a subfolder named after it.
+        aspects = [a.metric.name for a in setup.aspects] if is_multi_aspect(setup) else [None]
         for seed in v.seeds:
-            folder = layout.stage(v.name, seed).probe_out
-            probe = read_json(folder / "probe.json")
-            if probe is None:
-                continue
-            heatmap = folder / "probe.png"
-            out.append({"variant": v.name, "seed": seed, **{k: probe.get(k) for k in
-                                                            ("sensitivity", "ci_low", "ci_high", "trend", "trend_low",
-                                                             "trend_high", "n_rows")},
-                        "json": layout.relative(folder / "probe.json"),
-                        "heatmap": layout.relative(heatmap) if heatmap.exists() else None})
+            for aspect in aspects:
+                folder = layout.stage(v.name, seed).probe_out
+                folder = folder if aspect is None else folder / slug(aspect)
+                probe = read_json(folder / "probe.json")
+                if probe is None:
+                    continue
+                heatmap = folder / "probe.png"
+                out.append({"variant": v.name, "seed": seed, "aspect": aspect,
+                            **{k: probe.get(k) for k in ("sensitivity", "ci_low", "ci_high", "trend", "trend_low",
+                                                         "trend_high", "n_rows")},
+                            "json": layout.relative(folder / "probe.json"),
+                            "heatmap": layout.relative(heatmap) if heatmap.exists() else None})
     return out
+
+
+def _aspect_label(aspect: str | None) -> str:
+    return f" ({aspect})" if aspect else ""
 
 
 def write_report(cfg, variants) -> Path:
@@ -582,7 +592,6 @@ def write_report(cfg, variants) -> Path:
     aspect_metrics = list(dict.fromkeys(m for ms in cfg.aspect_metrics.values() for m in _listed(ms)))
     grids = aspect_grids(cfg, variants, {**by_metric, **{m: collect_results(cfg, variants, m)
                                                          for m in aspect_metrics if m not in by_metric}})
-    unprobed = [v.name for v in variants if cfg.validation_prompts > 0 and is_multi_aspect(layout.goal_setup(v.name))]
 
     # Columns in first-seen order: the same header on every run, whichever variant comes first.
     fieldnames = list(dict.fromkeys(k for r in rows for k in r))
@@ -670,18 +679,16 @@ def write_report(cfg, variants) -> Path:
                   "The probe's sensitivity of each trained model to its goal, on the held-out training prompts "
                   "(`validation.jsonl`), with its own bootstrap interval: the top bin minus the bottom bin of the "
                   "highest goal's gain over the lowest goal, and its trend over every row (slope per level), in "
-                  "nats per token; the heatmap shows score bin x goal.", "",
+                  "nats per token; the heatmap shows score bin x goal. A multi-aspect variant is probed per aspect: "
+                  "that aspect's goal varies, the others ask for their top goal, rows are binned by its column.", "",
                   "| variant | seed | n rows | sensitivity [95% CI] | trend per level [95% CI] | heatmap |",
                   "|---|---|---|---|---|---|"]
-        lines += [f"| {p['variant']} | {p['seed']} | {p['n_rows'] if p['n_rows'] is not None else 'n/a'} | "
+        lines += [f"| {p['variant']}{_aspect_label(p['aspect'])} | {p['seed']} | {p['n_rows'] if p['n_rows'] is not None else 'n/a'} | "
                   f"{_fmt(p['sensitivity'], 4)} [{_fmt(p['ci_low'], 4)}, {_fmt(p['ci_high'], 4)}] | "
                   f"{_fmt(p.get('trend'), 4)} [{_fmt(p.get('trend_low'), 4)}, {_fmt(p.get('trend_high'), 4)}] | "
                   + (f"[probe.png]({p['heatmap']})" if p["heatmap"] else "—") + " |" for p in probes]
     if grids:
         lines += _grid_lines(cfg, grids, aspect_metrics, heatmaps)
-    if unprobed:
-        lines += ["", f"Goal-sensitivity probe: not run for {', '.join(unprobed)}: multi-aspect goals; the probe "
-                      "compares the levels of one aspect's goal, so it does not apply."]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "Per-generation completions and scores: `items/<variant>/seed<k>/<goal>.jsonl`.",
               "Reproduce: `gcsl experiment --config <this config>` (resolved config in experiment.json)."]

@@ -31,6 +31,7 @@ from gcsl.experiments.layout import (
     configured_aspects,
     is_multi_aspect,
     read_json,
+    slug,
     training_data,
 )
 from gcsl.runinfo import atomic_path, atomic_write_json, package_versions
@@ -460,19 +461,22 @@ def _copy_generations(source: Path, out: Path, request: str) -> None:
     write_jsonl(out, [{**row, "goal_request": request} for _, row in iter_jsonl(source, "generations")])
 
 
-def _probe(cfg: ExperimentConfig, paths: StagePaths, seed: int) -> None:
-    """Runs the goal-sensitivity probe on the validation rows (cached: skipped once probe.json exists)."""
+def _probe(cfg: ExperimentConfig, paths: StagePaths, seed: int, aspect: str | None = None) -> None:
+    """Runs the goal-sensitivity probe on the validation rows (cached: skipped once probe.json exists); a
+    multi-aspect model's probe of one ``aspect`` goes to a subfolder named after it."""
     from gcsl.probe import ProbeConfig, run_probe
 
-    fresh = not (paths.probe / "probe.json").exists()
+    folder, out = (paths.probe, paths.probe_out) if aspect is None else \
+        (paths.probe / slug(aspect), paths.probe_out / slug(aspect))
+    fresh = not (folder / "probe.json").exists()
     if fresh:
-        _say(f"  probe -> {paths.probe}")
+        _say(f"  probe -> {folder}")
         cols = {f"{k}_column": cfg.prepare.get(f"{k}_column", k) for k in ("prompt", "response", "score")}
         run_probe(resolve_config(ProbeConfig, overrides={
             "seed": seed, **cfg.probe, **cols, "model": str(paths.model),
-            "data": str(ExperimentLayout(cfg.out).validation), "out": paths.probe}))
+            "data": str(ExperimentLayout(cfg.out).validation), "out": folder, "aspect": aspect}))
     for name in ("probe.json", "probe.png"):
-        src, dst = paths.probe / name, paths.probe_out / name
+        src, dst = folder / name, out / name
         if src.exists() and (fresh or not dst.exists()):  # a probe run now replaces an older copy
             _copy_atomic(src, dst)
 
@@ -580,7 +584,12 @@ def _probe_goals(cfg: ExperimentConfig, v: Variant, paths: StagePaths, seed: int
     """The goal-sensitivity probe of a model trained with ``setup``'s goals, where there are goals to compare."""
     if split is not None and setup is not None and is_goal_conditioned(setup):
         if is_multi_aspect(setup):
-            _say(f"  probe skipped: {v.name} has multi-aspect goals; the probe compares one aspect's levels")
+            # One probe per aspect: its goal varies, the others ask for their top goal.
+            for a in setup.aspects:
+                if len(a.trained_levels) < 2:
+                    _say(f"  probe of {a.metric.name} skipped: {v.name} trained one {a.metric.name} goal only")
+                else:
+                    _probe(cfg, paths, seed, aspect=a.metric.name)
         elif len(setup.trained_levels) < 2:
             _say(f"  probe skipped: {v.name} trained on one goal only, so there is no goal to compare it with")
         else:

@@ -293,15 +293,16 @@ def split_goal_request(setup: MultiGoalSetup, request: str) -> list[str]:
     return wanted
 
 
-def aspect_inference_goal(setup: MultiGoalSetup, request: str = "top") -> Goal:
+def aspect_inference_goal(setup: MultiGoalSetup, request: str = "top", *, quiet: bool = False) -> Goal:
     """The multi-aspect goal to generate at: each aspect's request resolved as for one aspect
     (:func:`gcsl.goals.inference_goal`: top, a value, scale:F, level:K), then joined.
 
     A combination of levels that no training row demonstrates (aspects that rarely co-occur at the
-    top) is still composed from trained parts, with a note, as a snapped level is.
+    top) is still composed from trained parts, with a note (printed unless ``quiet``), as a snapped
+    level is.
     """
     goal = _resolve(setup, request)
-    if goal.note:
+    if goal.note and not quiet:
         print(f"gcsl: note: {goal.note}", file=sys.stderr, flush=True)
     return goal
 
