@@ -18,9 +18,11 @@ from gcsl.runinfo import atomic_write_json
 LOOP = "online-gcsl-bey-nl"
 
 
-def _round(r: int, top: float, pool: int, mean: float | None, steps: int = 1) -> dict:
+def _round(r: int, top: float, pool: int, mean: float | None, steps: int = 1, display: bool = True) -> dict:
     samples = 0 if mean is None else 6
-    return {"round": r, "thresholds": [0.0, 0.25, 0.5, top], "retained_levels": [3, 4], "pool_rows": pool,
+    # display units here: a score in [0, 10] scaled down to [0, 1] when oriented (an older record has none)
+    shown = {"thresholds_display": [10 * t for t in (0.0, 0.25, 0.5, top)]} if display else {}
+    return {"round": r, "thresholds": [0.0, 0.25, 0.5, top], **shown, "retained_levels": [3, 4], "pool_rows": pool,
             "samples": samples, "mean_sample_score": mean, "scorer_calls": samples, "train_rows": 12,
             "optimizer_steps": steps, "epochs": 1.0, "train_tokens": None, "train_seconds": 0.5,
             "wall_seconds": 1.0}
@@ -28,7 +30,8 @@ def _round(r: int, top: float, pool: int, mean: float | None, steps: int = 1) ->
 
 # Seed 0's samples go from 0.4 (round 1) to 0.7 (round 2), seed 1's from 0.5 to 0.6: changes 0.3 and 0.1.
 ROUNDS = {0: [_round(0, 0.75, 24, None), _round(1, 0.8, 30, 0.4), _round(2, 0.9, 36, 0.7, steps=2)],
-          1: [_round(0, 0.75, 24, None), _round(1, 0.85, 30, 0.5), _round(2, 0.875, 36, 0.6)]}
+          1: [_round(0, 0.75, 24, None, display=False), _round(1, 0.85, 30, 0.5, display=False),
+              _round(2, 0.875, 36, 0.6, display=False)]}
 
 
 def _config(tmp_path: Path, **over) -> ExperimentConfig:
@@ -60,14 +63,16 @@ def test_loop_rounds_table_summary_and_plot(tmp_path):
     assert [(r["variant"], r["seed"], r["round"]) for r in rows] == [
         (LOOP, 0, 0), (LOOP, 0, 1), (LOOP, 0, 2), (LOOP, 1, 0), (LOOP, 1, 1), (LOOP, 1, 2), ("quark-1", 0, 0),
         ("quark-1", 0, 1)]
-    assert [r["top_threshold"] for r in rows[:3]] == [0.75, 0.8, 0.9]
+    # Thresholds in the metric's units where rounds.json has them (seed 0), else its oriented ones, flagged.
+    assert [r["top_threshold"] for r in rows[:6]] == [7.5, 8.0, 9.0, 0.75, 0.85, 0.875]
+    assert [r["oriented"] for r in rows[:6]] == [False] * 3 + [True] * 3
     assert [r["pool_rows"] for r in rows[:3]] == [24, 30, 36]
     assert [r["mean_sample_score"] for r in rows[3:6]] == [None, 0.5, 0.6]
     assert rows[2]["optimizer_steps"] == 2 and rows[2]["scorer_calls"] == 6 and rows[0]["samples"] == 0
     assert "## Online loop rounds" in text
-    assert (f"| {LOOP} | 0 | 2 | 36 | 6 | 0.700 | 0.900 | 0.000 0.250 0.500 0.900 | 3 4 | 2 | 0.5 s | 6 |"
+    assert (f"| {LOOP} | 0 | 2 | 36 | 6 | 0.700 | 9.000 | 0.000 2.500 5.000 9.000 | 3 4 | 2 | 0.5 s | 6 |"
             in text)
-    assert f"| {LOOP} | 1 | 0 | 24 | 0 | — | 0.750 |" in text  # round 0 samples nothing
+    assert f"| {LOOP} | 1 | 0 | 24 | 0 | — | 0.750 | 0.000 0.250 0.500 0.750 (oriented) |" in text  # round 0 samples nothing
 
     change = {c["variant"]: c for c in results["loop_round_change"]}
     # (0.3 + 0.1) / 2; the bootstrap over two seeds' changes can only reach their extremes.

@@ -89,6 +89,7 @@ def test_rounds_requantize_the_growing_pool(finished_loop):
         # The thresholds are the equal-frequency rule's on the pool's own scores.
         expected = quantize_feedback(_pool_scores(pool), spec, bins=4).thresholds
         assert record["thresholds"] == pytest.approx(list(expected))
+        assert record["thresholds_display"] == pytest.approx([spec.display(t) for t in expected])
         assert record["optimizer_steps"] == 1 and record["train_seconds"] > 0
         assert record["samples"] == record["scorer_calls"] == (6 if r else 0)
     assert rounds[1]["mean_sample_score"] == 1.0
@@ -210,7 +211,7 @@ def test_experiment_runs_the_loop_probes_it_and_extends_it(tmp_path, tiny_llama_
     assert facts["online-gcsl-bey-nl"]["train_seconds"] == [pytest.approx(sum(r["train_seconds"] for r in rounds))]
     # Each round is a row of the report's rounds section, as rounds.json recorded it, with its plot.
     table = [(r["round"], r["pool_rows"], r["samples"], r["thresholds"]) for r in results["loop_rounds"]]
-    assert table == [(r["round"], r["pool_rows"], r["samples"], r["thresholds"]) for r in rounds]
+    assert table == [(r["round"], r["pool_rows"], r["samples"], r["thresholds_display"]) for r in rounds]
     assert [r["samples"] for r in results["loop_rounds"]] == [0, 4] and "## Online loop rounds" in text
     assert "averaged over n = 1 seed; no interval" in text and (exp / "loop_rounds.png").is_file()
     gens = exp / "runs" / "online-gcsl-bey-nl" / "seed0" / "gens-top.jsonl"

@@ -187,7 +187,7 @@ def _training_table(cfg, variants) -> list[dict[str, Any]]:
 # -- online loop rounds ------------------------------------------------------------------------
 
 # rounds.json's facts shown per round (gcsl.training.online_loop.ROUND_FACTS), in the table's order.
-LOOP_ROUND_FACTS = ("pool_rows", "samples", "mean_sample_score", "thresholds", "retained_levels", "optimizer_steps",
+LOOP_ROUND_FACTS = ("pool_rows", "samples", "mean_sample_score", "retained_levels", "optimizer_steps",
                     "train_seconds", "scorer_calls")
 
 
@@ -195,8 +195,10 @@ def loop_rounds(cfg, variants) -> tuple[list[dict[str, Any]], list[dict[str, Any
     """Every loop variant's rounds, one row per (seed, round) from its final model's rounds.json, and per variant
     the change in the samples' mean score from round 1 (the first that samples) to the last round over seeds.
 
-    ``top_threshold`` is the highest level's threshold (oriented units, larger is better, as rounds.json records
-    them). The change's interval is a bootstrap over the seeds' changes, None with fewer than 2 seeds.
+    ``thresholds`` and ``top_threshold`` (the highest level's) are in the metric's own units, as goals state them
+    and the samples' mean score is; a rounds.json written before it recorded those gives its oriented ones
+    (larger is better), flagged by ``oriented``. The change's interval is a bootstrap over the seeds' changes,
+    None with fewer than 2 seeds.
     """
     from gcsl.methods import get_method
     from gcsl.training.online_loop import read_rounds
@@ -210,10 +212,11 @@ def loop_rounds(cfg, variants) -> tuple[list[dict[str, Any]], list[dict[str, Any
         for seed in v.seeds:
             rounds = read_rounds(layout.stage(v.name, seed).model) or []
             for r in rounds:
-                thresholds = r.get("thresholds") or []
+                oriented = r.get("thresholds_display") is None
+                thresholds = (r.get("thresholds") if oriented else r["thresholds_display"]) or []
                 rows.append({"variant": v.name, "seed": seed, "round": r["round"],
-                             **{k: r.get(k) for k in LOOP_ROUND_FACTS},
-                             "top_threshold": thresholds[-1] if thresholds else None})
+                             **{k: r.get(k) for k in LOOP_ROUND_FACTS}, "thresholds": thresholds,
+                             "oriented": oriented, "top_threshold": thresholds[-1] if thresholds else None})
             by_round = {r["round"]: r.get("mean_sample_score") for r in rounds}
             last = max(by_round, default=0)
             if last >= 1 and by_round.get(1) is not None and by_round[last] is not None:
@@ -230,7 +233,8 @@ def _loop_round_lines(rows: list[dict[str, Any]], changes: list[dict[str, Any]],
     lines = ["", "## Online loop rounds", "",
              "One row per loop seed and round (rounds.json beside its final model): the pool's rows, the samples "
              "the previous round's model drew and the scorer scored (round 0 trains on the log: none), their mean "
-             "score, the re-quantized thresholds (oriented units, larger is better; top = the highest level's), the "
+             "score, the re-quantized thresholds (in the metric's units, as the goals state them; top = the highest "
+             "level's; marked (oriented) where an older rounds.json recorded only oriented ones), the "
              "levels retained as goals, and the round's optimizer steps and training time.", "",
              "| variant | seed | round | pool rows | samples | mean sample score | top threshold | thresholds | "
              "retained levels | optimizer steps | training time | scorer calls |",
@@ -238,7 +242,8 @@ def _loop_round_lines(rows: list[dict[str, Any]], changes: list[dict[str, Any]],
     for r in rows:
         lines.append(f"| {r['variant']} | {r['seed']} | {r['round']} | {_fmt_fact([r['pool_rows']], 'pool_rows')} | "
                      f"{_fmt_fact([r['samples']], 'samples')} | {_fmt(r['mean_sample_score'])} | "
-                     f"{_fmt(r['top_threshold'])} | {' '.join(_fmt(t) for t in r['thresholds'] or []) or 'n/a'} | "
+                     f"{_fmt(r['top_threshold'])} | {' '.join(_fmt(t) for t in r['thresholds'] or []) or 'n/a'}"
+                     f"{' (oriented)' if r['oriented'] and r['thresholds'] else ''} | "
                      f"{' '.join(map(str, r['retained_levels'] or [])) or 'n/a'} | "
                      + " | ".join(_fmt_fact([r[k]], k) for k in ("optimizer_steps", "train_seconds", "scorer_calls"))
                      + " |")

@@ -60,7 +60,7 @@ from gcsl.stages import ModelFolder, iter_jsonl, write_jsonl
 __all__ = ["LoopConfig", "run_online_loop", "read_rounds", "loop_problems", "ROUND_FACTS", "OWNED_OPTIONS"]
 
 # The per-round facts rounds.json records (beside the round number).
-ROUND_FACTS = ("thresholds", "retained_levels", "pool_rows", "samples", "mean_sample_score", "scorer_calls",
+ROUND_FACTS = ("thresholds", "thresholds_display", "retained_levels", "pool_rows", "samples", "mean_sample_score", "scorer_calls",
                "train_rows", "optimizer_steps", "epochs", "train_tokens", "train_seconds", "wall_seconds")
 # Options the loop sets itself in each stage; an option block may not set them.
 OWNED_OPTIONS = {"prepare": ("data", "out", "method", "overwrite", "prompt_column", "response_column", "score_column",
@@ -282,11 +282,14 @@ def _run_round(cfg: LoopConfig, r: int, here: _Round, before: _Round | None, pro
 
     setup = GoalSetup.load(here.prepared)
     pool_rows = sum(1 for _ in iter_jsonl(here.pool, "pool"))
+    # thresholds: oriented (larger is better, as quantized); thresholds_display: the metric's own units, as goals
+    # state them and the scorer reports the samples' scores.
     record = {"round": r, "thresholds": [float(t) for t in setup.thresholds],
+              "thresholds_display": [float(setup.threshold_display(k)) for k in setup.levels],
               "retained_levels": list(setup.retained_levels), "pool_rows": pool_rows, **sampled, **facts,
               "wall_seconds": round(time.perf_counter() - started, 3)}
     atomic_write_json(here.record, record)  # last: the round is finished
-    _say(f"round {r}: pool {pool_rows} rows, thresholds {[round(t, 3) for t in setup.thresholds]}, "
+    _say(f"round {r}: pool {pool_rows} rows, thresholds {[round(t, 3) for t in record['thresholds_display']]}, "
          f"retained levels {list(setup.retained_levels)}"
          + (f", samples' mean score {sampled['mean_sample_score']:.3f}" if sampled["samples"] else ""))
     return record
