@@ -503,3 +503,22 @@ def test_real_smollm2_trains_a_few_steps(prepared, tmp_path):
     base = json.loads((result.out / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert base != "smollm2-135m-instruct" and Path(base).is_dir() and (Path(base) / "config.json").is_file()
     assert f"names the base model as `{base}`" in (result.out / "README.md").read_text()
+
+
+def test_bf16_precision_trains_on_a_cpu_and_generates_at_bf16(prepared, tiny_llama_dir, tmp_path):
+    """`precision: bf16` and `dtype: bf16` are CPU options too (fast on CPUs with AVX512-BF16 / AMX)."""
+    from gcsl.config import resolve_config
+    from gcsl.generation.generate import GenerateConfig, generate
+
+    result = _train(prepared("sft"), tmp_path / "bf16", tiny_llama_dir, precision="bf16")
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+    assert json.loads((result.out / "run.json").read_text())["precision"] == "bf16"
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "Rate this film."}) + "\n")
+    gens = generate(resolve_config(GenerateConfig, overrides={
+        "model": str(result.out), "prompts": str(prompts), "out": tmp_path / "g.jsonl", "max_new_tokens": 3,
+        "dtype": "bf16", "device": "cpu"}))
+    record = json.loads(gens.with_name("g.jsonl.run.json").read_text())
+    assert record["dtype"] == "bfloat16" and record["config"]["dtype"] == "bf16"
+    assert len(gens.read_text().splitlines()) == 1

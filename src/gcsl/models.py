@@ -220,7 +220,9 @@ def choose_dtype(device: str | torch.device) -> torch.dtype:
 
     device = torch.device(device)
     if device.type != "cuda":
-        # CPUs without native bf16 run bf16 matmuls ~10x slower than fp32; MPS fp16 is unreliable.
+        # CPUs without native bf16 run bf16 matmuls ~10x slower than fp32; MPS fp16 is unreliable. CPUs with
+        # AVX512-BF16 / AMX run them faster (benchmarks/cpu_bf16.py), but auto stays fp32 on every CPU so that
+        # a result does not depend on which CPU made it: bf16 there is asked for (--dtype / --precision bf16).
         return torch.float32
     index = device.index if device.index is not None else torch.cuda.current_device()
     major, _ = torch.cuda.get_device_capability(index)
@@ -316,12 +318,29 @@ class InferenceModel:
     base_model: str
 
 
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def parse_dtype(name: str) -> torch.dtype | None:
+    """A dtype option's torch dtype: None for ``auto`` (:func:`choose_dtype` decides), else fp32 / bf16 / fp16.
+
+    >>> parse_dtype("bf16"), parse_dtype("auto")
+    (torch.bfloat16, None)
+    """
+    import torch
+
+    if name not in DTYPES:
+        raise ConfigError(f"dtype: {name!r} is not one of {', '.join(DTYPES)}")
+    return {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
 def load_for_inference(path_or_name: str, device: str | torch.device | None = None,
-                       cache_dir: Path | None = None) -> InferenceModel:
+                       cache_dir: Path | None = None, dtype: torch.dtype | None = None) -> InferenceModel:
     """Loads a gcsl training output (adapter), a merged model folder or any base model, in eval mode.
 
     A training output's adapter is merged into the base weights, which makes sampling as fast as
-    with the base model.
+    with the base model. ``dtype`` (default: :func:`choose_dtype` of the device) is the weights' dtype;
+    an adapter merges at it, as it does on a GPU.
 
     >>> m = load_for_inference("runs/gcsl-bey-nl")  # doctest: +SKIP
     >>> m.model.training  # doctest: +SKIP
@@ -331,10 +350,10 @@ def load_for_inference(path_or_name: str, device: str | torch.device | None = No
     local = Path(str(path_or_name)).expanduser()
     adapter_config = local / _ADAPTER_CONFIG
     if adapter_config.is_file():
-        model, tokenizer, base_model = _load_adapter_model(local, adapter_config, device, cache_dir)
+        model, tokenizer, base_model = _load_adapter_model(local, adapter_config, device, cache_dir, dtype)
     else:
         tokenizer = load_tokenizer(str(path_or_name), cache_dir)
-        model = load_causal_lm(str(path_or_name), device=device, cache_dir=cache_dir)
+        model = load_causal_lm(str(path_or_name), dtype=dtype, device=device, cache_dir=cache_dir)
         base_model = str(path_or_name)
     model.eval()
     return InferenceModel(model=model, tokenizer=tokenizer, base_model=base_model)
@@ -350,7 +369,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _load_adapter_model(folder: Path, adapter_config: Path, device, cache_dir: Path | None):
+def _load_adapter_model(folder: Path, adapter_config: Path, device, cache_dir: Path | None, dtype=None):
     from peft import PeftModel
 
     base_model = _read_json(adapter_config).get("base_model_name_or_path")
@@ -365,7 +384,7 @@ def _load_adapter_model(folder: Path, adapter_config: Path, device, cache_dir: P
     # The training output's tokenizer holds any goal tokens the trainer added.
     has_tokenizer = (folder / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(folder) if has_tokenizer else base_model, cache_dir)
-    model = load_causal_lm(base_model, device=device, cache_dir=cache_dir)
+    model = load_causal_lm(base_model, dtype=dtype, device=device, cache_dir=cache_dir)
     # Grow (never shrink: many models pad their embedding matrix beyond the tokenizer) to the size
     # the trainer trained at, so the adapter's weights fit.
     rows = saved_vocab_rows(folder) or len(tokenizer)

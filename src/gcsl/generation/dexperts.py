@@ -149,7 +149,7 @@ def _same_model(a: str, b: str) -> bool:
     return a == b
 
 
-def load_dexperts(model: str, expert: str, anti_expert: str, alpha: float, device=None):
+def load_dexperts(model: str, expert: str, anti_expert: str, alpha: float, device=None, dtype=None):
     """The base ``model`` with the ``expert`` and ``anti_expert`` adapters (gcsl train outputs) on it.
 
     Returns a :class:`gcsl.models.InferenceModel` whose ``model`` is a :class:`DExpertsModel`.
@@ -186,7 +186,7 @@ def load_dexperts(model: str, expert: str, anti_expert: str, alpha: float, devic
             raise StageError(f"{field_name}: {folder} was trained on {named or base!r}, not on model {model!r}; "
                              "give the base model both adapters were trained on")
     tokenizer = load_tokenizer(model)
-    base_model = load_causal_lm(model, device=device)
+    base_model = load_causal_lm(model, dtype=dtype, device=device)
     rows = base_model.get_input_embeddings().weight.shape[0]
     from gcsl.models import saved_vocab_rows
 

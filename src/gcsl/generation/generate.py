@@ -43,7 +43,7 @@ ROW_INDEX = "#row"
 _SAMPLING_OPTIONS = ("model", "prompts", "split", "id_field", "prompt_field", "goal", "template_text_prompts",
                      "top_p", "top_k", "temperature", "max_new_tokens", "seed", "expert", "anti_expert", "alpha",
                      "classifier", "pplm_step_size", "pplm_iterations", "pplm_window", "pplm_horizon", "pplm_gamma",
-                     "pplm_kl_scale", "pplm_gm_scale", "rank_catalogue")
+                     "pplm_kl_scale", "pplm_gm_scale", "rank_catalogue", "dtype")
 _TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 
@@ -67,6 +67,9 @@ class GenerateConfig:
     batch_size: int = field(8, help="sequences sampled together; batches are sorted by prompt length")
     seed: int = field(0, help="random seed; the same seed and options give the same samples on one machine")
     device: str | None = field(None, help="cuda, cuda:1, cpu...; default: cuda if available, else cpu")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(
+        "auto", help="weights' dtype: auto = bf16 on GPUs that have it (fp16 on older ones), fp32 on CPUs; bf16 "
+                     "on a CPU with AVX512-BF16 or AMX is about 2.5x faster than fp32 (benchmarks/cpu_bf16.py)")
     limit: int | None = field(None, help="use only the first N prompts")
     id_field: str = field("id", help=f"field holding the prompt id; {ROW_INDEX} numbers the prompts from 0")
     prompt_field: str = field("prompt", help="field holding the prompt (text or chat messages); a dotted "
@@ -165,7 +168,7 @@ def generate(cfg: GenerateConfig) -> Path:
     import torch
     from tqdm.auto import tqdm
 
-    from gcsl.models import load_for_inference
+    from gcsl.models import load_for_inference, parse_dtype
 
     out = Path(cfg.out)
     partial = out.with_name(out.name + ".partial")
@@ -192,16 +195,17 @@ def generate(cfg: GenerateConfig) -> Path:
     if cfg.expert is not None:
         from gcsl.generation.dexperts import load_dexperts
 
-        lm = load_dexperts(cfg.model, cfg.expert, cfg.anti_expert, cfg.alpha, device=cfg.device)
+        lm = load_dexperts(cfg.model, cfg.expert, cfg.anti_expert, cfg.alpha, device=cfg.device,
+                           dtype=parse_dtype(cfg.dtype))
     elif cfg.classifier is not None:
         from gcsl.generation.pplm import PPLMSettings, load_pplm
 
         lm = load_pplm(cfg.model, cfg.classifier, PPLMSettings(
             step_size=cfg.pplm_step_size, num_iterations=cfg.pplm_iterations, window=cfg.pplm_window,
             horizon=cfg.pplm_horizon, gamma=cfg.pplm_gamma, kl_scale=cfg.pplm_kl_scale,
-            gm_scale=cfg.pplm_gm_scale), device=cfg.device)
+            gm_scale=cfg.pplm_gm_scale), device=cfg.device, dtype=parse_dtype(cfg.dtype))
     else:
-        lm = load_for_inference(cfg.model, device=cfg.device)
+        lm = load_for_inference(cfg.model, device=cfg.device, dtype=parse_dtype(cfg.dtype))
     tokenizer, model = lm.tokenizer, lm.model
     goal_text = goal.text if goal is not None else None
     # gcsl-noquant-embed states its goal as a number fed through a trained conditioner, not as text.

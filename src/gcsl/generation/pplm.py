@@ -469,7 +469,7 @@ class PPLMModel:
             return state["ids"].detach()
 
 
-def load_pplm(model: str, classifier: str, settings: PPLMSettings, device=None):
+def load_pplm(model: str, classifier: str, settings: PPLMSettings, device=None, dtype=None):
     """The base ``model`` steered by the ``classifier`` folder (:func:`train_classifier`); returns a
     :class:`gcsl.models.InferenceModel` whose ``model`` is a :class:`PPLMModel`. A classifier trained on the
     hidden states of another model is a one-line StageError."""
@@ -481,7 +481,7 @@ def load_pplm(model: str, classifier: str, settings: PPLMSettings, device=None):
     if not _same_model(trained_on, str(model)):
         raise StageError(f"classifier: {classifier} was trained on the hidden states of {trained_on!r}, not of model "
                          f"{model!r}; give that model or train a classifier on this one")
-    lm = load_for_inference(model, device=device)
+    lm = load_for_inference(model, device=device, dtype=dtype)
     width = lm.model.config.get_text_config().hidden_size
     if width != clf.meta["embed_size"]:
         raise StageError(f"classifier: {classifier} reads {clf.meta['embed_size']}-wide hidden states, model {model!r} "

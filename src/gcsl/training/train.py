@@ -109,7 +109,9 @@ class TrainConfig:
                                                     "(default 0.2; 0 is SimPO's loss)")
     goal_embedding_layers: int = field(2, help="gcsl-noquant-embed: 1 = Linear(1, hidden), 2 = two-layer MLP")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field("auto", help="auto: bf16 on Ampere+ GPUs, fp16 "
-                                                                            "autocast on older GPUs, fp32 on CPU")
+                                                                            "autocast on older GPUs, fp32 on CPU; "
+                                                                            "bf16 runs on CPUs too, faster on "
+                                                                            "ones with AVX512-BF16 or AMX")
     gradient_checkpointing: bool | None = field(None, help="recompute activations to save memory (default: on "
                                                            "GPUs, off on CPUs)")
     seed: int = field(0, help="random seed (adapter init, data order, dropout)")
