@@ -164,3 +164,9 @@ def test_an_experiment_ranking_the_catalogue_gives_the_baselines_rankings(data_d
         assert rows and all(sorted(r["ranking"]) == sorted(titles) for r in rows)
         metrics = json.loads((seed0 / "metrics-top.json").read_text())
         assert metrics["options"]["grounding"] == "ranking"
+        # items/ keeps what re-scoring needs: each row's target, its rating and the target's rank.
+        kept = [row for _, row in iter_jsonl(tmp_path / "exp" / "items" / name / "seed0" / "top.jsonl")]
+        assert [(k["prompt_id"], k["target_title"], k["rank"]) for k in kept] == [
+            (r["prompt_id"], r["meta"]["target_title"], r["ranking"].index(r["meta"]["target_title"]) + 1)
+            for r in rows]
+        assert all(k["target_rating"] == r["meta"]["target_rating"] for k, r in zip(kept, rows))

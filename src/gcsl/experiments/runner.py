@@ -423,8 +423,9 @@ def _check_prepared_data(cfg: ExperimentConfig, prepared: Path) -> None:
 
 # -- copies kept with the report -----------------------------------------------------------
 
-def _keep_items(p: StagePaths, *, fresh: bool) -> None:
-    """Copies each generation's completion and scores out of runs/ (not committed) into items/.
+def _keep_items(p: StagePaths, task: str, *, fresh: bool) -> None:
+    """Copies each generation's completion and scores out of runs/ (not committed) into items/, with the
+    fields the task needs to re-score a row (:attr:`gcsl.tasks.base.Task.item_fields`).
 
     ``fresh``: the evaluation just ran, so an older copy is replaced; otherwise only a missing
     copy is written (runs evaluated before copies were kept get theirs on the next run).
@@ -432,8 +433,9 @@ def _keep_items(p: StagePaths, *, fresh: bool) -> None:
     if (p.items.exists() and not fresh) or not p.eval_items.exists():
         return
     from gcsl.stages import iter_jsonl, write_jsonl
+    from gcsl.tasks import get_task
 
-    keep = ("prompt_id", "sample", "completion", "status", "reason")
+    keep = ("prompt_id", "sample", "completion", "status", "reason", *get_task(task).item_fields)
     rows = [{k: v for k, v in item.items() if k in keep or k.startswith("score")}
             for _, item in iter_jsonl(p.eval_items, "items")]
     write_jsonl(p.items, rows)
@@ -845,7 +847,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
                     "task": cfg.task, "generations": p.gens, "out": p.metrics,
                     "task_options": _evaluate_options(cfg, v.method), "ci_samples": cfg.ci_samples,
                     "overwrite": True}))
-            _keep_items(p, fresh=fresh)
+            _keep_items(p, cfg.task, fresh=fresh)
             if key is not None:
                 made.setdefault(key, p.gens)
     report = write_report(cfg, variants)

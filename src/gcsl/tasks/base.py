@@ -87,6 +87,9 @@ class Task:
     data_config: type
     write_data: Callable[[Any, Path, bool], list[Path]]
     metrics: tuple[MetricSpec, ...]
+    # Per-item fields of evaluate's items that an experiment's items/ copy keeps beside the ones every task
+    # has (prompt_id, sample, completion, status, reason, score*): what a reader needs to re-score a row.
+    item_fields: tuple[str, ...] = ()
 
     def metric(self, name: str) -> MetricSpec | None:
         """The spec ``name`` is an instance of (``ndcg@10`` -> ``ndcg@{k}``), or None if the task never emits it."""

@@ -158,6 +158,8 @@ TASK = Task(
     evaluate=evaluate,
     data_config=RecommendationDataConfig,
     write_data=write_recommendation_data,
+    # the rank and the target's rating give every metric again (NDCG, ERR and HR under any k or ideal)
+    item_fields=("target_title", "target_rating", "extracted_title", "nearest_title", "rank"),
     metrics=(
         MetricSpec("ndcg@{k}", True, False, "NDCG@k of the target's grounded rank, graded by its rating "
                    "(ideal: --ndcg-ideal), averaged over a prompt's generations, then prompts"),
