@@ -113,22 +113,19 @@ def probe_goals(setup, aspect: int | None = None) -> list[ProbeGoal]:
     from gcsl.methods import get_method
 
     method = get_method(setup.method)
-    if aspect is not None:
-        from gcsl.goals.aspects import aspect_inference_goal
-
-        view = setup.aspects[aspect]
-        goals = []
-        for k in view.trained_levels if method.is_goal_conditioned else ():
-            threshold = view.threshold_display(k)
-            text = aspect_inference_goal(setup, f"{view.metric.name}=level:{k}", quiet=True).text
-            goals.append(ProbeGoal(k, threshold, f"{view.metric.name} L{k} ({view.metric.format_value(threshold)})",
-                                   text))
-        return goals
+    # One aspect of a multi-aspect setup: its levels and metric, labelled with its name.
+    view = setup.aspects[aspect] if aspect is not None else setup
+    prefix = f"{view.metric.name} " if aspect is not None else ""
     goals = []
-    for k in setup.trained_levels if method.is_goal_conditioned else ():
-        threshold = setup.threshold_display(k)
-        label = f"L{k} ({setup.metric.format_value(threshold)})"
-        if method.goal_input == "embedding":
+    for k in view.trained_levels if method.is_goal_conditioned else ():
+        threshold = view.threshold_display(k)
+        label = f"{prefix}L{k} ({view.metric.format_value(threshold)})"
+        if aspect is not None:
+            from gcsl.goals.aspects import aspect_inference_goal
+
+            request = f"{view.metric.name}=level:{k}"
+            goals.append(ProbeGoal(k, threshold, label, aspect_inference_goal(setup, request, quiet=True).text))
+        elif method.goal_input == "embedding":
             goals.append(ProbeGoal(k, threshold, label, None, setup.metric.round(threshold)))
         elif method.goal_request == "value":
             goals.append(ProbeGoal(k, threshold, label, setup.value_text(setup.metric.round(threshold))))

@@ -44,8 +44,8 @@ from typing import Any
 from gcsl.config import field, resolve_config
 from gcsl.errors import DataError, StageError
 
-__all__ = ["ClassifierConfig", "CLASSIFIER_SET_BY_RUNNER", "PPLMSettings", "AttributeClassifier", "PPLMModel", "train_classifier",
-           "load_classifier", "load_pplm", "settings_problems"]
+__all__ = ["ClassifierConfig", "CLASSIFIER_SET_BY_RUNNER", "PPLMSettings", "AttributeClassifier", "PPLMModel",
+           "train_classifier", "load_classifier", "load_pplm", "settings_problems"]
 
 CLASSES = ("undesired", "desired")
 DESIRED = CLASSES.index("desired")

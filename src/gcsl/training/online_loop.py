@@ -60,8 +60,8 @@ from gcsl.stages import ModelFolder, iter_jsonl, write_jsonl
 __all__ = ["LoopConfig", "run_online_loop", "read_rounds", "loop_problems", "ROUND_FACTS", "OWNED_OPTIONS"]
 
 # The per-round facts rounds.json records (beside the round number).
-ROUND_FACTS = ("thresholds", "thresholds_display", "retained_levels", "pool_rows", "samples", "mean_sample_score", "scorer_calls",
-               "train_rows", "optimizer_steps", "epochs", "train_tokens", "train_seconds", "wall_seconds")
+ROUND_FACTS = ("thresholds", "thresholds_display", "retained_levels", "pool_rows", "samples", "mean_sample_score",
+               "scorer_calls", "train_rows", "optimizer_steps", "epochs", "train_tokens", "train_seconds", "wall_seconds")
 # Options the loop sets itself in each stage; an option block may not set them.
 OWNED_OPTIONS = {"prepare": ("data", "out", "method", "overwrite", "prompt_column", "response_column", "score_column",
                     "data_format", "split"),

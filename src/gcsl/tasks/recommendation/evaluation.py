@@ -199,9 +199,8 @@ def evaluate(rows: list[dict[str, Any]], config: RecommendationEvalConfig, *,
         raise DataError("no generations to evaluate; check the --generations file")
     targets = _check_rows(rows, config.g_max)
     ranked = _ranked_rows(rows, targets)
-    if ranked is None and grounder is None:
-        grounder = build_grounder(config)
-    if ranked is None:
+    if ranked is None:  # sampled titles: ground them in the catalogue
+        grounder = grounder if grounder is not None else build_grounder(config)
         unknown = sorted({title for _, title, _ in targets if title not in grounder})
         if unknown:
             raise DataError(f"meta.target_title not in the {config.dataset} catalogue: "

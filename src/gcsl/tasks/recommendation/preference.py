@@ -76,7 +76,7 @@ STAGE_OWNED = {"prepare": ("data", "out", "method", "overwrite", "sft_cutoff", "
                            "prompt_column", "response_column", "score_column", "data_format", "split"),
                "train": ("data", "out", "model", "seed", "init_adapter", "resume", "overwrite", "preference_loss",
                          "max_steps"),
-                    "generate": ("model", "prompts", "out", "goal", "seed", "num_samples", "top_k", "limit",
+               "generate": ("model", "prompts", "out", "goal", "seed", "num_samples", "top_k", "limit",
                             "rank_catalogue")}
 
 
