@@ -7,6 +7,7 @@ so expert and anti-expert differ clearly without training; the experiment test t
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -232,3 +233,8 @@ def test_experiment_with_dexperts_trains_both_experts_and_reports_it(tmp_path, t
     stamp = (expert.model / "run.json").stat().st_mtime_ns
     run_experiment(cfg)
     assert (expert.model / "run.json").stat().st_mtime_ns == stamp
+    # Without runs/, each adapter's training row comes from records/.
+    before = json.loads((tmp_path / "exp" / "results.json").read_text())
+    shutil.rmtree(tmp_path / "exp" / "runs")
+    run_experiment(cfg)
+    assert json.loads((tmp_path / "exp" / "results.json").read_text()) == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -133,6 +134,18 @@ def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir, monkeypatc
     text = write_report(other, expand_variants(other)).read_text()
     assert "## Beyond" not in text and "not applicable here; `above_threshold`" in text
     assert json.loads((tmp_path / "exp" / "results.json").read_text())["beyond_check"] == []
+    # The committed folder alone (a clone without runs/) writes the same report and runs nothing: records/ keeps
+    # every evaluation, training record and prepared goals file the report reads, and no adapter.
+    run_experiment(cfg)
+    before = json.loads((exp / "results.json").read_text())
+    records = exp / "records"
+    assert (records / "gcsl-bey-nl" / "seed1" / "model" / "train_metrics.json").is_file()
+    assert (records / "gcsl-bey-nl_filter_False" / "prepared" / "goals.json").is_file()
+    assert not list(records.rglob("*.safetensors")) and not list(records.rglob("checkpoint-*"))
+    shutil.rmtree(exp / "runs")
+    run_experiment(cfg)
+    assert not (exp / "runs").exists()
+    assert json.loads((exp / "results.json").read_text()) == before
 
 
 def test_sweeps_and_variants_expand():

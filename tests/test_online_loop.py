@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +247,9 @@ def test_experiment_runs_the_loop_probes_it_and_extends_it(tmp_path, tiny_llama_
     # Fewer rounds than done: refused, in one line.
     with pytest.raises(ConfigError, match="already holds 2 rounds after round 0, more than rounds: 1"):
         run_experiment(cfg)
+    # Without runs/ (a fresh clone of the committed folder): the rounds, training facts, goals and curve come from
+    # records/, and nothing runs.
+    before = json.loads((exp / "results.json").read_text())
+    shutil.rmtree(exp / "runs")
+    run_experiment(resolve_config(ExperimentConfig, overrides={**options, "loop": {**options["loop"], "rounds": 2}}))
+    assert not (exp / "runs").exists() and json.loads((exp / "results.json").read_text()) == before

@@ -22,12 +22,18 @@ Layout under ``root``::
     items/<variant>/seed<k>/<goal>.jsonl     per-generation completion and scores (small; kept
                                              with the report so anyone can re-score them)
     probe/<variant>/seed<k>/probe.{json,png} copies of the probe's result and heatmap
+    records/<variant>/...                    the small stage records of runs/ at the same paths: prepared
+                                             goals.json, each seed's metrics-<goal>.json, and its models'
+                                             run.json, train_metrics.json, rounds.json and goals.json
     train_feedback.jsonl, validation.jsonl   the feedback split by prompt (validation_prompts > 0)
     report.md, results.csv, results.json, *.png, experiment.json (resolved config + versions); a
     multi-aspect variant's heatmaps are heatmap-<variant>-<metric>.png
 
 Only ``runs/`` holds large files (adapters, checkpoints); everything else is small enough to
-commit.
+commit. ``records/`` is what the report reads from ``runs/``, kept beside it: a clone without ``runs/``
+still writes the same report, and a seed whose every evaluation is recorded is not run again, so an
+experiment can grow (more seeds, more variants) over sittings on machines that keep nothing but the
+committed folder.
 """
 
 from __future__ import annotations
@@ -43,11 +49,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gcsl.errors import StageError
+from gcsl.runinfo import atomic_path
 
 if TYPE_CHECKING:
     from gcsl.goals import GoalSetup
 
-__all__ = ["TRAINED", "GRID", "EXPERT_ROLES", "Variant", "StagePaths", "ExpertPaths", "ExperimentLayout",
+__all__ = ["TRAINED", "GRID", "RECORDED", "EXPERT_ROLES", "Variant", "StagePaths", "ExpertPaths", "ExperimentLayout",
            "display_path", "training_data", "read_json", "slug", "is_multi_aspect", "aspect_grid",
            "configured_aspects"]
 
@@ -57,6 +64,14 @@ TRAINED = "trained"
 # Goal-curve keyword: every combination of each aspect's trained levels (retained levels with goal
 # filtering, all levels without), trained together or not; for one aspect the same as `trained`.
 GRID = "grid"
+
+
+# The stage files kept in records/ (relative to runs/): everything the report and the stage skipping read,
+# nothing large. A model folder's files are recorded for trained models, online adapters, loops' final models
+# and a decoding variant's expert adapters.
+_MODEL_RECORDS = ("run.json", "train_metrics.json", "rounds.json", "goals.json")
+RECORDED = ("*/prepared/goals.json", "*/*/prepared/goals.json", "*/seed*/metrics-*.json",
+            *(f"*/seed*/{folder}/{name}" for folder in ("model", "expert", "anti-expert") for name in _MODEL_RECORDS))
 
 
 @dataclass
@@ -189,6 +204,43 @@ class ExperimentLayout:
         runs = self.root / "runs"
         return sorted({*self.prepared_folders(), *(p.parent for p in runs.glob("*/seed*/model/run.json"))})
 
+    # -- records of runs/ -----------------------------------------------------------------------
+    def found(self, path: Path) -> Path:
+        """A stage file or folder under runs/ where it is, else its record when there is one (a clone without
+        runs/), else ``path`` itself (not made yet)."""
+        path = Path(path)
+        if path.exists():
+            return path
+        try:
+            kept = self.root / "records" / path.relative_to(self.root / "runs")
+        except ValueError:
+            return path
+        return kept if kept.exists() else path
+
+    def keep_records(self) -> int:
+        """Copies every finished stage record (:data:`RECORDED`) from runs/ into records/ where the copy is missing
+        or differs; returns how many were written."""
+        runs, written = self.root / "runs", 0
+        for pattern in RECORDED:
+            for src in runs.glob(pattern):
+                dst = self.root / "records" / src.relative_to(runs)
+                data = src.read_bytes()
+                if dst.is_file() and dst.read_bytes() == data:
+                    continue
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(dst) as tmp:
+                    tmp.write_bytes(data)
+                written += 1
+        return written
+
+    def recorded_seed(self, v: Variant, seed: int) -> bool:
+        """Whether a seed of ``v`` needs nothing run: its runs/ folder is absent (a fresh clone) and every
+        evaluation it makes is recorded."""
+        if (self.root / "runs" / slug(v.name) / f"seed{seed}").exists():
+            return False
+        goals = self.variant_goals(v)
+        return bool(goals) and all(self.metrics(v.name, seed, g) is not None for g in goals)
+
     # -- per variant ---------------------------------------------------------------------------
     def stage(self, variant: str, seed: int = 0, goal: str = "top") -> StagePaths:
         """The one place that maps a variant, seed and goal request to files."""
@@ -227,16 +279,20 @@ class ExperimentLayout:
         from gcsl.goals import GoalSetup
         from gcsl.stages import ModelFolder
 
+        prepared = self.found(self.stage(variant).prepared)
         try:
-            return GoalSetup.load(self.stage(variant).prepared)
+            return GoalSetup.load(prepared)
         except StageError:
-            if (self.stage(variant).prepared / "goals.json").is_file():
+            if (prepared / "goals.json").is_file():
                 raise  # a goals file that is there but unreadable is an error, not "not prepared"
         seeds = [seed] if seed is not None else sorted(
-            int(p.name[4:]) for p in (self.root / "runs" / slug(variant)).glob("seed*") if p.name[4:].isdigit())
+            {int(p.name[4:]) for top in ("runs", "records") for p in (self.root / top / slug(variant)).glob("seed*")
+             if p.name[4:].isdigit()})
         for k in seeds:
-            if self.loop(variant, k).is_dir() and ModelFolder(self.stage(variant, k).model).state == "complete":
-                return ModelFolder(self.stage(variant, k).model).goal_setup()
+            model = ModelFolder(self.found(self.stage(variant, k).model))
+            # a loop's final model holds its goals; an online adapter's (grpo, rloo) has none
+            if model.state == "complete" and (setup := model.goal_setup()) is not None:
+                return setup
         return None
 
     def _expand(self, v: Variant, goals: list[str]) -> list[str]:
@@ -259,7 +315,7 @@ class ExperimentLayout:
 
     def metrics(self, variant: str, seed: int, goal: str) -> dict[str, Any] | None:
         """A finished evaluation's METRICS.json, or None when that evaluation has not run."""
-        return read_json(self.stage(variant, seed, goal).metrics)
+        return read_json(self.found(self.stage(variant, seed, goal).metrics))
 
     def relative(self, path: Path) -> str:
         """``path`` as the report names it: relative to the experiment folder."""

@@ -175,7 +175,7 @@ def _training_table(cfg, variants) -> list[dict[str, Any]]:
         # An online loop's row sums its rounds.
         read = loop_training_facts if get_method(v.method).variant_kind == "loop" else training_facts
         for name, model_dirs in models.items():
-            facts = {seed: read(folder) for seed, folder in model_dirs.items()}
+            facts = {seed: read(layout.found(folder)) for seed, folder in model_dirs.items()}
             facts = {seed: f for seed, f in facts.items() if f is not None}
             if not facts:  # the base model and variants not trained yet
                 continue
@@ -210,7 +210,7 @@ def loop_rounds(cfg, variants) -> tuple[list[dict[str, Any]], list[dict[str, Any
             continue
         deltas = {}
         for seed in v.seeds:
-            rounds = read_rounds(layout.stage(v.name, seed).model) or []
+            rounds = read_rounds(layout.found(layout.stage(v.name, seed).model)) or []
             for r in rounds:
                 oriented = r.get("thresholds_display") is None
                 thresholds = (r.get("thresholds") if oriented else r["thresholds_display"]) or []

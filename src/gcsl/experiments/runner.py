@@ -818,6 +818,9 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     jobs = sorted(((seed, i, v) for i, v in enumerate(todo) for seed in v.seeds), key=lambda j: (j[0], j[1]))
     for n, (seed, _, v) in enumerate(jobs, 1):
         _say(f"({n}/{len(jobs)}) {v.name}, seed {seed}")
+        if layout.recorded_seed(v, seed):
+            _say(f"  every evaluation is in {layout.relative(layout.root / 'records')}/: nothing to run")
+            continue
         generator = _GENERATORS[get_method(v.method).variant_kind](cfg, layout, v, seed, split)
         setup = layout.goal_setup(v.name, seed)
         made: dict[tuple, Path] = {}  # resolved goal -> its generations, so one goal is sampled once
@@ -850,6 +853,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
             _keep_items(p, cfg.task, fresh=fresh)
             if key is not None:
                 made.setdefault(key, p.gens)
+        layout.keep_records()
     report = write_report(cfg, variants)
     _say(f"report: {report}")
     return report
