@@ -50,6 +50,7 @@ def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir, monkeypatc
         # a sweep variant; two bins keep one goal, so the probe has nothing to compare it with
         "sweeps": [{"method": "gcsl-bey-nl", "option": "prepare.bins", "values": [2], "seeds": [0]}],
         "check_metrics": ["mean_score_textblob"], "validation_prompts": 3,
+        "comparisons": [["gcsl-bey-nl", "sft"], ["gcsl-bey-nl", "base"]],
         "prepare": {"score_range": [0, 1], "bins": 4},
         "train": {"max_steps": 2, "per_device_batch_size": 4, "report_to": "none", "save_steps": 1},
         "generate": {"max_new_tokens": 4, "batch_size": 4}, "ci_samples": 200,
@@ -115,6 +116,16 @@ def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir, monkeypatc
     rows = {r["variant"]: r for r in results["rows"]}
     assert rows["base"]["compared_seeds"] == "1" and rows["gcsl-bey-nl"]["compared_seeds"] == "0 1"
     assert "diff_vs_baseline" in rows["base"]
+    # Further comparisons: a minus b over the seeds both have, under both scorers; against the baseline it is the
+    # results row's difference, against the one-seed base model its seed's difference of means.
+    pairs = {(c["against"], c["metric"]): c for c in results["comparisons"]}
+    assert len(pairs) == 4 and "## Further comparisons" in text
+    assert pairs["sft", "mean_score"]["diff"] == pytest.approx(rows["gcsl-bey-nl"]["diff_vs_baseline"])
+    assert pairs["sft", "mean_score_textblob"]["low"] == pytest.approx(
+        rows["gcsl-bey-nl"]["mean_score_textblob_diff_low"])
+    curve = results["goal_curves"]
+    assert pairs["base", "mean_score"]["seeds"] == "1" and pairs["base", "mean_score"]["diff"] == pytest.approx(
+        curve["gcsl-bey-nl"]["top"]["per_seed"]["1"] - curve["base"]["top"]["per_seed"]["1"])
     assert results["beyond_check"] and "top_training_bin_mean" in results["beyond_check"][0]
     for png in ("methods.png", "goal_curve.png", "training_scores.png"):
         assert (tmp_path / "exp" / png).stat().st_size > 1000
@@ -158,6 +169,11 @@ def test_sweeps_and_variants_expand():
     assert set(names) == {"sft", "sft[sft_top=0.1]", "sft[sft_top=0.6]", "bey-nl-nofilter"}
     assert names["sft[sft_top=0.6]"].prepare == {"sft_top": 0.6}
     assert names["sft"].seeds == [0] and names["bey-nl-nofilter"].seeds == [0, 1, 2]
+    with pytest.raises(ConfigError, match="comparisons: sft-typo name"):
+        expand_variants(dataclasses.replace(cfg, comparisons=[["sft", "sft-typo"]]))
+    assert dataclasses.replace(cfg, comparisons=[["sft"], "sft"]).validate() == [
+        "comparisons: ['sft'] is not a pair [variant, variant it is compared with]",
+        "comparisons: 'sft' is not a pair [variant, variant it is compared with]"]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")) + [

@@ -84,18 +84,36 @@ def _comparison_rows(cfg, results: dict[str, Any], metric: str) -> list[dict[str
         row = {"variant": name, "method": r["method"], "metric": metric, "mean": top["mean"], "ci_low": top["low"],
                "ci_high": top["high"], "n_units": top["n_units"], "seeds": " ".join(map(str, top["seeds"])),
                "per_seed": " ".join(_fmt(top["per_seed"][s]) for s in top["seeds"])}
-        if base is not None and name != cfg.baseline:
-            # Paired over the seeds both runs have: a one-seed variant meets the baseline's same seed.
-            shared = [seed for seed in top["seeds"] if seed in base["per_seed"]]
-            if shared:
-                pb = paired_bootstrap(_unit_means([top["per_seed_units"][seed] for seed in shared]),
-                                      _unit_means([base["per_seed_units"][seed] for seed in shared]),
-                                      n_boot=cfg.ci_samples, seed=0)
-                tt = paired_ttest({seed: top["per_seed"][seed] for seed in shared},
-                                  {seed: base["per_seed"][seed] for seed in shared})
-                row |= {"diff_vs_baseline": pb.diff, "diff_low": pb.low, "diff_high": pb.high,
-                        "bootstrap_p": pb.p_value, "ttest_p": tt.p_value, "compared_seeds": " ".join(map(str, shared))}
+        if base is not None and name != cfg.baseline and (d := _paired_difference(cfg, top, base)) is not None:
+            row |= {"diff_vs_baseline": d["diff"], "diff_low": d["low"], "diff_high": d["high"],
+                    "bootstrap_p": d["bootstrap_p"], "ttest_p": d["ttest_p"], "compared_seeds": d["seeds"]}
         rows.append(row)
+    return rows
+
+
+def _paired_difference(cfg, top: dict[str, Any], other: dict[str, Any]) -> dict[str, Any] | None:
+    """``top`` minus ``other`` (two variants' results at one goal), paired over the seeds both have (a one-seed
+    variant meets the other's same seed): bootstrap over shared units, t-test over those seeds; None without one."""
+    shared = [seed for seed in top["seeds"] if seed in other["per_seed"]]
+    if not shared:
+        return None
+    pb = paired_bootstrap(_unit_means([top["per_seed_units"][seed] for seed in shared]),
+                          _unit_means([other["per_seed_units"][seed] for seed in shared]),
+                          n_boot=cfg.ci_samples, seed=0)
+    tt = paired_ttest({seed: top["per_seed"][seed] for seed in shared},
+                      {seed: other["per_seed"][seed] for seed in shared})
+    return {"diff": pb.diff, "low": pb.low, "high": pb.high, "bootstrap_p": pb.p_value, "ttest_p": tt.p_value,
+            "seeds": " ".join(map(str, shared))}
+
+
+def _further_comparisons(cfg, by_metric: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The configured ``comparisons`` ([a, b]: a minus b at the top goal) under every metric, where both have run."""
+    rows = []
+    for a, b in cfg.comparisons:
+        for metric, results in by_metric.items():
+            tops = [results.get(name, {}).get("goals", {}).get("top") for name in (a, b)]
+            if None not in tops and (d := _paired_difference(cfg, *tops)) is not None:
+                rows.append({"variant": a, "against": b, "metric": metric, **d})
     return rows
 
 
@@ -589,6 +607,7 @@ def write_report(cfg, variants) -> Path:
                            "exceeds": bool(top["low"] is not None and top["low"] > bin_mean),
                            "mean_exceeds": bool(top["mean"] > bin_mean)})
 
+    further = _further_comparisons(cfg, by_metric)
     training = _training_table(cfg, variants)
     round_rows, round_changes = loop_rounds(cfg, variants)
     curves = _curves(cfg, variants, by_metric)
@@ -614,7 +633,8 @@ def write_report(cfg, variants) -> Path:
 
     atomic_write_json(layout.results_json, {
         "metric": metric, "check_metrics": metrics[1:], "baseline": cfg.baseline, "rows": rows,
-        "check_rows": check_rows, "beyond_check": beyond, "training": training,
+        "check_rows": check_rows, **({"comparisons": further} if cfg.comparisons else {}),
+        "beyond_check": beyond, "training": training,
         "goal_curves": {n: curve_points(n, r) for n, r in results.items()},
         "curve_statistics": {n: {"requested": c["requested"], **c["statistics"]} for n, c in curves.items()},
         "probe": probes, **({"aspect_grids": grids} if grids else {}),
@@ -644,6 +664,15 @@ def write_report(cfg, variants) -> Path:
         lines += ["", f"### Check metric `{m}`", "",
                   "The same generations, scored independently; the same statistics as above.", "",
                   *_table_lines(cfg, mrows)]
+    if cfg.comparisons:
+        lines += ["", "## Further comparisons", "",
+                  "Each configured pair at the top goal: the first variant minus the second, paired over the seeds "
+                  "both have, as above; under every metric. A pair not listed has not run yet.", "",
+                  "| variant | minus | metric | seeds | difference [95% CI] | bootstrap p | t-test p |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['against']} | {r['metric']} | {r['seeds']} | {_fmt(r['diff'])} "
+                  f"[{_fmt(r['low'])}, {_fmt(r['high'])}] | {_fmt(r['bootstrap_p'])} | {_fmt(r['ttest_p'])} |"
+                  for r in further]
     if training:
         lines += ["", "## Training", "",
                   "Per variant (one value when every seed agrees, else per seed): training rows in its prepared "

@@ -63,6 +63,10 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], help="seeds for every method")
     method_seeds: dict = field(default_factory=dict, cli=False, help="per-method seed lists overriding --seeds")
     baseline: str = field("sft", help="variant the others are tested against")
+    comparisons: list[list[str]] = field(default_factory=list, cli=False,
+                                         help="further paired differences at the top goal, each [a, b] read 'a minus "
+                                              "b', under the primary and check metrics, e.g. [[online-gcsl-bey-nl, "
+                                              "gcsl-bey-nl], [online-gcsl-bey-nl, quark]]")
     primary_metric: str = field("mean_score", help="metric used for comparisons and plots")
     check_metrics: list[str] = field(default_factory=list,
                                      help="further metrics reported beside the primary one with the same tables and "
@@ -137,6 +141,9 @@ class ExperimentConfig:
                 problems.append(f"{where}: expected a list of goal requests, got {goals!r}")
                 continue
             problems.extend(f"{where}: {why}" for why in map(goal_request_problem, goals) if why)
+        problems.extend(f"comparisons: {pair!r} is not a pair [variant, variant it is compared with]"
+                        for pair in self.comparisons if not (isinstance(pair, list) and len(pair) == 2
+                                                             and all(isinstance(x, str) for x in pair)))
         for s in self.sweeps:
             if not {"method", "option", "values"} <= set(s):
                 problems.append("sweeps: each sweep needs method, option (e.g. prepare.bins) and values")
@@ -339,6 +346,10 @@ def expand_variants(cfg: ExperimentConfig) -> list[Variant]:
     unknown = sorted(set(cfg.goal_curves) - set(names) - {v.method for v in out})
     if unknown:
         raise ConfigError(f"goal_curves: {', '.join(unknown)} name(s) no variant or method of this experiment; "
+                          f"use one of {', '.join(names)}")
+    unknown = sorted({name for pair in cfg.comparisons for name in pair} - set(names))
+    if unknown:
+        raise ConfigError(f"comparisons: {', '.join(unknown)} name(s) no variant of this experiment; "
                           f"use one of {', '.join(names)}")
     return out
 
