@@ -101,6 +101,13 @@ def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir, monkeypatc
     # The slugged variant is in every section of the report: results, training, beyond, curves, probe.
     assert "| gcsl-bey-nl[filter=False] | 0 | 6 |" in text
     assert {p["variant"] for p in results["probe"]} == {"gcsl-bey-nl", "gcsl-bey-nl[filter=False]"}
+    # Pooled over seeds: the point estimates are linear in each row's gain, so they are the seeds' means.
+    pooled = {p["variant"]: p for p in results["probe_pooled"]}
+    per_seed = [p for p in results["probe"] if p["variant"] == "gcsl-bey-nl"]
+    assert set(pooled) == {"gcsl-bey-nl"} and pooled["gcsl-bey-nl"]["seeds"] == [0, 1] and len(per_seed) == 2
+    for key in ("sensitivity", "trend"):
+        assert pooled["gcsl-bey-nl"][key] == pytest.approx(sum(p[key] for p in per_seed) / 2)
+    assert "| gcsl-bey-nl | 0 1 (pooled) |" in text
     # The sweep variant is in the results, training and beyond sections; trained on one goal, it is
     # not probed (and the run goes on).
     assert ExperimentLayout(exp).goal_setup("gcsl-bey-nl[bins=2]").trained_levels == (2,)

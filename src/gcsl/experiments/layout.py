@@ -23,8 +23,8 @@ Layout under ``root``::
                                              with the report so anyone can re-score them)
     probe/<variant>/seed<k>/probe.{json,png} copies of the probe's result and heatmap
     records/<variant>/...                    the small stage records of runs/ at the same paths: prepared
-                                             goals.json, each seed's metrics-<goal>.json, and its models'
-                                             run.json, train_metrics.json, rounds.json and goals.json
+                                             goals.json, each seed's metrics-<goal>.json and probe rows, and its
+                                             models' run.json, train_metrics.json, rounds.json and goals.json
     train_feedback.jsonl, validation.jsonl   the feedback split by prompt (validation_prompts > 0)
     report.md, results.csv, results.json, *.png, experiment.json (resolved config + versions); a
     multi-aspect variant's heatmaps are heatmap-<variant>-<metric>.png
@@ -71,6 +71,7 @@ GRID = "grid"
 # and a decoding variant's expert adapters.
 _MODEL_RECORDS = ("run.json", "train_metrics.json", "rounds.json", "goals.json")
 RECORDED = ("*/prepared/goals.json", "*/*/prepared/goals.json", "*/seed*/metrics-*.json",
+            "*/seed*/probe/rows.jsonl", "*/seed*/probe/*/rows.jsonl",
             *(f"*/seed*/{folder}/{name}" for folder in ("model", "expert", "anti-expert") for name in _MODEL_RECORDS))
 
 

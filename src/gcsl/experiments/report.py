@@ -559,6 +559,40 @@ def _probes(cfg, variants) -> list[dict[str, Any]]:
     return out
 
 
+def _pooled_probes(cfg, variants) -> list[dict[str, Any]]:
+    """Per variant (and aspect) probed on two or more seeds over the same rows in the same bins: each row's gain
+    (log p under the highest goal minus under the lowest) averaged over the seeds, then the probe's sensitivity
+    and trend on those means, resampling rows, as the results tables pool units over seeds (the seeds' spread is
+    not in the interval). Loops re-quantize per seed, so their bins differ and they are not pooled."""
+    from gcsl.probe import ProbeConfig, sensitivity, trend
+    from gcsl.stages import iter_jsonl
+
+    layout = ExperimentLayout(cfg.out)
+    n_boot = int(cfg.probe.get("ci_samples", ProbeConfig.__dataclass_fields__["ci_samples"].default))
+    out = []
+    for v in variants:
+        setup = layout.goal_setup(v.name)
+        for aspect in [a.metric.name for a in setup.aspects] if is_multi_aspect(setup) else [None]:
+            rows = {}
+            for seed in v.seeds:
+                folder = layout.stage(v.name, seed).probe
+                path = layout.found((folder if aspect is None else folder / slug(aspect)) / "rows.jsonl")
+                if path.is_file():
+                    rows[seed] = [row for _, row in iter_jsonl(path, "probe rows")]
+            keys = {tuple((r["row"], r["score"], r["bin"]) for r in seed_rows) for seed_rows in rows.values()}
+            if len(rows) < 2 or len(keys) != 1:
+                continue
+            gains = np.mean([[list(r["logp"].values())[-1] - list(r["logp"].values())[0] for r in seed_rows]
+                             for seed_rows in rows.values()], axis=0)
+            bins = np.array([r["bin"] for r in next(iter(rows.values()))])
+            result = sensitivity(gains, bins, n_boot=n_boot, seed=0)
+            slope, low, high = trend(gains, bins, n_boot=n_boot, seed=0)
+            out.append({"variant": v.name, "seeds": sorted(rows), "aspect": aspect, "n_rows": int(len(bins)),
+                        "sensitivity": result.mean, "ci_low": result.low, "ci_high": result.high,
+                        "trend": slope, "trend_low": low, "trend_high": high})
+    return out
+
+
 def _aspect_label(aspect: str | None) -> str:
     return f" ({aspect})" if aspect else ""
 
@@ -612,6 +646,7 @@ def write_report(cfg, variants) -> Path:
     round_rows, round_changes = loop_rounds(cfg, variants)
     curves = _curves(cfg, variants, by_metric)
     probes = _probes(cfg, variants)
+    pooled = _pooled_probes(cfg, variants)
     # Aspect metrics (e.g. words for brevity) are collected like the check metrics, for the goal grids only.
     aspect_metrics = list(dict.fromkeys(m for ms in cfg.aspect_metrics.values() for m in _listed(ms)))
     grids = aspect_grids(cfg, variants, {**by_metric, **{m: collect_results(cfg, variants, m)
@@ -637,7 +672,7 @@ def write_report(cfg, variants) -> Path:
         "beyond_check": beyond, "training": training,
         "goal_curves": {n: curve_points(n, r) for n, r in results.items()},
         "curve_statistics": {n: {"requested": c["requested"], **c["statistics"]} for n, c in curves.items()},
-        "probe": probes, **({"aspect_grids": grids} if grids else {}),
+        "probe": probes, "probe_pooled": pooled, **({"aspect_grids": grids} if grids else {}),
         # Only experiments with loop variants carry these keys: other results.json files are unchanged.
         **({"loop_rounds": round_rows, "loop_round_change": round_changes} if round_rows else {})})
     plots = []
@@ -721,6 +756,13 @@ def write_report(cfg, variants) -> Path:
                   f"{_fmt(p['sensitivity'], 4)} [{_fmt(p['ci_low'], 4)}, {_fmt(p['ci_high'], 4)}] | "
                   f"{_fmt(p.get('trend'), 4)} [{_fmt(p.get('trend_low'), 4)}, {_fmt(p.get('trend_high'), 4)}] | "
                   + (f"[probe.png]({p['heatmap']})" if p["heatmap"] else "—") + " |" for p in probes]
+        lines += [f"| {p['variant']}{_aspect_label(p['aspect'])} | {' '.join(map(str, p['seeds']))} (pooled) | "
+                  f"{p['n_rows']} | {_fmt(p['sensitivity'], 4)} [{_fmt(p['ci_low'], 4)}, {_fmt(p['ci_high'], 4)}] | "
+                  f"{_fmt(p['trend'], 4)} [{_fmt(p['trend_low'], 4)}, {_fmt(p['trend_high'], 4)}] | — |" for p in pooled]
+        if pooled:
+            lines += ["", "A pooled row averages each validation row's gain (highest goal minus lowest) over the seeds "
+                          "and resamples rows, as the results tables pool prompts over seeds; the seeds' spread is "
+                          "not in its interval. Loop variants re-quantize per seed and are not pooled."]
     if grids:
         lines += _grid_lines(cfg, grids, aspect_metrics, heatmaps)
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]

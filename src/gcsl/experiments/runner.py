@@ -426,8 +426,13 @@ def split_validation(cfg: ExperimentConfig) -> tuple[Path, Path] | None:
 def _check_prepared_data(cfg: ExperimentConfig, prepared: Path) -> None:
     """A cached prepare must have read today's training data, or validation prompts could leak into training."""
     record = read_json(prepared / "run.json")
-    used = (record or {}).get("config", {}).get("data")
-    if used is not None and Path(used).resolve() != Path(training_data(cfg)).resolve():
+    config = (record or {}).get("config", {})
+    used, made_at = config.get("data"), Path(config.get("out") or prepared)
+    # An experiment folder moved (or merged from folders run side by side) keeps its own split: the training
+    # split file of the folder the prepare ran in is this folder's.
+    own_split = (used is not None and cfg.validation_prompts > 0 and Path(used).name == Path(training_data(cfg)).name
+                 and Path(used).parent / "runs" in made_at.parents)
+    if used is not None and not own_split and Path(used).resolve() != Path(training_data(cfg)).resolve():
         raise ConfigError(f"{prepared}: prepared from {used}, but this experiment trains on {training_data(cfg)}; "
                           "remove that folder (and its seeds' models) or choose another out")
 
