@@ -224,6 +224,27 @@ def test_curve_statistics_known_answers():
     assert st["top_goal"] == "mid" and st["bottom_goal"] == "high"
 
 
+def test_a_moved_experiment_keeps_its_own_split_and_refuses_another_log(tmp_path):
+    from gcsl.experiments.runner import _check_prepared_data
+
+    cfg = resolve_config(ExperimentConfig, overrides={"name": "x", "out": tmp_path / "new", "task": "sentiment",
+                                                      "data": "fb.jsonl", "eval_prompts": "p", "validation_prompts": 3})
+    prepared = tmp_path / "new" / "runs" / "sft" / "prepared"
+    prepared.mkdir(parents=True)
+
+    def made_from(data: str, out: str) -> None:
+        (prepared / "run.json").write_text(json.dumps({"config": {"data": data, "out": out}}))
+
+    # prepared in the folder's old place, from that folder's own training split: the same data
+    made_from("/old/exp/train_feedback.jsonl", "/old/exp/runs/sft/prepared")
+    _check_prepared_data(cfg, prepared)
+    # from another folder's split, or from the whole log (validation prompts included): refused
+    for data in ("/other/train_feedback.jsonl", "fb.jsonl"):
+        made_from(data, "/old/exp/runs/sft/prepared")
+        with pytest.raises(ConfigError, match="prepared from .* but this experiment trains on"):
+            _check_prepared_data(cfg, prepared)
+
+
 def test_validation_split_is_deterministic_and_disjoint(tmp_path):
     prompts = [f"prompt {i}" for i in range(10)]
     by_hash = sorted(prompts, key=lambda p: hashlib.sha256(p.encode()).hexdigest())
