@@ -536,17 +536,23 @@ def _grid_lines(cfg, grids: dict[str, Any], metrics: list[str], heatmaps: list[P
 
 # -- goal-sensitivity probe ----------------------------------------------------------------------
 
+def _probed_aspects(setup) -> list[str | None]:
+    """A multi-aspect variant has one probe per aspect, each in a subfolder named after it; others one (None)."""
+    return [a.metric.name for a in setup.aspects] if is_multi_aspect(setup) else [None]
+
+
+def _aspect_folder(folder: Path, aspect: str | None) -> Path:
+    return folder if aspect is None else folder / slug(aspect)
+
+
 def _probes(cfg, variants) -> list[dict[str, Any]]:
     layout = ExperimentLayout(cfg.out)
     out = []
     for v in variants:
-        setup = layout.goal_setup(v.name)
-        # A multi-aspect variant has one probe per aspect, each in a subfolder named after it.
-        aspects = [a.metric.name for a in setup.aspects] if is_multi_aspect(setup) else [None]
+        aspects = _probed_aspects(layout.goal_setup(v.name))
         for seed in v.seeds:
             for aspect in aspects:
-                folder = layout.stage(v.name, seed).probe_out
-                folder = folder if aspect is None else folder / slug(aspect)
+                folder = _aspect_folder(layout.stage(v.name, seed).probe_out, aspect)
                 probe = read_json(folder / "probe.json")
                 if probe is None:
                     continue
@@ -571,12 +577,10 @@ def _pooled_probes(cfg, variants) -> list[dict[str, Any]]:
     n_boot = int(cfg.probe.get("ci_samples", ProbeConfig.__dataclass_fields__["ci_samples"].default))
     out = []
     for v in variants:
-        setup = layout.goal_setup(v.name)
-        for aspect in [a.metric.name for a in setup.aspects] if is_multi_aspect(setup) else [None]:
+        for aspect in _probed_aspects(layout.goal_setup(v.name)):
             rows = {}
             for seed in v.seeds:
-                folder = layout.stage(v.name, seed).probe
-                path = layout.found((folder if aspect is None else folder / slug(aspect)) / "rows.jsonl")
+                path = layout.found(_aspect_folder(layout.stage(v.name, seed).probe, aspect) / "rows.jsonl")
                 if path.is_file():
                     rows[seed] = [row for _, row in iter_jsonl(path, "probe rows")]
             keys = {tuple((r["row"], r["score"], r["bin"]) for r in seed_rows) for seed_rows in rows.values()}
