@@ -157,6 +157,25 @@ def test_erase_writes_an_adapter_that_loads_and_generates(full_adapter, prepared
     assert generated.shape[1] == ids["input_ids"].shape[1] + 4
 
 
+def test_a_sampled_hessian_solves_its_own_system_and_still_erases(full_adapter, prepared, tmp_path):
+    from gcsl.training.eraser import erase
+
+    result = erase(_config(prepared, full_adapter, tmp_path / "sampled", solver="cg", iterations=8, damping=100.0,
+                           batch_size=16, hessian_rows=12))
+    record = json.loads((tmp_path / "sampled" / "run.json").read_text())
+    assert (record["rows"], record["hessian_rows"], record["solver"]["hessian_rows"]) == (32, 12, 12)
+    assert result.residual < 1e-2
+    assert result.losses["erased_after"] > result.losses["erased_before"]
+    # A sample as large as the rows is all of them: the same weights as the default, bit for bit.
+    erase(_config(prepared, full_adapter, tmp_path / "all", solver="cg", iterations=8, damping=100.0,
+                  batch_size=16, hessian_rows=32))
+    erase(_config(prepared, full_adapter, tmp_path / "default", solver="cg", iterations=8, damping=100.0,
+                  batch_size=16))
+    every, default, sampled = (_adapter_tensors(tmp_path / name) for name in ("all", "default", "sampled"))
+    assert all(torch.equal(every[k], default[k]) for k in every)
+    assert any(not torch.equal(sampled[k], default[k]) for k in every)
+
+
 def test_the_papers_adam_solver_runs_with_its_defaults(full_adapter, prepared, tmp_path):
     from gcsl.training.eraser import EraseConfig, erase
 
@@ -192,6 +211,8 @@ def test_bad_settings_are_one_line_config_errors(full_adapter, prepared, tmp_pat
     message = str(info.value)
     assert "\n" not in message
     assert "iterations: must be positive, got 0" in message and "damping: must be >= 0" in message
+    with pytest.raises(ConfigError, match="hessian_rows: must be >= 0"):
+        _config(prepared, full_adapter, tmp_path / "x", hessian_rows=-1)
     with pytest.raises(ConfigError, match="solver: 'newton' is not one of adam, cg"):
         _config(prepared, full_adapter, tmp_path / "x", solver="newton")
     with pytest.raises(ConfigError, match="out: must differ from --model"):

@@ -23,7 +23,8 @@ system far from solved, a relative residual near 0.9 on SmolLM2-135M, and that r
 damping exceeds the most negative curvature: a LoRA loss is a saddle in its A and B factors, so ``H`` is
 indefinite (eigenvalues below -3 on SmolLM2-135M). Hessian-vector products are exact (double backward through
 the loss). The model runs in float32 and eval mode (no LoRA dropout), so the loss whose curvature is used is a
-deterministic function of the weights.
+deterministic function of the weights. ``hessian_rows`` estimates ``H`` on a fixed seeded sample of the training
+rows when a product over all of them costs too much (each row is a double backward).
 
 >>> erase(EraseConfig(model=Path("runs/sft-all"), data=Path("prep/sft-all"), erase=Path("prep/sft-bottom"),
 ...                   out=Path("runs/llmeraser")))  # doctest: +SKIP
@@ -79,6 +80,10 @@ class EraseConfig:
     batch_size: int = field(1, help="adam: training rows per Hessian-vector product (paper: 1); also the "
                                     "batch of the full-batch passes")
     tolerance: float = field(1e-6, help="cg: stop once the relative residual falls below it")
+    # Each Hessian-vector product costs a double backward per row (about 2 s per 100-token row on one CPU thread
+    # for SmolLM2-135M), so a CG step over hundreds of rows takes minutes; a fixed sample estimates the same mean.
+    hessian_rows: int = field(0, help="training rows that estimate H, drawn once with --seed (0: all of them); the "
+                                      "solver and the recorded residual both use this estimate")
     max_length: int = field(1024, help="longest tokenized prompt + completion (as `gcsl train`)")
     seed: int = field(0, help="seed of the adam solver's mini-batch order")
     overwrite: bool = field(False, help="replace an existing --out")
@@ -88,6 +93,8 @@ class EraseConfig:
         for name in ("iterations", "learning_rate", "batch_size", "max_length", "tolerance"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.hessian_rows < 0:
+            problems.append(f"hessian_rows: must be >= 0 (0 uses every row), got {self.hessian_rows}")
         for name in ("damping", "init"):
             value = getattr(self, name)
             if not (math.isfinite(value) and (value >= 0 or name == "init")):
@@ -138,23 +145,25 @@ def erase(cfg: EraseConfig) -> EraseResult:
     before = _split_losses(model, rows, erased, retained, cfg.batch_size, pad)
 
     # 3. b = (1/n) sum of the erased rows' gradients; x = (H + damping I)^-1 b; the weights move by x.
-    residual = None
+    residual, curvature_rows = None, rows
     if erased:
         b = loss_gradient(model, params, [rows[i] for i in erased], cfg.batch_size, pad) / len(rows)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        if 0 < cfg.hessian_rows < len(rows):
+            curvature_rows = [rows[i] for i in sorted(torch.randperm(len(rows), generator=generator)[:cfg.hessian_rows]
+                                                      .tolist())]
 
         def hvp_full(v: torch.Tensor) -> torch.Tensor:
-            return hessian_vector_product(model, params, rows, v, cfg.batch_size, pad)
-
-        generator = torch.Generator().manual_seed(cfg.seed)
+            return hessian_vector_product(model, params, curvature_rows, v, cfg.batch_size, pad)
 
         def hvp_batch(v: torch.Tensor) -> torch.Tensor:
-            picked = torch.randint(len(rows), (cfg.batch_size,), generator=generator).tolist()
-            return hessian_vector_product(model, params, [rows[i] for i in picked], v, cfg.batch_size, pad)
+            picked = torch.randint(len(curvature_rows), (cfg.batch_size,), generator=generator).tolist()
+            return hessian_vector_product(model, params, [curvature_rows[i] for i in picked], v, cfg.batch_size, pad)
 
         x = solve_influence(hvp_batch if cfg.solver == "adam" else hvp_full, b, solver=cfg.solver,
                             iterations=cfg.iterations, damping=cfg.damping, learning_rate=cfg.learning_rate,
                             init=cfg.init, tolerance=cfg.tolerance)
-        # How well x solves the damped system, by one full-batch product (the adam solver never sees one).
+        # How well x solves the damped system, by one product over all of H's rows (the adam solver never sees one).
         residual = float((hvp_full(x) + cfg.damping * x - b).norm() / b.norm().clamp_min(1e-30))
         add_to_parameters(params, x)
     after = _split_losses(model, rows, erased, retained, cfg.batch_size, pad) if erased else before
@@ -177,9 +186,10 @@ def erase(cfg: EraseConfig) -> EraseResult:
             "status": "finished", "method": "llmeraser", "config": {**full_record.get("config", {}),
                                                                     "erase": config_to_dict(cfg)},
             "base_model": full_record.get("base_model"), "full_adapter": str(cfg.model), "rows": len(rows),
-            "erased_rows": len(erased), "retained_rows": len(retained), "adapter_parameters": sum(p.numel() for p in params),
+            "erased_rows": len(erased), "retained_rows": len(retained),
+            "hessian_rows": len(curvature_rows) if erased else 0, "adapter_parameters": sum(p.numel() for p in params),
             "solver": {k: getattr(cfg, k) for k in ("solver", "iterations", "learning_rate", "init", "damping",
-                                                    "batch_size", "tolerance")},
+                                                    "batch_size", "tolerance", "hessian_rows")},
             "relative_residual": residual, "erase_seconds": round(seconds, 3), "losses": losses})
     return EraseResult(out=Path(cfg.out), erased=len(erased), rows=len(rows), residual=residual, seconds=seconds,
                        losses=losses)
