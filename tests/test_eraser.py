@@ -164,6 +164,7 @@ def test_a_sampled_hessian_solves_its_own_system_and_still_erases(full_adapter, 
                            batch_size=16, hessian_rows=12))
     record = json.loads((tmp_path / "sampled" / "run.json").read_text())
     assert (record["rows"], record["hessian_rows"], record["solver"]["hessian_rows"]) == (32, 12, 12)
+    assert 1 <= record["hessian_products"] <= 8
     assert result.residual < 1e-2
     assert result.losses["erased_after"] > result.losses["erased_before"]
     # A sample as large as the rows is all of them: the same weights as the default, bit for bit.
@@ -183,7 +184,7 @@ def test_the_papers_adam_solver_runs_with_its_defaults(full_adapter, prepared, t
             EraseConfig.batch_size) == (20, 1e-5, 1e-6, 1e-5, 1)
     result = erase(_config(prepared, full_adapter, tmp_path / "adam"))
     record = json.loads((tmp_path / "adam" / "run.json").read_text())
-    assert record["solver"]["solver"] == "adam" and record["solver"]["iterations"] == 20
+    assert record["solver"]["solver"] == "adam" and record["solver"]["iterations"] == record["hessian_products"] == 20
     assert result.residual is not None and result.residual > 0
     before, after = _adapter_tensors(full_adapter), _adapter_tensors(tmp_path / "adam")
     # An Adam step moves each entry by about the step size (a little more when the gradient's sign flips):
