@@ -261,6 +261,17 @@ def test_the_experiment_runner_trains_the_full_adapter_and_erases_from_it(feedba
     _GENERATORS["erased"](cfg, layout, v, 0, None)  # a finished model is not made again
     assert (model / "run.json").stat().st_mtime_ns == stamp
 
+    # The report's training table: the adapter erased from (kept in records/ like any model), then the erase step.
+    from gcsl.experiments.report import _training_table
+
+    layout.keep_records()
+    assert (cfg.out / "records" / "llmeraser" / "seed0" / "full" / "run.json").is_file()
+    adapter, step = _training_table(cfg, [v])
+    assert (adapter["variant"], adapter["train_rows"], adapter["optimizer_steps"]) == (
+        "llmeraser (sft-all adapter)", [32], [2])
+    assert (step["variant"], step["train_rows"], step["optimizer_steps"]) == ("llmeraser (erase)", [8], [None])
+    assert step["train_seconds"] == [record["erase_seconds"]]
+
 
 def test_an_unknown_erase_option_is_caught_before_training(feedback_log, tmp_path):
     from gcsl.experiments.runner import ExperimentConfig

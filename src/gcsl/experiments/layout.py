@@ -67,12 +67,13 @@ GRID = "grid"
 
 
 # The stage files kept in records/ (relative to runs/): everything the report and the stage skipping read,
-# nothing large. A model folder's files are recorded for trained models, online adapters, loops' final models
-# and a decoding variant's expert adapters.
+# nothing large. A model folder's files are recorded for trained models, online adapters, loops' final models,
+# a decoding variant's expert adapters and the adapter an unlearning variant erases from (``full``).
 _MODEL_RECORDS = ("run.json", "train_metrics.json", "rounds.json", "goals.json")
 RECORDED = ("*/prepared/goals.json", "*/*/prepared/goals.json", "*/seed*/metrics-*.json",
             "*/seed*/probe/rows.jsonl", "*/seed*/probe/*/rows.jsonl",
-            *(f"*/seed*/{folder}/{name}" for folder in ("model", "expert", "anti-expert") for name in _MODEL_RECORDS))
+            *(f"*/seed*/{folder}/{name}" for folder in ("model", "expert", "anti-expert", "full")
+              for name in _MODEL_RECORDS))
 
 
 @dataclass

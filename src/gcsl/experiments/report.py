@@ -178,21 +178,40 @@ def loop_training_facts(model_dir: Path) -> dict[str, Any] | None:
             "rows_per_step": (last or {}).get("rows_per_step")}
 
 
+def _erase_facts(model_dir: Path) -> dict[str, Any] | None:
+    """An unlearning variant's erase step as a training row: the rows it erased and its seconds (one parameter
+    update, no epochs or optimizer steps); None before it has run."""
+    run = read_json(Path(model_dir) / "run.json")
+    if run is None:
+        return None
+    return {**dict.fromkeys(TRAIN_FACTS), "train_rows": run.get("erased_rows"), "train_seconds": run.get("erase_seconds")}
+
+
 def _training_table(cfg, variants) -> list[dict[str, Any]]:
     from gcsl.methods import get_method
 
     layout = ExperimentLayout(cfg.out)
     out = []
     for v in variants:
-        # A decoding-time variant trained its adapters (expert, anti-expert), listed one row each.
-        if get_method(v.method).variant_kind == "decoding":
-            models = {f"{v.name} ({role})": {seed: layout.expert(v.name, role, seed).model for seed in v.seeds}
-                      for role in EXPERT_ROLES}
-        else:
-            models = {v.name: {seed: layout.stage(v.name, seed).model for seed in v.seeds}}
+        kind = get_method(v.method).variant_kind
         # An online loop's row sums its rounds.
-        read = loop_training_facts if get_method(v.method).variant_kind == "loop" else training_facts
-        for name, model_dirs in models.items():
+        read = loop_training_facts if kind == "loop" else training_facts
+        # A decoding-time variant trained its adapters (expert, anti-expert), listed one row each.
+        if kind == "decoding":
+            models = {f"{v.name} ({role})": ({seed: layout.expert(v.name, role, seed).model for seed in v.seeds}, read)
+                      for role in EXPERT_ROLES}
+        # An unlearning variant: the adapter it erased from (its own, or the experiment's variant it reused), then
+        # the erase step.
+        elif kind == "erased":
+            full_method = get_method(v.method).erases[0]
+            own = {seed: layout.stage(v.name, seed).model.with_name("full") for seed in v.seeds}
+            full = {seed: folder if (layout.found(folder) / "run.json").is_file()
+                    else layout.stage(full_method, seed).model for seed, folder in own.items()}
+            models = {f"{v.name} ({full_method} adapter)": (full, read),
+                      f"{v.name} (erase)": ({seed: layout.stage(v.name, seed).model for seed in v.seeds}, _erase_facts)}
+        else:
+            models = {v.name: ({seed: layout.stage(v.name, seed).model for seed in v.seeds}, read)}
+        for name, (model_dirs, read) in models.items():
             facts = {seed: read(layout.found(folder)) for seed, folder in model_dirs.items()}
             facts = {seed: f for seed, f in facts.items() if f is not None}
             if not facts:  # the base model and variants not trained yet
@@ -723,6 +742,11 @@ def write_report(cfg, variants) -> Path:
                   + " | ".join(_fmt_fact(t[k], k) for k in TRAIN_FACTS) + " |" for t in training]
         from gcsl.methods import get_method
 
+        erased = sorted({t["variant"].split(" (")[0] for t in training if get_method(t["method"]).erases})
+        if erased:
+            lines += ["", f"Unlearning variants ({', '.join(erased)}): the adapter each erases from, trained as any "
+                          "other, then the erase step: the rows it removes and the seconds of its one influence "
+                          "update (the solver's Hessian-vector products and residual are in its run.json)."]
         online = [t["variant"] for t in training if get_method(t["method"]).variant_kind == "online"]
         if online:
             lines += ["", f"Online variants ({', '.join(online)}) train on their own samples: their rows are the "
