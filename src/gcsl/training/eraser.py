@@ -145,8 +145,7 @@ def erase(cfg: EraseConfig) -> EraseResult:
     before = _split_losses(model, rows, erased, retained, cfg.batch_size, pad)
 
     # 3. b = (1/n) sum of the erased rows' gradients; x = (H + damping I)^-1 b; the weights move by x.
-    residual, curvature_rows, solver_products = None, rows, 0
-    products = [0]  # Hessian-vector products the solver used (CG stops early once solved)
+    residual, curvature_rows, products = None, rows, 0  # products: Hessian-vector products the solver used
     if erased:
         b = loss_gradient(model, params, [rows[i] for i in erased], cfg.batch_size, pad) / len(rows)
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -155,20 +154,22 @@ def erase(cfg: EraseConfig) -> EraseResult:
                                                       .tolist())]
 
         def hvp_full(v: torch.Tensor) -> torch.Tensor:
-            products[0] += 1
+            nonlocal products
+            products += 1
             return hessian_vector_product(model, params, curvature_rows, v, cfg.batch_size, pad)
 
         def hvp_batch(v: torch.Tensor) -> torch.Tensor:
-            products[0] += 1
+            nonlocal products
+            products += 1
             picked = torch.randint(len(curvature_rows), (cfg.batch_size,), generator=generator).tolist()
             return hessian_vector_product(model, params, [curvature_rows[i] for i in picked], v, cfg.batch_size, pad)
 
         x = solve_influence(hvp_batch if cfg.solver == "adam" else hvp_full, b, solver=cfg.solver,
                             iterations=cfg.iterations, damping=cfg.damping, learning_rate=cfg.learning_rate,
                             init=cfg.init, tolerance=cfg.tolerance)
-        solver_products = products[0]
-        # How well x solves the damped system, by one product over all of H's rows (the adam solver never sees one).
-        residual = float((hvp_full(x) + cfg.damping * x - b).norm() / b.norm().clamp_min(1e-30))
+        # How well x solves the damped system, by one product over all of H's rows (the adam solver never sees one);
+        # not counted among the solver's products.
+        residual = float((hessian_vector_product(model, params, curvature_rows, x, cfg.batch_size, pad) + cfg.damping * x - b).norm() / b.norm().clamp_min(1e-30))
         add_to_parameters(params, x)
     after = _split_losses(model, rows, erased, retained, cfg.batch_size, pad) if erased else before
     seconds = time.perf_counter() - started
@@ -194,7 +195,7 @@ def erase(cfg: EraseConfig) -> EraseResult:
             "hessian_rows": len(curvature_rows) if erased else 0, "adapter_parameters": sum(p.numel() for p in params),
             "solver": {k: getattr(cfg, k) for k in ("solver", "iterations", "learning_rate", "init", "damping",
                                                     "batch_size", "tolerance", "hessian_rows")},
-            "hessian_products": solver_products, "relative_residual": residual,
+            "hessian_products": products, "relative_residual": residual,
             "erase_seconds": round(seconds, 3), "losses": losses})
     return EraseResult(out=Path(cfg.out), erased=len(erased), rows=len(rows), residual=residual, seconds=seconds,
                        losses=losses)
