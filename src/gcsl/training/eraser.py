@@ -153,23 +153,23 @@ def erase(cfg: EraseConfig) -> EraseResult:
             curvature_rows = [rows[i] for i in sorted(torch.randperm(len(rows), generator=generator)[:cfg.hessian_rows]
                                                       .tolist())]
 
-        def hvp_full(v: torch.Tensor) -> torch.Tensor:
-            nonlocal products
-            products += 1
+        def full(v: torch.Tensor) -> torch.Tensor:
             return hessian_vector_product(model, params, curvature_rows, v, cfg.batch_size, pad)
 
-        def hvp_batch(v: torch.Tensor) -> torch.Tensor:
-            nonlocal products
-            products += 1
+        def sampled(v: torch.Tensor) -> torch.Tensor:
             picked = torch.randint(len(curvature_rows), (cfg.batch_size,), generator=generator).tolist()
             return hessian_vector_product(model, params, [curvature_rows[i] for i in picked], v, cfg.batch_size, pad)
 
-        x = solve_influence(hvp_batch if cfg.solver == "adam" else hvp_full, b, solver=cfg.solver,
-                            iterations=cfg.iterations, damping=cfg.damping, learning_rate=cfg.learning_rate,
-                            init=cfg.init, tolerance=cfg.tolerance)
-        # How well x solves the damped system, by one product over all of H's rows (the adam solver never sees one);
-        # not counted among the solver's products.
-        residual = float((hessian_vector_product(model, params, curvature_rows, x, cfg.batch_size, pad) + cfg.damping * x - b).norm() / b.norm().clamp_min(1e-30))
+        def counted(v: torch.Tensor) -> torch.Tensor:
+            nonlocal products
+            products += 1
+            return sampled(v) if cfg.solver == "adam" else full(v)
+
+        x = solve_influence(counted, b, solver=cfg.solver, iterations=cfg.iterations, damping=cfg.damping,
+                            learning_rate=cfg.learning_rate, init=cfg.init, tolerance=cfg.tolerance)
+        # How well x solves the damped system, by one product over all of H's rows (the adam solver never sees
+        # one); not one of the solver's products.
+        residual = float((full(x) + cfg.damping * x - b).norm() / b.norm().clamp_min(1e-30))
         add_to_parameters(params, x)
     after = _split_losses(model, rows, erased, retained, cfg.batch_size, pad) if erased else before
     seconds = time.perf_counter() - started
