@@ -75,9 +75,10 @@ def test_the_pairs_come_back_out_of_gcsl_prepare_unchanged(tmp_path):
 def test_bad_options_are_one_line_errors():
     with pytest.raises(ConfigError) as err:
         resolve_config(RecipeConfig, overrides={"method": "sprec", "data": "d", "out": "o", "rounds": -1,
-                                                "sample_size": 0, "train": {"init_adapter": "x"}})
+                                                "sample_size": 0, "stage_epochs": 0, "train": {"init_adapter": "x"}})
     text = str(err.value)
     assert "rounds: must be >= 0" in text and "sample_size: must be at least 1" in text
+    assert "stage_epochs: must be positive" in text
     assert "train: the recipe sets init_adapter itself" in text and "\n" not in text
     with pytest.raises(ConfigError) as err:
         resolve_config(ExperimentConfig, overrides={
@@ -106,8 +107,8 @@ def sprec_run(tmp_path_factory, tiny_llama_dir, one_torch_thread):
     files = rec.export_recommendation_files(rec.RecommendationDataConfig(**DATA), root / "data")
     cfg = resolve_config(RecipeConfig, overrides={
         "method": "sprec", "data": str(files["train"]), "out": root / "sprec", "model": str(tiny_llama_dir),
-        "rounds": 2, "sample_size": 4, "steps_per_stage": 1, "prepare": {"kind": "ordinal", "score_range": [1, 5]},
-        "train": {"per_device_batch_size": 4, "report_to": "none", "save_steps": 1, "lora_r": 4},
+        "rounds": 2, "sample_size": 4, "stage_epochs": 2, "prepare": {"kind": "ordinal", "score_range": [1, 5]},
+        "train": {"epochs": 1, "per_device_batch_size": 4, "report_to": "none", "save_steps": 1, "lora_r": 4},
         "generate": {"max_new_tokens": 4, "batch_size": 4}})
     return cfg, run_recipe(cfg), files
 
@@ -122,7 +123,11 @@ def test_rounds_sample_with_the_previous_rounds_model_and_record_their_compute(s
     stages = run["stages"]
     assert [s["stage"] for s in stages] == ["round-0-sft", "round-1-sample", "round-1-sft", "round-1-dpo",
                                             "round-2-sample", "round-2-sft", "round-2-dpo"]
-    assert stages[0]["rows"] == len(liked) and stages[0]["optimizer_steps"] == 1
+    # Round 0 trains the train block's one epoch; each round's SFT stage_epochs = 2 on its 4 drawn rows (one
+    # step of 4 sequences per epoch).
+    assert stages[0]["rows"] == len(liked) and stages[0]["epochs"] == 1
+    assert [(s["epochs"], s["optimizer_steps"]) for s in stages if s["stage"] in ("round-1-sft", "round-2-sft")] == \
+        [(2, 2), (2, 2)]
     for r in (1, 2):
         # The round's rows: its own seeded draw of the liked rows, sampled, then trained on by SFT.
         drawn = [liked[i] for i in sample_rows(range(len(liked)), 4, cfg.seed + r)]
@@ -138,7 +143,7 @@ def test_rounds_sample_with_the_previous_rounds_model_and_record_their_compute(s
         assert sprec_pairs(drawn, completions) == []
         dpo = next(s for s in stages if s["stage"] == f"round-{r}-dpo")
         assert dpo["pairs"] == 0 and dpo["skipped"] == "no pairs"
-    assert run["compute"]["optimizer_steps"] == 3 and run["compute"]["samples_generated"] == 8
+    assert run["compute"]["optimizer_steps"] == stages[0]["optimizer_steps"] + 4 and run["compute"]["samples_generated"] == 8
     assert run["compute"]["train_rows"] == len(liked) + 8
     assert ModelFolder(final).state == "complete" and json.loads((final / "stages.json").read_text())["stages"] == stages
     # The final model is round 2's: its adapter file is the round-2 SFT model's.

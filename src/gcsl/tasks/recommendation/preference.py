@@ -107,6 +107,9 @@ class RecipeConfig:
     split: str = field("train", help="dataset split, for a datasets-hub log")
     seed: int = field(0, help="random seed (training; round r draws its rows with seed + r)")
     steps_per_stage: int = field(-1, help="optimizer steps of each SFT and DPO stage; > 0 overrides the epochs")
+    stage_epochs: float | None = field(None, help="epochs of every stage after round 0's SFT (the self-play rounds' "
+                                                  "SFT and DPO, RosePO's DPO; SPRec.sh: 1); None = the train "
+                                                  "block's epochs, as round 0 trains")
     prepare: dict = field(default_factory=dict, cli=False, help="PrepareConfig options (kind, range ...)")
     train: dict = field(default_factory=dict, cli=False, help="TrainConfig options of every stage (LoRA, lr ...)")
     generate: dict = field(default_factory=dict, cli=False, help="GenerateConfig options of the model's own "
@@ -125,6 +128,9 @@ class RecipeConfig:
             problems.append(f"max_smoothing: must be in [0, 1), got {self.max_smoothing}")
         if self.steps_per_stage == 0 or self.steps_per_stage < -1:
             problems.append(f"steps_per_stage: must be positive (or -1 to use epochs), got {self.steps_per_stage}")
+        if self.stage_epochs is not None and self.stage_epochs <= 0:
+            problems.append(f"stage_epochs: must be positive (or null for the train block's epochs), got "
+                            f"{self.stage_epochs}")
         return problems + _block_problems({"prepare": self.prepare, "train": self.train, "generate": self.generate})
 
     @property
@@ -362,8 +368,11 @@ def _train_stage(cfg: RecipeConfig, folder: Path, log: list[dict[str, Any]], met
     folder_state = ModelFolder(model).state
     if folder_state != "complete":
         _say(f"{folder.name}: train {method} on {stage_rows} rows" + (f" from {init}" if init else ""))
+        # Round 0's SFT, the one stage that starts from the base model, is the recipes' SFT baseline and trains as
+        # the train block says; every stage built on it may take its own, shorter budget.
+        later = {"epochs": cfg.stage_epochs} if init is not None and cfg.stage_epochs is not None else {}
         train(resolve_config(TrainConfig, overrides={
-            **RECIPE_TRAIN_DEFAULTS, **cfg.train, "max_steps": cfg.steps_per_stage, "data": prepared,
+            **RECIPE_TRAIN_DEFAULTS, **cfg.train, **later, "max_steps": cfg.steps_per_stage, "data": prepared,
             **({"preference_loss": preference_loss} if method == "dpo" else {}),
             "model": cfg.model, "seed": cfg.seed, "out": model, "init_adapter": init,
             "overwrite": folder_state == "partial"}))
