@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -175,7 +176,7 @@ def rec_train(tmp_path_factory) -> dict[str, Path]:
     return {**files, "prompts": root / "prompts.jsonl"}
 
 
-def test_an_experiment_runs_rosepo_and_records_its_compute(rec_train, tiny_llama_dir, tmp_path, monkeypatch,
+def test_an_experiment_runs_rosepo_records_its_compute_and_shares_round_0(rec_train, tiny_llama_dir, tmp_path, monkeypatch,
                                                             one_torch_thread):
     from gcsl.experiments.runner import ExperimentConfig, run_experiment
     from gcsl.tasks import recommendation as rec
@@ -184,11 +185,11 @@ def test_an_experiment_runs_rosepo_and_records_its_compute(rec_train, tiny_llama
     monkeypatch.chdir(tmp_path)
     cfg = resolve_config(ExperimentConfig, overrides={
         "name": "rosepo", "out": tmp_path / "exp", "task": "recommendation", "data": str(rec_train["train"]),
-        "eval_prompts": str(rec_train["prompts"]), "model": str(tiny_llama_dir), "methods": ["rosepo"],
+        "eval_prompts": str(rec_train["prompts"]), "model": str(tiny_llama_dir), "methods": ["rosepo", "sprec"],
         "seeds": [0], "baseline": "rosepo", "primary_metric": "ndcg@10", "ci_samples": 50,
         "prepare": {"kind": "ordinal", "score_range": [1, 5], "sft_cutoff": 3},
         "train": {"per_device_batch_size": 4, "report_to": "none", "save_steps": 1, "lora_r": 4, "max_steps": 1},
-        "recipe": {"sample_size": 6, "negatives": ["self-hard", "hallucinated", "popular"]},
+        "recipe": {"sample_size": 6, "negatives": ["self-hard", "hallucinated", "popular"], "rounds": 1},
         "generate": {"max_new_tokens": 4, "batch_size": 4},
         "evaluate": {"dataset": "amazon", "path": str(FIXTURE)}})
     run_experiment(cfg)
@@ -221,3 +222,12 @@ def test_an_experiment_runs_rosepo_and_records_its_compute(rec_train, tiny_llama
     assert run["compute"]["optimizer_steps"] == 2 and run["compute"]["samples_generated"] == min(6, len(liked))
     assert run["compute"]["train_seconds"] > 0 and (seed / "gens-top.jsonl").is_file()
     assert (seed / "metrics-top.json").is_file()
+    # SPRec starts from the same SFT on the liked rows: it takes RosePO's round 0 instead of training its own.
+    sprec = tmp_path / "exp" / "runs" / "sprec" / "seed0"
+    shared = json.loads((sprec / "recipe" / "round-0-sft" / "stage.json").read_text())
+    assert shared["shared_from"] == str(seed / "recipe" / "round-0-sft") and shared["optimizer_steps"] == 1
+    assert os.path.samefile(sprec / "recipe" / "round-0-sft" / "model" / "adapter_model.safetensors",
+                            seed / "recipe" / "round-0-sft" / "model" / "adapter_model.safetensors")
+    sprec_stages = json.loads((sprec / "model" / "run.json").read_text())["stages"]
+    assert [s["stage"] for s in sprec_stages] == ["round-0-sft", "round-1-sample", "round-1-sft", "round-1-dpo"]
+    assert (sprec / "metrics-top.json").is_file()

@@ -164,3 +164,66 @@ def test_a_rerun_reuses_every_finished_stage(sprec_run, monkeypatch):
     monkeypatch.setattr(training, "train", refuse)
     monkeypatch.setattr(generation, "generate", refuse)
     assert run_recipe(cfg) == final and (final / "run.json").read_text() == before
+
+
+def test_a_recipe_takes_a_finished_stage_with_the_same_inputs_from_a_shared_folder(sprec_run, tmp_path,
+                                                                                   monkeypatch):
+    import os
+    import sys
+    from dataclasses import replace
+
+    cfg, _, _ = sprec_run
+    donor = Path(cfg.out) / "round-0-sft"
+    training = sys.modules["gcsl.training.train"]
+    real_train = training.train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a stage with the same inputs trained again")
+
+    monkeypatch.setattr(training, "train", refuse)
+    twin = replace(cfg, out=tmp_path / "twin", model_out=None, rounds=0, share=[Path(cfg.out)])
+    final = run_recipe(twin)
+    taken = tmp_path / "twin" / "round-0-sft"
+    # Hard links to the donor's files, and a record that says where they came from and what they cost there.
+    assert os.path.samefile(taken / "model" / "adapter_model.safetensors", donor / "model" / "adapter_model.safetensors")
+    record, original = (json.loads((d / "stage.json").read_text()) for d in (taken, donor))
+    assert record["shared_from"] == str(donor) and record["key"] == original["key"]
+    assert {k: record[k] for k in ("rows", "optimizer_steps", "train_seconds")} == \
+        {k: original[k] for k in ("rows", "optimizer_steps", "train_seconds")}
+    assert (final / "adapter_model.safetensors").read_bytes() == (donor / "model" / "adapter_model.safetensors").read_bytes()
+
+    # Another seed trains another model: nothing is taken.
+    monkeypatch.setattr(training, "train", real_train)
+    other = replace(cfg, out=tmp_path / "seed1", model_out=None, rounds=0, seed=1, share=[Path(cfg.out)])
+    run_recipe(other)
+    own = json.loads((tmp_path / "seed1" / "round-0-sft" / "stage.json").read_text())
+    assert "shared_from" not in own and own["key"] != original["key"] and own["optimizer_steps"] > 0
+    assert not os.path.samefile(tmp_path / "seed1" / "round-0-sft" / "model" / "adapter_model.safetensors",
+                                donor / "model" / "adapter_model.safetensors")
+
+
+def test_an_interrupted_stage_resumes_from_its_last_checkpoint(sprec_run, tmp_path, monkeypatch):
+    import sys
+    from dataclasses import replace
+
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt("stopped after the first checkpoint")
+
+    cfg, _, _ = sprec_run
+    training = sys.modules["gcsl.training.train"]
+    real_train = training.train
+    monkeypatch.setattr(training, "train", lambda c, **kw: real_train(c, callbacks=[Interrupt()]))
+    # One row per sequence, two per step: round 0 takes several steps, each checkpointed (save_steps 1).
+    cut = replace(cfg, out=tmp_path / "cut", model_out=None, rounds=0, seed=2,
+                  train={**cfg.train, "per_device_batch_size": 2, "prefix_sharing": False})
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(cut)
+    model = tmp_path / "cut" / "round-0-sft" / "model"
+    assert ModelFolder(model).state == "partial" and ModelFolder(model).last_checkpoint.name == "checkpoint-1"
+    monkeypatch.setattr(training, "train", real_train)
+    run_recipe(cut)
+    run = json.loads((model / "run.json").read_text())
+    assert run["resumed_from_step"] == 1 and run["global_step"] == run["optimizer_steps"] > 1

@@ -798,11 +798,15 @@ def _recipe_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Varian
     train = {**cfg.train, **v.train}
     steps = train.pop("max_steps", -1)
     columns, source = _log_reading(cfg, split)
+    # The experiment's other recipes at this seed: a stage they trained on the same inputs (round 0's SFT on the
+    # liked rows) is taken from them rather than trained again.
+    share = [layout.stage(o.name, seed).model.parent / "recipe" for o in expand_variants(cfg)
+             if o.name != v.name and get_method(o.method).variant_kind == "recipe"]
     _say(f"  recipe {get_method(v.method).recipe} -> {model.parent / 'recipe'}")
     run_recipe(resolve_config(RecipeConfig, overrides={
         "steps_per_stage": steps, **cfg.recipe, **columns, **source, "method": get_method(v.method).recipe,
         "data": training_data(cfg), "out": model.parent / "recipe", "model_out": model, "model": cfg.model,
-        "seed": seed, "catalogue_dataset": grounding.dataset, "catalogue_path": grounding.path,
+        "seed": seed, "catalogue_dataset": grounding.dataset, "catalogue_path": grounding.path, "share": share,
         "prepare": stage_options("prepare", cfg.prepare, v.prepare), "train": stage_options("train", train),
         "generate": stage_options("generate", cfg.generate, v.generate)}))
     return _Generator(str(model), {})

@@ -34,10 +34,17 @@ Files under ``out`` (each written atomically; a re-run skips finished stages)::
     <stage>/prepared/, <stage>/model/            `gcsl prepare` / `gcsl train` outputs
     <stage>/stage.json                           the stage's record, written last
     model/                                       the final model: the last stage's, plus stages.json
+
+A training stage whose inputs (rows, prepare and train options, base model, seed, starting adapter) equal those
+of a finished stage of the same name in one of the ``share`` folders is taken from there (hard links) instead of
+trained again: RosePO and SPRec start from the same round-0 SFT, so an experiment running both trains it once per
+seed. The stage's record names where it came from (``shared_from``) and keeps that training's compute, which is
+what the method costs when it runs alone. An interrupted training stage resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -70,7 +77,7 @@ RECIPE_TRAIN_DEFAULTS = {"learning_rate": 2e-5, "epochs": 1.0, "beta": 0.1}
 # RecipeConfig options `gcsl experiment` fills from its own blocks (a `recipe` block may not set them).
 RECIPE_SET_BY_RUNNER = ("method", "data", "out", "model_out", "model", "seed", "catalogue_dataset", "catalogue_path",
                         "prompt_column", "response_column", "score_column", "data_format", "split", "prepare", "train",
-                        "generate")
+                        "generate", "share")
 # Stage-owned options: the workflow sets them per stage, an option block may not.
 STAGE_OWNED = {"prepare": ("data", "out", "method", "overwrite", "sft_cutoff", "sft_top", "dpo_negatives", "dpo_pairs",
                            "prompt_column", "response_column", "score_column", "data_format", "split"),
@@ -110,6 +117,9 @@ class RecipeConfig:
     stage_epochs: float | None = field(None, help="epochs of every stage after round 0's SFT (the self-play rounds' "
                                                   "SFT and DPO, RosePO's DPO; SPRec.sh: 1); None = the train "
                                                   "block's epochs, as round 0 trains")
+    share: list[Path] = field(default_factory=list, help="other recipe folders whose finished training stages this "
+                                                        "run takes when their inputs are the same (gcsl experiment "
+                                                        "passes its other recipes' folders of the same seed)")
     prepare: dict = field(default_factory=dict, cli=False, help="PrepareConfig options (kind, range ...)")
     train: dict = field(default_factory=dict, cli=False, help="TrainConfig options of every stage (LoRA, lr ...)")
     generate: dict = field(default_factory=dict, cli=False, help="GenerateConfig options of the model's own "
@@ -357,28 +367,66 @@ def _train_stage(cfg: RecipeConfig, folder: Path, log: list[dict[str, Any]], met
     from gcsl.data.prepare import PrepareConfig, prepare
     from gcsl.training.train import TrainConfig, train
 
-    write_jsonl(folder / "log.jsonl", log)
     prepared, model = folder / "prepared", folder / "model"
+    prepare_options = {**cfg.prepare, **options, "method": method}
+    # Round 0's SFT, the one stage that starts from the base model, is the recipes' SFT baseline and trains as
+    # the train block says; every stage built on it may take its own, shorter budget.
+    later = {"epochs": cfg.stage_epochs} if init is not None and cfg.stage_epochs is not None else {}
+    train_options = {**RECIPE_TRAIN_DEFAULTS, **cfg.train, **later, "max_steps": cfg.steps_per_stage,
+                     **({"preference_loss": preference_loss} if method == "dpo" else {}), "model": cfg.model,
+                     "seed": cfg.seed, "init_adapter": None if init is None else str(init)}
+    key = _stage_key(log, pairs, prepare_options, train_options)
+    shared = _shared_stage(cfg, folder, key)
+    if shared is not None:
+        return shared
+    write_jsonl(folder / "log.jsonl", log)
     if not (prepared / "goals.json").is_file():
         prepare(resolve_config(PrepareConfig, overrides={
-            **cfg.prepare, **options, "data": str(folder / "log.jsonl"), "data_format": "jsonl", "method": method,
-            "out": prepared, "overwrite": True, "quiet": True}))
+            **prepare_options, "data": str(folder / "log.jsonl"), "data_format": "jsonl", "out": prepared,
+            "overwrite": True, "quiet": True}))
         if preference_loss == "rosepo":
             _add_smoothing(prepared / "train.parquet", pairs)
-    folder_state = ModelFolder(model).state
-    if folder_state != "complete":
-        _say(f"{folder.name}: train {method} on {stage_rows} rows" + (f" from {init}" if init else ""))
-        # Round 0's SFT, the one stage that starts from the base model, is the recipes' SFT baseline and trains as
-        # the train block says; every stage built on it may take its own, shorter budget.
-        later = {"epochs": cfg.stage_epochs} if init is not None and cfg.stage_epochs is not None else {}
+    state = ModelFolder(model)
+    if state.state != "complete":
+        # An interrupted stage goes on from its last whole checkpoint; one that died before it starts over.
+        resume = state.last_checkpoint is not None
+        _say(f"{folder.name}: train {method} on {stage_rows} rows" + (f" from {init}" if init else "")
+             + (f" (resuming from {state.last_checkpoint.name})" if resume else ""))
         train(resolve_config(TrainConfig, overrides={
-            **RECIPE_TRAIN_DEFAULTS, **cfg.train, **later, "max_steps": cfg.steps_per_stage, "data": prepared,
-            **({"preference_loss": preference_loss} if method == "dpo" else {}),
-            "model": cfg.model, "seed": cfg.seed, "out": model, "init_adapter": init,
-            "overwrite": folder_state == "partial"}))
+            **train_options, "data": prepared, "out": model, "resume": resume,
+            "overwrite": state.state == "partial" and not resume}))
     facts = json.loads((model / "train_metrics.json").read_text(encoding="utf-8"))
     return {"rows": stage_rows, **{k: facts.get(k) for k in ("train_rows", "optimizer_steps", "epochs",
-                                                             "train_tokens", "train_seconds")}}
+                                                             "train_tokens", "train_seconds")}, "key": key}
+
+
+def _stage_key(log: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]], prepare_options: dict[str, Any],
+               train_options: dict[str, Any]) -> str:
+    """What a training stage's model depends on, hashed: two stages with the same key train the same model."""
+    text = json.dumps({"log": list(log), "pairs": list(pairs), "prepare": prepare_options, "train": train_options},
+                      sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _shared_stage(cfg: RecipeConfig, folder: Path, key: str) -> dict[str, Any] | None:
+    """The facts of a finished stage named like ``folder`` with the same key in one of ``cfg.share``, after
+    hard-linking it into ``folder`` (written under a temporary name, then renamed); None when there is none."""
+    for other in (Path(p) / folder.name for p in cfg.share):
+        record = other / "stage.json"
+        if other.resolve() == folder.resolve() or not record.is_file():
+            continue
+        facts = json.loads(record.read_text(encoding="utf-8"))
+        if facts.get("key") != key or ModelFolder(other / "model").state != "complete":
+            continue
+        _say(f"{folder.name}: the same training as {other}; taking its model")
+        work = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(other, work, copy_function=os.link, ignore=shutil.ignore_patterns("stage.json"))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(work, folder)
+        kept = {k: v for k, v in facts.items() if k not in ("stage", "wall_seconds", "shared_from")}
+        return {**kept, "shared_from": str(facts.get("shared_from") or other)}
+    return None
 
 
 def _sft_stage(cfg: RecipeConfig, folder: Path, liked: list[dict[str, Any]], init: Path | None) -> dict[str, Any]:
