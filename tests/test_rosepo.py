@@ -231,3 +231,11 @@ def test_an_experiment_runs_rosepo_records_its_compute_and_shares_round_0(rec_tr
     sprec_stages = json.loads((sprec / "model" / "run.json").read_text())["stages"]
     assert [s["stage"] for s in sprec_stages] == ["round-0-sft", "round-1-sample", "round-1-sft", "round-1-dpo"]
     assert (sprec / "metrics-top.json").is_file()
+    # The report's compute per method sums every stage that trained, a taken one at its own training's cost.
+    training = {r["variant"]: r for r in json.loads((tmp_path / "exp" / "results.json").read_text())["training"]}
+    for name, recipe_stages in (("rosepo", stages), ("sprec", sprec_stages)):
+        trained = [s for s in recipe_stages if s["kind"] in ("sft", "dpo") and s.get("optimizer_steps")]
+        assert training[name]["optimizer_steps"] == [sum(s["optimizer_steps"] for s in trained)]
+        assert training[name]["train_rows"] == [sum(s["train_rows"] for s in trained)]
+        assert training[name]["train_seconds"] == [round(sum(s["train_seconds"] for s in trained), 4)]
+    assert training["rosepo"]["optimizer_steps"] == [2] and trained[0]["train_seconds"] == stages[0]["train_seconds"]

@@ -167,11 +167,27 @@ def loop_training_facts(model_dir: Path) -> dict[str, Any] | None:
         return None
     rounds = read_rounds(model_dir)
     last = training_facts(model_dir)
-    if not rounds:
-        return last
+    return _summed_facts(rounds, last) if rounds else last
+
+
+def recipe_training_facts(model_dir: Path) -> dict[str, Any] | None:
+    """A recommendation recipe's training facts (RosePO, SPRec), over every stage that trained (stages.json's
+    records in its run.json): rows, epochs, optimizer steps, tokens and seconds summed, a stage taken from another
+    recipe (``shared_from``) counted with its own training's, since the method alone costs that; the sampling
+    stages' seconds are not training and stay in run.json's ``compute``. None for a recipe that has not finished."""
+    run = read_json(Path(model_dir) / "run.json")
+    if run is None:
+        return None
+    trained = [s for s in run.get("stages") or [] if s.get("kind") in ("sft", "dpo") and s.get("optimizer_steps")]
+    return _summed_facts(trained, training_facts(model_dir)) if trained else training_facts(model_dir)
+
+
+def _summed_facts(parts: list[dict[str, Any]], last: dict[str, Any] | None) -> dict[str, Any]:
+    """Facts summed over training parts (a loop's rounds, a recipe's stages); n/a when a part lacks one; rows per
+    step the last training's."""
 
     def total(key: str) -> float | None:
-        values = [r.get(key) for r in rounds]
+        values = [part.get(key) for part in parts]
         return None if any(x is None for x in values) else round(sum(values), 4)
 
     return {**{k: total(k) for k in TRAIN_FACTS if k != "rows_per_step"},
@@ -194,8 +210,8 @@ def _training_table(cfg, variants) -> list[dict[str, Any]]:
     out = []
     for v in variants:
         kind = get_method(v.method).variant_kind
-        # An online loop's row sums its rounds.
-        read = loop_training_facts if kind == "loop" else training_facts
+        # An online loop's row sums its rounds, a recipe's its stages.
+        read = {"loop": loop_training_facts, "recipe": recipe_training_facts}.get(kind, training_facts)
         # A decoding-time variant trained its adapters (expert, anti-expert), listed one row each.
         if kind == "decoding":
             models = {f"{v.name} ({role})": ({seed: layout.expert(v.name, role, seed).model for seed in v.seeds}, read)
