@@ -170,9 +170,11 @@ def rec_train(tmp_path_factory) -> dict[str, Path]:
     from gcsl.tasks import recommendation as rec
 
     root = tmp_path_factory.mktemp("rosepo")
-    files = rec.export_recommendation_files(rec.RecommendationDataConfig(**DATA), root / "data")
-    data = rec.load_recommendation_data(rec.RecommendationDataConfig(**DATA))
-    write_jsonl(root / "prompts.jsonl", rec.prompt_rows(data, "test"))
+    # Chat prompts (one user message), as the CPU comparison's data: the prepared pairs' prompt, chosen and rejected
+    # are then message lists, not strings.
+    files = rec.export_recommendation_files(rec.RecommendationDataConfig(**DATA, chat=True), root / "data")
+    data = rec.load_recommendation_data(rec.RecommendationDataConfig(**DATA, chat=True))
+    write_jsonl(root / "prompts.jsonl", rec.prompt_rows(data, "test", chat=True))
     return {**files, "prompts": root / "prompts.jsonl"}
 
 
@@ -211,8 +213,11 @@ def test_an_experiment_runs_rosepo_records_its_compute_and_shares_round_0(rec_tr
     prepared = pq.read_table(dpo / "prepared" / "train.parquet").to_pylist()
     made = {(json.dumps(p["prompt"], sort_keys=True), p["chosen"], p["rejected"]): p["smoothing"] for p in pairs}
     assert len(prepared) == len(pairs)
+    # Chat data: each prepared answer is one assistant message holding the pair's answer.
+    assert all(r["chosen"][0]["role"] == r["rejected"][0]["role"] == "assistant" for r in prepared)
     assert [r[SMOOTHING_COLUMN] for r in prepared] == [
-        made[(json.dumps(r["prompt"], sort_keys=True), r["chosen"], r["rejected"])] for r in prepared]
+        made[(json.dumps(r["prompt"], sort_keys=True), r["chosen"][0]["content"], r["rejected"][0]["content"])]
+        for r in prepared]
     assert json.loads((dpo / "model" / "run.json").read_text())["method"] == "rosepo"
     catalogue = {it.title.strip() for it in rec.load_catalogue("amazon", FIXTURE)}
     for p in pairs:  # every pair's negative is what its sampler promises
@@ -239,3 +244,42 @@ def test_an_experiment_runs_rosepo_records_its_compute_and_shares_round_0(rec_tr
         assert training[name]["train_rows"] == [sum(s["train_rows"] for s in trained)]
         assert training[name]["train_seconds"] == [round(sum(s["train_seconds"] for s in trained), 4)]
     assert training["rosepo"]["optimizer_steps"] == [2] and trained[0]["train_seconds"] == stages[0]["train_seconds"]
+
+
+def test_the_trained_pairs_are_exactly_the_recipes_where_one_history_has_two_liked_next_items(tmp_path):
+    import pyarrow.parquet as pq
+
+    from gcsl.data.prepare import PrepareConfig, prepare
+    from gcsl.stages import write_jsonl
+    from gcsl.tasks.recommendation.preference import _exact_pairs, pair_log
+
+    shared = [{"role": "user", "content": "watched: A"}]  # two users with this history liked "B" and "C" next
+    other = [{"role": "user", "content": "watched: D"}]
+    pairs = [{"prompt": shared, "chosen": '"B"', "rejected": '"C"', "negative": "self-hard", "smoothing": 0.1},
+             {"prompt": shared, "chosen": '"B"', "rejected": '"C"', "negative": "popular", "smoothing": 0.1},
+             {"prompt": shared, "chosen": '"C"', "rejected": '"E"', "negative": "popular", "smoothing": 0.2},
+             {"prompt": other, "chosen": '"F"', "rejected": '"B"', "negative": "popular", "smoothing": 0.3}]
+    log = pair_log(pairs, high=5, low=1)
+    write_jsonl(tmp_path / "log.jsonl", log)
+    prepare(resolve_config(PrepareConfig, overrides={
+        "data": str(tmp_path / "log.jsonl"), "out": tmp_path / "prep", "method": "dpo", "kind": "ordinal",
+        "score_range": [1, 5], "dpo_negatives": "observed", "dpo_pairs": 3, "quiet": True}))
+    parquet = tmp_path / "prep" / "train.parquet"
+
+    def made(rows):
+        return sorted((r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"])
+                      for r in rows)
+
+    wanted = [("watched: A", '"B"', '"C"'), ("watched: A", '"C"', '"E"'), ("watched: D", '"F"', '"B"')]
+    # Prepare alone pairs across the two liked items of the shared history: ("B", "E") was never a recipe pair.
+    assert ("watched: A", '"B"', '"E"') in made(pq.read_table(parquet).to_pylist())
+    assert _exact_pairs(parquet, log, pairs, smoothing=True) == 3
+    rows = pq.read_table(parquet).to_pylist()
+    assert made(rows) == wanted
+    for r in rows:
+        chosen, rejected = log[r["row_id_chosen"]], log[r["row_id_rejected"]]
+        assert (chosen["response"], chosen["score"]) == (r["chosen"][0]["content"], 5)
+        assert (rejected["response"], rejected["score"]) == (r["rejected"][0]["content"], 1)
+        assert r["chosen"][0]["role"] == "assistant" and r["pair_type"] == "observed"
+    assert sorted(r[SMOOTHING_COLUMN] for r in rows) == [0.1, 0.2, 0.3]
+    assert _exact_pairs(parquet, log, pairs, smoothing=True) == 3 and pq.read_table(parquet).to_pylist() == rows

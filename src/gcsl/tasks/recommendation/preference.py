@@ -269,8 +269,10 @@ def rosepo_pairs(rows: Sequence[dict[str, Any]], predictions: Sequence[str | Non
 
 
 def pair_log(pairs: Sequence[dict[str, Any]], high: float, low: float) -> list[dict[str, Any]]:
-    """The pairs as feedback rows `gcsl prepare --method dpo` turns back into exactly these pairs: per prompt its
-    chosen response once, rated ``high``, and each distinct rejected response, rated ``low``."""
+    """The pairs as feedback rows for `gcsl prepare --method dpo`: per prompt each distinct chosen response, rated
+    ``high``, and each distinct rejected response, rated ``low``. Prepare pairs them all within a prompt, which is
+    exactly the pairs while a prompt has one chosen response; the recipe then writes its own pairs back over
+    prepare's (:func:`_exact_pairs`)."""
     rows: dict[tuple, dict[str, Any]] = {}
     for p in pairs:
         key = json.dumps(p["prompt"], sort_keys=True)
@@ -384,10 +386,10 @@ def _train_stage(cfg: RecipeConfig, folder: Path, log: list[dict[str, Any]], met
         prepare(resolve_config(PrepareConfig, overrides={
             **prepare_options, "data": str(folder / "log.jsonl"), "data_format": "jsonl", "out": prepared,
             "overwrite": True, "quiet": True}))
-        if preference_loss == "rosepo":
-            _add_smoothing(prepared / "train.parquet", pairs)
     state = ModelFolder(model)
     if state.state != "complete":
+        if pairs:  # every time before training: a run cut short after prepare has not rewritten them yet
+            _exact_pairs(prepared / "train.parquet", log, pairs, smoothing=preference_loss == "rosepo")
         # An interrupted stage goes on from its last whole checkpoint; one that died before it starts over.
         resume = state.last_checkpoint is not None
         _say(f"{folder.name}: train {method} on {stage_rows} rows" + (f" from {init}" if init else "")
@@ -459,30 +461,54 @@ def _dpo_stage(cfg: RecipeConfig, folder: Path, pairs: list[dict[str, Any]], ini
     return _stage_record(folder, build)
 
 
-def _add_smoothing(parquet: Path, pairs: Sequence[dict[str, Any]]) -> None:
-    """Writes each prepared pair's smoothing factor (looked up by prompt, chosen and rejected) as the
-    ``smoothing`` column of ``parquet``, in place through a temporary file; a prepared pair the recipe did not
-    make is a DataError (prepare must give back exactly the pairs)."""
+def _exact_pairs(parquet: Path, log: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]], *,
+                 smoothing: bool) -> int:
+    """Rewrites the prepared pairs in ``parquet`` (in place, through a temporary file) as exactly the recipe's
+    ``pairs``, each once; returns how many (a second rewrite gives the same file). `gcsl prepare` pairs every chosen response of a prompt with every
+    rejected one, which makes pairs the recipe never made where one prompt is the history of two liked rows (two
+    logged next items). Each row keeps prepare's rendering of its prompt and answers; its row ids point into
+    ``log`` (:func:`pair_log`); with ``smoothing``, its factor goes to the ``smoothing`` column RosePO's loss reads."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from gcsl.methods import SMOOTHING_COLUMN
 
-    def key(prompt: Any, chosen: str, rejected: str) -> tuple[str, str, str]:
-        return json.dumps(prompt, sort_keys=True), chosen, rejected
+    def prompt_key(prompt: Any) -> str:
+        return json.dumps(prompt, sort_keys=True)
 
-    factors = {key(p["prompt"], p["chosen"], p["rejected"]): float(p["smoothing"]) for p in pairs}
     table = pq.read_table(parquet)
-    values = []
-    for i, row in enumerate(table.select(["prompt", "chosen", "rejected"]).to_pylist()):
-        found = factors.get(key(row["prompt"], row["chosen"], row["rejected"]))
-        if found is None:
-            raise DataError(f"{parquet}: row {i}: a pair the recipe did not make; delete {parquet.parent} and re-run")
-        values.append(found)
-    table = table.append_column(SMOOTHING_COLUMN, pa.array(values, pa.float64()))
+    if SMOOTHING_COLUMN in table.column_names:  # rewritten before: the same rows come out again
+        table = table.drop_columns([SMOOTHING_COLUMN])
+    prepared = table.to_pylist()
+    rendered = {}
+    for row in prepared:
+        rendered.setdefault(prompt_key(row["prompt"]), row)
+    # With chat prompts prepare writes each answer as one assistant message.
+    chat = bool(prepared) and not isinstance(prepared[0]["chosen"], str)
+    high, low = max(r["score"] for r in log), min(r["score"] for r in log)
+    row_id = {(prompt_key(r["prompt"]), r["response"], r["score"]): i for i, r in enumerate(log)}
+    out, seen = [], set()
+    for i, pair in enumerate(pairs):
+        key = prompt_key(pair["prompt"])
+        if (key, pair["chosen"], pair["rejected"]) in seen:
+            continue  # two samplers named the same negative: one pair, as prepare makes it
+        seen.add((key, pair["chosen"], pair["rejected"]))
+        base = rendered.get(key)
+        if base is None:
+            raise DataError(f"{parquet}: gcsl prepare made no pair for the prompt of pair {i} of the recipe; delete "
+                            f"{parquet.parent} and re-run")
+        row = {**base, **{side: [{"role": "assistant", "content": pair[side]}] if chat else pair[side]
+                          for side in ("chosen", "rejected")},
+               "row_id_chosen": row_id[(key, pair["chosen"], high)],
+               "row_id_rejected": row_id[(key, pair["rejected"], low)]}
+        if smoothing:
+            row[SMOOTHING_COLUMN] = float(pair["smoothing"])
+        out.append(row)
+    schema = table.schema.append(pa.field(SMOOTHING_COLUMN, pa.float64())) if smoothing else table.schema
     tmp = parquet.with_name(parquet.name + ".tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(pa.Table.from_pylist(out, schema=schema), tmp)
     os.replace(tmp, parquet)
+    return len(out)
 
 
 def _recommend(cfg: RecipeConfig, folder: Path, drawn: list[dict[str, Any]], model: Path,
