@@ -178,8 +178,8 @@ def rec_train(tmp_path_factory) -> dict[str, Path]:
     return {**files, "prompts": root / "prompts.jsonl"}
 
 
-def test_an_experiment_runs_rosepo_records_its_compute_and_shares_round_0(rec_train, tiny_llama_dir, tmp_path, monkeypatch,
-                                                            one_torch_thread):
+def test_an_experiment_runs_rosepo_records_its_compute_and_shares_round_0(rec_train, tiny_llama_dir, tmp_path,
+                                                                         monkeypatch, one_torch_thread):
     from gcsl.experiments.runner import ExperimentConfig, run_experiment
     from gcsl.tasks import recommendation as rec
 

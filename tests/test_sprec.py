@@ -185,12 +185,13 @@ def test_a_recipe_takes_a_finished_stage_with_the_same_inputs_from_a_shared_fold
     final = run_recipe(twin)
     taken = tmp_path / "twin" / "round-0-sft"
     # Hard links to the donor's files, and a record that says where they came from and what they cost there.
-    assert os.path.samefile(taken / "model" / "adapter_model.safetensors", donor / "model" / "adapter_model.safetensors")
+    adapter = Path("model") / "adapter_model.safetensors"
+    assert os.path.samefile(taken / adapter, donor / adapter)
     record, original = (json.loads((d / "stage.json").read_text()) for d in (taken, donor))
     assert record["shared_from"] == str(donor) and record["key"] == original["key"]
     assert {k: record[k] for k in ("rows", "optimizer_steps", "train_seconds")} == \
         {k: original[k] for k in ("rows", "optimizer_steps", "train_seconds")}
-    assert (final / "adapter_model.safetensors").read_bytes() == (donor / "model" / "adapter_model.safetensors").read_bytes()
+    assert (final / "adapter_model.safetensors").read_bytes() == (donor / adapter).read_bytes()
 
     # Another seed trains another model: nothing is taken.
     monkeypatch.setattr(training, "train", real_train)

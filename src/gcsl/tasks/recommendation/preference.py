@@ -464,9 +464,9 @@ def _dpo_stage(cfg: RecipeConfig, folder: Path, pairs: list[dict[str, Any]], ini
 def _exact_pairs(parquet: Path, log: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]], *,
                  smoothing: bool) -> int:
     """Rewrites the prepared pairs in ``parquet`` (in place, through a temporary file) as exactly the recipe's
-    ``pairs``, each once; returns how many (a second rewrite gives the same file). `gcsl prepare` pairs every chosen response of a prompt with every
-    rejected one, which makes pairs the recipe never made where one prompt is the history of two liked rows (two
-    logged next items). Each row keeps prepare's rendering of its prompt and answers; its row ids point into
+    ``pairs``, each once; returns how many (a second rewrite gives the same file). `gcsl prepare` pairs every
+    chosen response of a prompt with every rejected one, which makes pairs the recipe never made where one prompt
+    is the history of two liked rows (two logged next items). Each row keeps prepare's rendering of its prompt and answers; its row ids point into
     ``log`` (:func:`pair_log`); with ``smoothing``, its factor goes to the ``smoothing`` column RosePO's loss reads."""
     import pyarrow as pa
     import pyarrow.parquet as pq
