@@ -187,10 +187,12 @@ def test_an_experiment_runs_rosepo_records_its_compute_and_shares_round_0(rec_tr
     monkeypatch.chdir(tmp_path)
     cfg = resolve_config(ExperimentConfig, overrides={
         "name": "rosepo", "out": tmp_path / "exp", "task": "recommendation", "data": str(rec_train["train"]),
-        "eval_prompts": str(rec_train["prompts"]), "model": str(tiny_llama_dir), "methods": ["rosepo", "sprec"],
+        "eval_prompts": str(rec_train["prompts"]), "model": str(tiny_llama_dir),
+        "methods": ["bigrec", "rosepo", "sprec"],
         "seeds": [0], "baseline": "rosepo", "primary_metric": "ndcg@10", "ci_samples": 50,
         "prepare": {"kind": "ordinal", "score_range": [1, 5], "sft_cutoff": 3},
-        "train": {"per_device_batch_size": 4, "report_to": "none", "save_steps": 1, "lora_r": 4, "max_steps": 1},
+        "train": {"per_device_batch_size": 4, "report_to": "none", "save_steps": 1, "lora_r": 4, "max_steps": 1,
+                  "learning_rate": 2e-4},
         "recipe": {"sample_size": 6, "negatives": ["self-hard", "hallucinated", "popular"], "rounds": 1},
         "generate": {"max_new_tokens": 4, "batch_size": 4},
         "evaluate": {"dataset": "amazon", "path": str(FIXTURE)}})
@@ -227,12 +229,16 @@ def test_an_experiment_runs_rosepo_records_its_compute_and_shares_round_0(rec_tr
     assert run["compute"]["optimizer_steps"] == 2 and run["compute"]["samples_generated"] == min(6, len(liked))
     assert run["compute"]["train_seconds"] > 0 and (seed / "gens-top.jsonl").is_file()
     assert (seed / "metrics-top.json").is_file()
-    # SPRec starts from the same SFT on the liked rows: it takes RosePO's round 0 instead of training its own.
+    # Round 0 of both recipes is BIGRec's training (SFT on the liked rows, same options and seed): each takes
+    # BIGRec's model instead of training its own, SPRec by way of RosePO's copy.
+    bigrec = tmp_path / "exp" / "runs" / "bigrec" / "seed0" / "model"
     sprec = tmp_path / "exp" / "runs" / "sprec" / "seed0"
-    shared = json.loads((sprec / "recipe" / "round-0-sft" / "stage.json").read_text())
-    assert shared["shared_from"] == str(seed / "recipe" / "round-0-sft") and shared["optimizer_steps"] == 1
-    assert os.path.samefile(sprec / "recipe" / "round-0-sft" / "model" / "adapter_model.safetensors",
-                            seed / "recipe" / "round-0-sft" / "model" / "adapter_model.safetensors")
+    for recipe in (seed, sprec):
+        shared = json.loads((recipe / "recipe" / "round-0-sft" / "stage.json").read_text())
+        assert shared["shared_from"] == str(bigrec) and shared["optimizer_steps"] == 1
+        assert os.path.samefile(recipe / "recipe" / "round-0-sft" / "model" / "adapter_model.safetensors",
+                                bigrec / "adapter_model.safetensors")
+        assert shared["train_seconds"] == json.loads((bigrec / "train_metrics.json").read_text())["train_seconds"]
     sprec_stages = json.loads((sprec / "model" / "run.json").read_text())["stages"]
     assert [s["stage"] for s in sprec_stages] == ["round-0-sft", "round-1-sample", "round-1-sft", "round-1-dpo"]
     assert (sprec / "metrics-top.json").is_file()

@@ -188,7 +188,7 @@ def test_a_recipe_takes_a_finished_stage_with_the_same_inputs_from_a_shared_fold
     adapter = Path("model") / "adapter_model.safetensors"
     assert os.path.samefile(taken / adapter, donor / adapter)
     record, original = (json.loads((d / "stage.json").read_text()) for d in (taken, donor))
-    assert record["shared_from"] == str(donor) and record["key"] == original["key"]
+    assert record["shared_from"] == str(donor / "model") and record["key"] == original["key"]
     assert {k: record[k] for k in ("rows", "optimizer_steps", "train_seconds")} == \
         {k: original[k] for k in ("rows", "optimizer_steps", "train_seconds")}
     assert (final / "adapter_model.safetensors").read_bytes() == (donor / adapter).read_bytes()

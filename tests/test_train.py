@@ -418,6 +418,40 @@ def test_insert_before_first_token_handles_left_and_right_padding():
     assert torch.equal(out[0, 3:], embeds[0, 2:]) and torch.equal(out[1, 1:], embeds[1])
 
 
+def test_the_training_key_is_what_the_model_depends_on(tiny_llama_dir, tmp_path, bey_run, prepared):
+    from gcsl.data.prepare import PrepareConfig, prepare
+    from gcsl.training.train import recorded_training_key, training_key
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"prompt": f"Describe item {p}.", "response": f"Item {p} is {w}.",
+                                       "score": (p + i) % 5 + 1}) + "\n"
+                           for p in range(6) for i, w in enumerate(("fine", "great", "poor"))), encoding="utf-8")
+
+    def prep(method: str, **options) -> Path:
+        out = tmp_path / "-".join([method, *map(str, options.values())])
+        if not out.exists():
+            prepare(PrepareConfig(data=str(log), out=out, method=method, score_range=[1.0, 5.0], quiet=True,
+                                  **options))
+        return out
+
+    def key(data: Path, out: str = "unused", **overrides) -> str:
+        return training_key(_config(data, tmp_path / out, tiny_llama_dir, **overrides))
+
+    # SFT on ratings >= 4 and BIGRec (ratings > 3) train the same rows of integer ratings the same way: one key,
+    # whatever the folders, the logging or a DPO beta the SFT trainer never reads.
+    sft = key(prep("sft", sft_cutoff=4.0))
+    assert sft == key(prep("bigrec"), logging_steps=7, beta=0.3, out="elsewhere")
+    changed = [key(prep("sft", sft_cutoff=3.0)), key(prep("sft-aug")), key(prep("gcsl-bey-nl")),
+               key(prep("sft", sft_cutoff=4.0), learning_rate=2e-2), key(prep("sft", sft_cutoff=4.0), seed=1),
+               key(prep("sft", sft_cutoff=4.0), init_adapter=bey_run.out)]
+    assert len({sft, *changed}) == len(changed) + 1
+    # Under a preference trainer the beta counts.
+    assert key(prep("dpo"), beta=0.1) != key(prep("dpo"), beta=0.2)
+    # A finished run's key, from its run.json, is the key of its settings; a folder without one has none.
+    assert recorded_training_key(bey_run.out) == key(prepared("gcsl-bey-nl"), report_to="tensorboard")
+    assert recorded_training_key(tmp_path / "unused") is None
+
+
 @pytest.mark.parametrize("loss", ["dpo", "simpo"])
 def test_preference_baselines_train_on_pairs(prepared, tiny_llama_dir, tmp_path, loss):
     from gcsl.training.train import TrainConfig

@@ -798,10 +798,11 @@ def _recipe_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Varian
     train = {**cfg.train, **v.train}
     steps = train.pop("max_steps", -1)
     columns, source = _log_reading(cfg, split)
-    # The experiment's other recipes at this seed: a stage they trained on the same inputs (round 0's SFT on the
-    # liked rows) is taken from them rather than trained again.
-    share = [layout.stage(o.name, seed).model.parent / "recipe" for o in expand_variants(cfg)
-             if o.name != v.name and get_method(o.method).variant_kind == "recipe"]
+    # The experiment's other recipes and trained methods at this seed: a stage that trains what one of them trained
+    # (round 0's SFT on the liked rows, as BIGRec does) takes that model rather than training it again.
+    kinds = {o.name: get_method(o.method).variant_kind for o in expand_variants(cfg) if o.name != v.name}
+    share = [layout.stage(name, seed).model.parent / "recipe" for name, kind in kinds.items() if kind == "recipe"]
+    share += [layout.stage(name, seed).model for name, kind in kinds.items() if kind == "trained"]
     _say(f"  recipe {get_method(v.method).recipe} -> {model.parent / 'recipe'}")
     run_recipe(resolve_config(RecipeConfig, overrides={
         "steps_per_stage": steps, **cfg.recipe, **columns, **source, "method": get_method(v.method).recipe,

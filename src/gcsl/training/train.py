@@ -26,6 +26,7 @@ more than ten times slower).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -45,7 +46,8 @@ from gcsl.models import DEFAULT_MODEL
 from gcsl.runinfo import atomic_write_json, atomic_write_text, write_run_record
 from gcsl.stages import ModelFolder
 
-__all__ = ["TrainConfig", "TrainResult", "train", "seconds_before", "training_clock"]
+__all__ = ["TrainConfig", "TrainResult", "train", "seconds_before", "training_clock", "training_key",
+           "recorded_training_key"]
 
 # Names kept for importers from before the method table (gcsl.methods); this module reads the table.
 EMBED_METHOD = next(m.name for m in METHODS.values() if m.trainer == "embed")
@@ -833,6 +835,59 @@ def training_clock(started: float, before: float):
                                   {"train_seconds": round(before + time.perf_counter() - started, 3)})
 
     return TrainingClock()
+
+
+# Options that say where a run is kept and how it reports, not what it trains.
+_BOOKKEEPING = {"data", "out", "logging_steps", "save_steps", "save_total_limit", "keep_checkpoints", "report_to",
+                "resume", "overwrite"}
+# Options only the preference trainers read.
+_PREFERENCE_OPTIONS = {"preference_loss", "beta", "simpo_gamma", "alphadpo_gamma", "alphadpo_alpha"}
+
+
+def training_key(cfg: TrainConfig) -> str:
+    """What the model a run with ``cfg`` trains depends on, hashed: two runs with the same key train the same model.
+
+    The key covers the rows as the trainer reads them, in order, and the method as far as training sees it:
+    the trainer, the goal input and, for a method with a goal, the goal setup. It also covers every option
+    that changes training and the starting adapter's weights. A method's name and prepare's bookkeeping
+    (counts, rows dropped) do not count, nor do options the trainer ignores (a DPO beta under an SFT
+    trainer). So BIGRec's model and a recommendation recipe's round-0 SFT on the same liked rows share a key.
+    """
+    import pyarrow.parquet as pq
+
+    prepared = _read_prepared(Path(cfg.data))
+    kind = get_method(prepared.method)
+    packs = cfg.prefix_sharing and kind.trainer == "sft"  # row_id groups the rows packed together
+    read = [c for c in prepared.columns
+            if (c != "row_id" or packs) and (c != REFERENCE_COLUMN or _needs_reference(cfg, prepared.method))
+            and (c != SMOOTHING_COLUMN or cfg.preference_loss == "rosepo")]
+    skipped = _BOOKKEEPING | (set() if kind.trainer == "preference" else _PREFERENCE_OPTIONS)
+    options = {k: v for k, v in config_to_dict(cfg).items() if k not in skipped}
+    if cfg.init_adapter is not None:
+        weights = sorted(Path(cfg.init_adapter).glob("adapter_model.*"))
+        options["init_adapter"] = [hashlib.sha256(w.read_bytes()).hexdigest() for w in weights]
+    rows = pq.read_table(prepared.data_dir / "train.parquet", columns=read).to_pylist()
+    if "row_id" in read:  # packing reads which rows share a row_id, in order of first appearance, not the ids
+        first: dict[Any, int] = {}
+        for row in rows:
+            row["row_id"] = first.setdefault(row["row_id"], len(first))
+    facts = {"rows": rows, "trainer": kind.trainer, "goal_input": kind.goal_input, "options": options,
+             "goals": prepared.goals.to_json() if kind.goal_input != "none" else None}
+    text = json.dumps(facts, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def recorded_training_key(model: Path) -> str | None:
+    """:func:`training_key` of the finished run in ``model``, from the settings its run.json records; None when
+    the folder holds no finished run or its prepared data are gone or unreadable."""
+    if ModelFolder(model).state != "complete":
+        return None
+    try:
+        config = json.loads((Path(model) / "run.json").read_text(encoding="utf-8"))["config"]
+        return training_key(TrainConfig(**{k: v for k, v in config.items() if k not in _BOOKKEEPING},
+                                        data=Path(config["data"]), out=Path(config["out"])))
+    except (OSError, ValueError, KeyError, TypeError, DataError):
+        return None
 
 
 def _throughput_line(cfg: TrainConfig, metrics: dict[str, Any], world_size: int) -> str:

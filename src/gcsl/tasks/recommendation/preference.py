@@ -35,16 +35,17 @@ Files under ``out`` (each written atomically; a re-run skips finished stages)::
     <stage>/stage.json                           the stage's record, written last
     model/                                       the final model: the last stage's, plus stages.json
 
-A training stage whose inputs (rows, prepare and train options, base model, seed, starting adapter) equal those
-of a finished stage of the same name in one of the ``share`` folders is taken from there (hard links) instead of
-trained again: RosePO and SPRec start from the same round-0 SFT, so an experiment running both trains it once per
-seed. The stage's record names where it came from (``shared_from``) and keeps that training's compute, which is
-what the method costs when it runs alone. An interrupted training stage resumes from its last checkpoint.
+A training stage that trains what a finished run in one of the ``share`` folders trained (the same training
+key, :func:`gcsl.training.train.training_key`: the rows as the trainer reads them, the options that change
+training, the base model, the seed, the starting adapter's weights) takes that run's model (hard links) instead of
+training again. RosePO and SPRec start from the same round-0 SFT on the liked rows, which is also BIGRec's
+training, so an experiment running them trains it once per seed. The stage's record names where the model was
+trained (``shared_from``) and keeps that training's compute, which is what the method costs when it runs alone.
+An interrupted training stage resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -117,9 +118,11 @@ class RecipeConfig:
     stage_epochs: float | None = field(None, help="epochs of every stage after round 0's SFT (the self-play rounds' "
                                                   "SFT and DPO, RosePO's DPO; SPRec.sh: 1); None = the train "
                                                   "block's epochs, as round 0 trains")
-    share: list[Path] = field(default_factory=list, help="other recipe folders whose finished training stages this "
-                                                        "run takes when their inputs are the same (gcsl experiment "
-                                                        "passes its other recipes' folders of the same seed)")
+    share: list[Path] = field(default_factory=list, help="finished `gcsl train` folders, or other recipe folders "
+                                                        "(their stage of the same name), whose model a stage takes "
+                                                        "when it trained the same (same training key); gcsl "
+                                                        "experiment passes its other recipes and trained methods "
+                                                        "of the same seed")
     prepare: dict = field(default_factory=dict, cli=False, help="PrepareConfig options (kind, range ...)")
     train: dict = field(default_factory=dict, cli=False, help="TrainConfig options of every stage (LoRA, lr ...)")
     generate: dict = field(default_factory=dict, cli=False, help="GenerateConfig options of the model's own "
@@ -364,70 +367,63 @@ def _stage_record(folder: Path, build) -> dict[str, Any]:
 def _train_stage(cfg: RecipeConfig, folder: Path, log: list[dict[str, Any]], method: str, options: dict[str, Any],
                  init: Path | None, stage_rows: int, *, pairs: Sequence[dict[str, Any]] = (),
                  preference_loss: str = "dpo") -> dict[str, Any]:
-    """Prepares ``log`` with ``method`` (the same `gcsl prepare` every method uses) and trains on it; with
-    ``preference_loss`` rosepo, each prepared pair first gets its smoothing factor from ``pairs``."""
+    """Prepares ``log`` with ``method`` (the same `gcsl prepare` every method uses) and trains on it, or takes the
+    model of a run in ``cfg.share`` that trained the same; with ``preference_loss`` rosepo, each prepared pair
+    first gets its smoothing factor from ``pairs``."""
     from gcsl.data.prepare import PrepareConfig, prepare
-    from gcsl.training.train import TrainConfig, train
+    from gcsl.training.train import TrainConfig, train, training_key
 
     prepared, model = folder / "prepared", folder / "model"
-    prepare_options = {**cfg.prepare, **options, "method": method}
     # Round 0's SFT, the one stage that starts from the base model, is the recipes' SFT baseline and trains as
     # the train block says; every stage built on it may take its own, shorter budget.
     later = {"epochs": cfg.stage_epochs} if init is not None and cfg.stage_epochs is not None else {}
     train_options = {**RECIPE_TRAIN_DEFAULTS, **cfg.train, **later, "max_steps": cfg.steps_per_stage,
                      **({"preference_loss": preference_loss} if method == "dpo" else {}), "model": cfg.model,
-                     "seed": cfg.seed, "init_adapter": None if init is None else str(init)}
-    key = _stage_key(log, pairs, prepare_options, train_options)
-    shared = _shared_stage(cfg, folder, key)
-    if shared is not None:
-        return shared
+                     "seed": cfg.seed, "init_adapter": None if init is None else str(init),
+                     "data": prepared, "out": model}
     write_jsonl(folder / "log.jsonl", log)
     if not (prepared / "goals.json").is_file():
         prepare(resolve_config(PrepareConfig, overrides={
-            **prepare_options, "data": str(folder / "log.jsonl"), "data_format": "jsonl", "out": prepared,
-            "overwrite": True, "quiet": True}))
+            **cfg.prepare, **options, "method": method, "data": str(folder / "log.jsonl"), "data_format": "jsonl",
+            "out": prepared, "overwrite": True, "quiet": True}))
+    if pairs:  # every time: a run cut short after prepare has not rewritten them yet
+        _exact_pairs(prepared / "train.parquet", log, pairs, smoothing=preference_loss == "rosepo")
+    key = training_key(resolve_config(TrainConfig, overrides=train_options))
+    shared = _shared_model(cfg, model, key)
     state = ModelFolder(model)
     if state.state != "complete":
-        if pairs:  # every time before training: a run cut short after prepare has not rewritten them yet
-            _exact_pairs(prepared / "train.parquet", log, pairs, smoothing=preference_loss == "rosepo")
         # An interrupted stage goes on from its last whole checkpoint; one that died before it starts over.
         resume = state.last_checkpoint is not None
         _say(f"{folder.name}: train {method} on {stage_rows} rows" + (f" from {init}" if init else "")
              + (f" (resuming from {state.last_checkpoint.name})" if resume else ""))
         train(resolve_config(TrainConfig, overrides={
-            **train_options, "data": prepared, "out": model, "resume": resume,
-            "overwrite": state.state == "partial" and not resume}))
+            **train_options, "resume": resume, "overwrite": state.state == "partial" and not resume}))
     facts = json.loads((model / "train_metrics.json").read_text(encoding="utf-8"))
     return {"rows": stage_rows, **{k: facts.get(k) for k in ("train_rows", "optimizer_steps", "epochs",
-                                                             "train_tokens", "train_seconds")}, "key": key}
+                                                             "train_tokens", "train_seconds")}, "key": key,
+            **({"shared_from": shared} if shared else {})}
 
 
-def _stage_key(log: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]], prepare_options: dict[str, Any],
-               train_options: dict[str, Any]) -> str:
-    """What a training stage's model depends on, hashed: two stages with the same key train the same model."""
-    text = json.dumps({"log": list(log), "pairs": list(pairs), "prepare": prepare_options, "train": train_options},
-                      sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def _shared_model(cfg: RecipeConfig, model: Path, key: str) -> str | None:
+    """Where the model of a finished run in ``cfg.share`` with training key ``key`` was trained, after hard-linking
+    it into ``model`` (under a temporary name, then renamed); None when ``model`` is finished already or no
+    such run exists. A run's seconds stay in its train_metrics.json: the method's compute is the training's."""
+    from gcsl.training.train import recorded_training_key
 
-
-def _shared_stage(cfg: RecipeConfig, folder: Path, key: str) -> dict[str, Any] | None:
-    """The facts of a finished stage named like ``folder`` with the same key in one of ``cfg.share``, after
-    hard-linking it into ``folder`` (written under a temporary name, then renamed); None when there is none."""
-    for other in (Path(p) / folder.name for p in cfg.share):
-        record = other / "stage.json"
-        if other.resolve() == folder.resolve() or not record.is_file():
+    if ModelFolder(model).state == "complete":
+        return None
+    for shared in cfg.share:
+        other = Path(shared) if (Path(shared) / "run.json").is_file() else Path(shared) / model.parent.name / "model"
+        if other.resolve() == model.resolve() or recorded_training_key(other) != key:
             continue
-        facts = json.loads(record.read_text(encoding="utf-8"))
-        if facts.get("key") != key or ModelFolder(other / "model").state != "complete":
-            continue
-        _say(f"{folder.name}: the same training as {other}; taking its model")
-        work = folder.with_name(folder.name + ".partial")
+        origin = json.loads((other / "run.json").read_text(encoding="utf-8"))["config"]["out"]
+        _say(f"{model.parent.name}: the same training as {origin}; taking its model")
+        work = model.with_name(model.name + ".shared")
         shutil.rmtree(work, ignore_errors=True)
-        shutil.copytree(other, work, copy_function=os.link, ignore=shutil.ignore_patterns("stage.json"))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(work, folder)
-        kept = {k: v for k, v in facts.items() if k not in ("stage", "wall_seconds", "shared_from")}
-        return {**kept, "shared_from": str(facts.get("shared_from") or other)}
+        shutil.copytree(other, work, copy_function=os.link)
+        shutil.rmtree(ModelFolder(model).partial, ignore_errors=True)  # an interrupted run of its own
+        os.replace(work, model)
+        return str(origin)
     return None
 
 
