@@ -89,6 +89,25 @@ def test_bad_options_are_one_line_errors():
     assert "recipe.round: unknown option of RecipeConfig" in text
 
 
+def test_a_sweep_or_variant_may_set_a_recipe_option_of_its_own():
+    from gcsl.experiments.runner import expand_variants
+
+    options = {"name": "x", "out": "o", "task": "recommendation", "data": "d", "eval_prompts": "p",
+               "methods": ["rosepo"], "baseline": "rosepo", "primary_metric": "ndcg@10", "recipe": {"rounds": 1},
+               "variants": [{"name": "slow", "method": "sprec", "recipe": {"stage_learning_rate": 1e-6}}],
+               "sweeps": [{"method": "rosepo", "option": "recipe.stage_learning_rate", "values": [3e-5, 1e-4]}]}
+    variants = {v.name: v.recipe for v in expand_variants(resolve_config(ExperimentConfig, overrides=options))}
+    assert variants == {"rosepo": {}, "slow": {"stage_learning_rate": 1e-6},
+                        "rosepo[stage_learning_rate=3e-05]": {"stage_learning_rate": 3e-5},
+                        "rosepo[stage_learning_rate=0.0001]": {"stage_learning_rate": 1e-4}}
+    with pytest.raises(ConfigError) as err:
+        resolve_config(ExperimentConfig, overrides={
+            **options, "variants": [{"name": "slow", "method": "sprec", "recipe": {"stage_lr": 1e-6}}],
+            "sweeps": [{"method": "rosepo", "option": "recipe.seed", "values": [1]}]})
+    assert "variants[slow].recipe.stage_lr: unknown option of RecipeConfig" in str(err.value)
+    assert "sweeps: recipe.seed: unknown option of RecipeConfig" in str(err.value)
+
+
 def test_the_table_entry_is_a_recommendation_recipe():
     method = get_method("sprec")
     assert method.variant_kind == "recipe" and method.recipe == "sprec" and method.tasks == ("recommendation",)
@@ -201,6 +220,25 @@ def test_a_recipe_takes_a_finished_stage_with_the_same_inputs_from_a_shared_fold
     assert "shared_from" not in own and own["key"] != original["key"] and own["optimizer_steps"] > 0
     assert not os.path.samefile(tmp_path / "seed1" / "round-0-sft" / "model" / "adapter_model.safetensors",
                                 donor / "model" / "adapter_model.safetensors")
+
+
+def test_the_stages_after_round_0_train_at_the_stage_learning_rate(sprec_run, tmp_path):
+    from dataclasses import replace
+
+    from gcsl.tasks.recommendation.preference import RECIPE_TRAIN_DEFAULTS
+
+    cfg, _, _ = sprec_run
+    run_recipe(replace(cfg, out=tmp_path / "lr", model_out=None, rounds=1, stage_learning_rate=1e-5,
+                       share=[Path(cfg.out)]))
+    # (Every training stage takes its options from one place; this tiny model's round-1 DPO has no pairs.)
+    stages = ("round-0-sft", "round-1-sft")
+    rates = [json.loads((tmp_path / "lr" / s / "model" / "run.json").read_text())["config"]["learning_rate"]
+             for s in stages]
+    assert rates == [RECIPE_TRAIN_DEFAULTS["learning_rate"], 1e-5]
+    # Round 0 is the fixture's training, so it is taken; round 1's SFT differs from the fixture's and trains.
+    records = [json.loads((tmp_path / "lr" / s / "stage.json").read_text()) for s in stages]
+    assert records[0]["shared_from"] == str(Path(cfg.out) / "round-0-sft" / "model")
+    assert "shared_from" not in records[1] and records[1]["optimizer_steps"] > 0
 
 
 def test_an_interrupted_stage_resumes_from_its_last_checkpoint(sprec_run, tmp_path, monkeypatch):

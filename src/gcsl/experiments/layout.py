@@ -92,6 +92,8 @@ class Variant:
     curve: list[str] = dc_field(default_factory=list)
     # An online loop variant's own LoopConfig options (over the experiment's `loop` block).
     loop: dict[str, Any] = dc_field(default_factory=dict)
+    # A recipe variant's own RecipeConfig options (over the experiment's `recipe` block).
+    recipe: dict[str, Any] = dc_field(default_factory=dict)
 
 
 @dataclass(frozen=True)

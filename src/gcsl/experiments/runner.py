@@ -56,7 +56,8 @@ class ExperimentConfig:
     methods: list[str] = field(default_factory=lambda: ["base", "sft", "gcsl", "gcsl-bey-nl"],
                                help="methods to run with the shared options ('base' = the untrained model)")
     variants: list[dict] = field(default_factory=list, cli=False,
-                                 help="extra named variants: {name, method, prepare: {...}, train: {...}, seeds, goals}")
+                                 help="extra named variants: {name, method, prepare: {...}, train: {...}, seeds, goals, "
+                                      "loop: {...} (a loop method), recipe: {...} (a recipe method)}")
     sweeps: list[dict] = field(default_factory=list, cli=False,
                                help="ablation sweeps: {method, option: 'prepare.bins', values: [3, 5, 7]} -> one "
                                     "variant per value")
@@ -147,8 +148,9 @@ class ExperimentConfig:
         for s in self.sweeps:
             if not {"method", "option", "values"} <= set(s):
                 problems.append("sweeps: each sweep needs method, option (e.g. prepare.bins) and values")
-            elif s["option"].split(".")[0] not in ("prepare", "train", "generate"):
-                problems.append(f"sweeps: option {s['option']!r} must start with prepare., train. or generate.")
+            elif s["option"].split(".")[0] not in ("prepare", "train", "generate", "recipe"):
+                problems.append(f"sweeps: option {s['option']!r} must start with prepare., train., generate. or "
+                                "recipe.")
         problems.extend(self._stage_option_problems())
         problems.extend(self._online_problems())
         return problems
@@ -247,12 +249,16 @@ class ExperimentConfig:
         known = {f.name for f in dataclasses.fields(ProbeConfig)}
         problems.extend(f"probe.{key}: unknown option of ProbeConfig" for key in self.probe if key not in known)
         # These blocks' modules load only when the blocks are given (the eraser's loads torch).
-        if self.recipe:
+        recipes = [("recipe.", self.recipe), *((f"variants[{v.get('name')}].recipe.", v.get("recipe") or {})
+                                               for v in self.variants),
+                   *(("sweeps: recipe.", {s["option"].partition(".")[2]: None}) for s in self.sweeps
+                     if str(s.get("option", "")).startswith("recipe."))]
+        if any(block for _, block in recipes):
             from gcsl.tasks.recommendation.preference import RECIPE_SET_BY_RUNNER, RecipeConfig
 
             known = {f.name for f in dataclasses.fields(RecipeConfig)} - set(RECIPE_SET_BY_RUNNER)
-            problems.extend(f"recipe.{key}: unknown option of RecipeConfig (one of {', '.join(sorted(known))})"
-                            for key in self.recipe if key not in known)
+            problems.extend(f"{where}{key}: unknown option of RecipeConfig (one of {', '.join(sorted(known))})"
+                            for where, block in recipes for key in block if key not in known)
         if self.erase:
             from gcsl.training.eraser import EraseConfig
 
@@ -330,15 +336,17 @@ def expand_variants(cfg: ExperimentConfig) -> list[Variant]:
         out.append(variant(name, method, dict(v.get("prepare", {})), dict(v.get("train", {})),
                            dict(v.get("generate", {})), list(v.get("seeds", seeds_for(name, method))), curve))
         out[-1].loop = dict(v.get("loop", {}) or {})
+        out[-1].recipe = dict(v.get("recipe", {}) or {})
     for s in cfg.sweeps:
         stage, key = s["option"].split(".", 1)
         for value in s["values"]:
             name = f"{s['method']}[{key}={value}]"
-            over = {"prepare": {}, "train": {}, "generate": {}}
+            over = {"prepare": {}, "train": {}, "generate": {}, "recipe": {}}
             over[stage][key] = value
             out.append(variant(name, s["method"], over["prepare"], over["train"], over["generate"],
                                list(s.get("seeds", seeds_for(name, s["method"]))),
                                curve_for(name, s["method"], by_method=False)))
+            out[-1].recipe = over["recipe"]
     names = [v.name for v in out]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
@@ -805,7 +813,7 @@ def _recipe_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Varian
     share += [layout.stage(name, seed).model for name, kind in kinds.items() if kind == "trained"]
     _say(f"  recipe {get_method(v.method).recipe} -> {model.parent / 'recipe'}")
     run_recipe(resolve_config(RecipeConfig, overrides={
-        "steps_per_stage": steps, **cfg.recipe, **columns, **source, "method": get_method(v.method).recipe,
+        "steps_per_stage": steps, **cfg.recipe, **v.recipe, **columns, **source, "method": get_method(v.method).recipe,
         "data": training_data(cfg), "out": model.parent / "recipe", "model_out": model, "model": cfg.model,
         "seed": seed, "catalogue_dataset": grounding.dataset, "catalogue_path": grounding.path, "share": share,
         "prepare": stage_options("prepare", cfg.prepare, v.prepare), "train": stage_options("train", train),

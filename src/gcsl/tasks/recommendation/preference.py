@@ -118,6 +118,8 @@ class RecipeConfig:
     stage_epochs: float | None = field(None, help="epochs of every stage after round 0's SFT (the self-play rounds' "
                                                   "SFT and DPO, RosePO's DPO; SPRec.sh: 1); None = the train "
                                                   "block's epochs, as round 0 trains")
+    stage_learning_rate: float | None = field(None, help="peak learning rate of every stage after round 0's SFT "
+                                                         "(None = the train block's, as round 0 trains)")
     share: list[Path] = field(default_factory=list, help="finished `gcsl train` folders, or other recipe folders "
                                                         "(their stage of the same name), whose model a stage takes "
                                                         "when it trained the same (same training key); gcsl "
@@ -141,6 +143,9 @@ class RecipeConfig:
             problems.append(f"max_smoothing: must be in [0, 1), got {self.max_smoothing}")
         if self.steps_per_stage == 0 or self.steps_per_stage < -1:
             problems.append(f"steps_per_stage: must be positive (or -1 to use epochs), got {self.steps_per_stage}")
+        if self.stage_learning_rate is not None and not self.stage_learning_rate > 0:
+            problems.append(f"stage_learning_rate: must be positive (or null for the train block's), got "
+                            f"{self.stage_learning_rate}")
         if self.stage_epochs is not None and self.stage_epochs <= 0:
             problems.append(f"stage_epochs: must be positive (or null for the train block's epochs), got "
                             f"{self.stage_epochs}")
@@ -376,7 +381,8 @@ def _train_stage(cfg: RecipeConfig, folder: Path, log: list[dict[str, Any]], met
     prepared, model = folder / "prepared", folder / "model"
     # Round 0's SFT, the one stage that starts from the base model, is the recipes' SFT baseline and trains as
     # the train block says; every stage built on it may take its own, shorter budget.
-    later = {"epochs": cfg.stage_epochs} if init is not None and cfg.stage_epochs is not None else {}
+    later = {} if init is None else {k: v for k, v in (("epochs", cfg.stage_epochs),
+                                                      ("learning_rate", cfg.stage_learning_rate)) if v is not None}
     train_options = {**RECIPE_TRAIN_DEFAULTS, **cfg.train, **later, "max_steps": cfg.steps_per_stage,
                      **({"preference_loss": preference_loss} if method == "dpo" else {}), "model": cfg.model,
                      "seed": cfg.seed, "init_adapter": None if init is None else str(init),
