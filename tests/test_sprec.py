@@ -103,9 +103,11 @@ def test_a_sweep_or_variant_may_set_a_recipe_option_of_its_own():
     with pytest.raises(ConfigError) as err:
         resolve_config(ExperimentConfig, overrides={
             **options, "variants": [{"name": "slow", "method": "sprec", "recipe": {"stage_lr": 1e-6}}],
-            "sweeps": [{"method": "rosepo", "option": "recipe.seed", "values": [1]}]})
+            "sweeps": [{"method": "rosepo", "option": "recipe.seed", "values": [1]},
+                       {"method": "sft", "option": "recipe.rounds", "values": [1]}]})
     assert "variants[slow].recipe.stage_lr: unknown option of RecipeConfig" in str(err.value)
     assert "sweeps: recipe.seed: unknown option of RecipeConfig" in str(err.value)
+    assert "sweeps: recipe.rounds: method sft is not a recipe" in str(err.value)
 
 
 def test_the_table_entry_is_a_recommendation_recipe():

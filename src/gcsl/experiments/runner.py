@@ -259,6 +259,15 @@ class ExperimentConfig:
             known = {f.name for f in dataclasses.fields(RecipeConfig)} - set(RECIPE_SET_BY_RUNNER)
             problems.extend(f"{where}{key}: unknown option of RecipeConfig (one of {', '.join(sorted(known))})"
                             for where, block in recipes for key in block if key not in known)
+            from gcsl.methods import METHODS
+
+            owners = [(f"variants[{v.get('name')}]", v.get("method", v.get("name"))) for v in self.variants
+                      if v.get("recipe")]
+            owners += [(f"sweeps: {s['option']}", s.get("method")) for s in self.sweeps
+                       if str(s.get("option", "")).startswith("recipe.")]
+            problems.extend(f"{where}: method {method} is not a recipe (rosepo, sprec); a recipe block applies to "
+                            "those only" for where, method in owners
+                            if method in METHODS and METHODS[method].recipe is None)
         if self.erase:
             from gcsl.training.eraser import EraseConfig
 
