@@ -47,6 +47,20 @@ def test_the_oracle_counts_history_to_next_item_transitions():
     assert oracle_score(oracle, set(), "Alien") == 0.0
 
 
+def test_the_oracle_score_is_the_same_bits_in_every_process():
+    import subprocess
+    import sys
+
+    # Terms whose float sum depends on their order; a set of titles iterates in the process's hash order.
+    code = ("from collections import Counter; from gcsl.tasks.recommendation.preference import oracle_score; "
+            "titles = [f'T{i}' for i in range(12)]; "
+            "oracle = Counter({(t, 'X'): 3 ** i for i, t in enumerate(titles)}); "
+            "print(repr(oracle_score(oracle, set(titles), 'X')))")
+    scores = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                             capture_output=True, text=True, check=True).stdout for seed in range(6)}
+    assert len(scores) == 1
+
+
 def test_smoothing_is_the_capped_oracle_probability_that_the_label_is_wrong():
     assert personalized_smoothing(2.0, 2.0, 0.5) == pytest.approx(0.25)
     assert personalized_smoothing(math.log(3), 0.0, 0.4) == pytest.approx(0.4 * 1 / (1 + 3))  # sigmoid(-log 3) = 1/4

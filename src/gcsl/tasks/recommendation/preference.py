@@ -232,7 +232,8 @@ def oracle_score(oracle: Counter, history: set[str], title: str) -> float:
     """The oracle's score of ``title`` for a user with this history: mean log(1 + co-occurrence count)."""
     if not history:
         return 0.0
-    return sum(math.log1p(oracle[(seen, title)]) for seen in history) / len(history)
+    # In a fixed order: a set's order changes with the process's string hashing, and so would the float sum.
+    return sum(math.log1p(oracle[(seen, title)]) for seen in sorted(history)) / len(history)
 
 
 def personalized_smoothing(chosen_score: float, rejected_score: float, max_smoothing: float) -> float:
