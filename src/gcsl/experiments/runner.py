@@ -56,8 +56,8 @@ class ExperimentConfig:
     methods: list[str] = field(default_factory=lambda: ["base", "sft", "gcsl", "gcsl-bey-nl"],
                                help="methods to run with the shared options ('base' = the untrained model)")
     variants: list[dict] = field(default_factory=list, cli=False,
-                                 help="extra named variants: {name, method, prepare: {...}, train: {...}, seeds, goals, "
-                                      "loop: {...} (a loop method), recipe: {...} (a recipe method)}")
+                                 help="extra named variants: {name, method, prepare: {...}, train: {...}, seeds, "
+                                      "goals, loop: {...} (a loop method), recipe: {...} (a recipe method)}")
     sweeps: list[dict] = field(default_factory=list, cli=False,
                                help="ablation sweeps: {method, option: 'prepare.bins', values: [3, 5, 7]} -> one "
                                     "variant per value")
@@ -249,24 +249,21 @@ class ExperimentConfig:
         known = {f.name for f in dataclasses.fields(ProbeConfig)}
         problems.extend(f"probe.{key}: unknown option of ProbeConfig" for key in self.probe if key not in known)
         # These blocks' modules load only when the blocks are given (the eraser's loads torch).
-        recipes = [("recipe.", self.recipe), *((f"variants[{v.get('name')}].recipe.", v.get("recipe") or {})
-                                               for v in self.variants),
-                   *(("sweeps: recipe.", {s["option"].partition(".")[2]: None}) for s in self.sweeps
-                     if str(s.get("option", "")).startswith("recipe."))]
-        if any(block for _, block in recipes):
+        # Recipe options: the experiment's block, and a variant's or a sweep's, which only a recipe method takes.
+        blocks = [("recipe.", None, list(self.recipe))]
+        blocks += [(f"variants[{v.get('name')}].recipe.", v.get("method", v.get("name")), list(v["recipe"]))
+                   for v in self.variants if v.get("recipe")]
+        blocks += [("sweeps: recipe.", s.get("method"), [s["option"].partition(".")[2]])
+                   for s in self.sweeps if str(s.get("option", "")).startswith("recipe.")]
+        if any(keys for _, _, keys in blocks):
+            from gcsl.methods import METHODS
             from gcsl.tasks.recommendation.preference import RECIPE_SET_BY_RUNNER, RecipeConfig
 
             known = {f.name for f in dataclasses.fields(RecipeConfig)} - set(RECIPE_SET_BY_RUNNER)
             problems.extend(f"{where}{key}: unknown option of RecipeConfig (one of {', '.join(sorted(known))})"
-                            for where, block in recipes for key in block if key not in known)
-            from gcsl.methods import METHODS
-
-            owners = [(f"variants[{v.get('name')}]", v.get("method", v.get("name"))) for v in self.variants
-                      if v.get("recipe")]
-            owners += [(f"sweeps: {s['option']}", s.get("method")) for s in self.sweeps
-                       if str(s.get("option", "")).startswith("recipe.")]
-            problems.extend(f"{where}: method {method} is not a recipe (rosepo, sprec); a recipe block applies to "
-                            "those only" for where, method in owners
+                            for where, _, keys in blocks for key in keys if key not in known)
+            problems.extend(f"{where}{', '.join(keys)}: method {method} is not a recipe (rosepo, sprec); recipe "
+                            "options apply to those only" for where, method, keys in blocks
                             if method in METHODS and METHODS[method].recipe is None)
         if self.erase:
             from gcsl.training.eraser import EraseConfig

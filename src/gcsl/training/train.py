@@ -884,8 +884,7 @@ def recorded_training_key(model: Path) -> str | None:
         return None
     try:
         config = json.loads((Path(model) / "run.json").read_text(encoding="utf-8"))["config"]
-        return training_key(TrainConfig(**{k: v for k, v in config.items() if k not in _BOOKKEEPING},
-                                        data=Path(config["data"]), out=Path(config["out"])))
+        return training_key(TrainConfig(**config))
     except (OSError, ValueError, KeyError, TypeError, DataError):
         return None
 

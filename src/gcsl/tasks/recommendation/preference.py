@@ -469,8 +469,9 @@ def _exact_pairs(parquet: Path, log: Sequence[dict[str, Any]], pairs: Sequence[d
     """Rewrites the prepared pairs in ``parquet`` (in place, through a temporary file) as exactly the recipe's
     ``pairs``, each once; returns how many (a second rewrite gives the same file). `gcsl prepare` pairs every
     chosen response of a prompt with every rejected one, which makes pairs the recipe never made where one prompt
-    is the history of two liked rows (two logged next items). Each row keeps prepare's rendering of its prompt and answers; its row ids point into
-    ``log`` (:func:`pair_log`); with ``smoothing``, its factor goes to the ``smoothing`` column RosePO's loss reads."""
+    is the history of two liked rows (two logged next items). Each row keeps prepare's rendering of its prompt
+    and answers; its row ids point into ``log`` (:func:`pair_log`); with ``smoothing``, its factor goes to the
+    ``smoothing`` column RosePO's loss reads."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
