@@ -147,6 +147,15 @@ def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir, monkeypatc
     (run / "metrics-top.json").unlink()
     run_experiment(cfg)
     assert (run / "metrics-top.json").exists()
+    # A finished model stands only for the settings it trained with: with another learning rate the run stops at
+    # the first finished model and names the difference, rather than evaluating the old model as the new setting.
+    (run / "metrics-top.json").unlink()
+    changed = dataclasses.replace(cfg, train={**cfg.train, "learning_rate": 1e-3})
+    with pytest.raises(ConfigError, match=r"runs/sft/seed0/model: trained with other settings \(learning_rate "
+                                          r"0\.0001 -> 0\.001\); remove the folder"):
+        run_experiment(changed)
+    run_experiment(cfg)
+    assert (run / "metrics-top.json").exists()
     # The beyond check only compares like with like: a share above a threshold is not the feedback's scale.
     other = dataclasses.replace(cfg, primary_metric="above_threshold")
     text = write_report(other, expand_variants(other)).read_text()

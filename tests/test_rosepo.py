@@ -3,6 +3,7 @@ personalized smoothing, its smoothed DPO loss on a tiny model, and an experiment
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -264,6 +265,15 @@ def test_an_experiment_runs_rosepo_records_its_compute_and_shares_round_0(rec_tr
         assert training[name]["train_rows"] == [sum(s["train_rows"] for s in trained)]
         assert training[name]["train_seconds"] == [round(sum(s["train_seconds"] for s in trained), 4)]
     assert training["rosepo"]["optimizer_steps"] == [2] and trained[0]["train_seconds"] == stages[0]["train_seconds"]
+    # A finished recipe stands only for its settings: with another stage learning rate the run stops at the first
+    # stage that rate changes (BIGRec and round 0 are unchanged), and nothing is retrained or rewritten.
+    final = (seed / "model" / "run.json").read_text()
+    changed = dataclasses.replace(cfg, recipe={**cfg.recipe, "stage_learning_rate": 1e-5})
+    with pytest.raises(ConfigError, match=r"rosepo/seed0/recipe/round-1-dpo/model: trained with other settings "
+                                          r"\(learning_rate 0\.0002 -> 1e-05\); remove the folder"):
+        run_experiment(changed)
+    assert (seed / "model" / "run.json").read_text() == final
+    run_experiment(cfg)  # the same settings pass every stage's check
 
 
 def test_the_trained_pairs_are_exactly_the_recipes_where_one_history_has_two_liked_next_items(tmp_path):

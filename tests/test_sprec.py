@@ -243,6 +243,18 @@ def test_the_stages_after_round_0_train_at_the_stage_learning_rate(sprec_run, tm
     assert "shared_from" not in records[1] and records[1]["optimizer_steps"] > 0
 
 
+def test_a_finished_stage_made_with_other_settings_is_an_error_not_reused(sprec_run):
+    from dataclasses import replace
+
+    cfg, final, _ = sprec_run
+    before = (final / "run.json").read_text()
+    # Round 0 is unchanged and passes; round 1's SFT trained at the default rate, not at 1e-5.
+    with pytest.raises(ConfigError, match=r"round-1-sft/model: trained with other settings \(learning_rate "
+                                          r"[0-9.e-]+ -> 1e-05\); remove the folder"):
+        run_recipe(replace(cfg, stage_learning_rate=1e-5))
+    assert (final / "run.json").read_text() == before
+
+
 def test_an_interrupted_stage_resumes_from_its_last_checkpoint(sprec_run, tmp_path, monkeypatch):
     import sys
     from dataclasses import replace

@@ -420,7 +420,7 @@ def test_insert_before_first_token_handles_left_and_right_padding():
 
 def test_the_training_key_is_what_the_model_depends_on(tiny_llama_dir, tmp_path, bey_run, prepared):
     from gcsl.data.prepare import PrepareConfig, prepare
-    from gcsl.training.train import recorded_training_key, training_key
+    from gcsl.training.train import check_same_training, recorded_training_key, training_key
 
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps({"prompt": f"Describe item {p}.", "response": f"Item {p} is {w}.",
@@ -450,6 +450,16 @@ def test_the_training_key_is_what_the_model_depends_on(tiny_llama_dir, tmp_path,
     # A finished run's key, from its run.json, is the key of its settings; a folder without one has none.
     assert recorded_training_key(bey_run.out) == key(prepared("gcsl-bey-nl"), report_to="tensorboard")
     assert recorded_training_key(tmp_path / "unused") is None
+    # A finished run checked against settings: the same training passes, another is a one-line error naming what
+    # differs; a folder with nothing finished has nothing to compare.
+    same = _config(prepared("gcsl-bey-nl"), tmp_path / "elsewhere", tiny_llama_dir, logging_steps=9)
+    check_same_training(bey_run.out, same)
+    check_same_training(tmp_path / "unused", same)
+    with pytest.raises(ConfigError, match=r"trained with other settings \(learning_rate 0\.01 -> 0\.02, seed 0 -> 3\)"):
+        check_same_training(bey_run.out, _config(prepared("gcsl-bey-nl"), tmp_path / "o", tiny_llama_dir,
+                                                 learning_rate=2e-2, seed=3))
+    with pytest.raises(ConfigError, match=r"\(other rows or another starting adapter\)"):
+        check_same_training(bey_run.out, _config(prep("gcsl-bey-nl"), tmp_path / "o", tiny_llama_dir))
 
 
 @pytest.mark.parametrize("loss", ["dpo", "simpo"])

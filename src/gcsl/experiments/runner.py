@@ -582,7 +582,7 @@ def _prepare_and_train(cfg: ExperimentConfig, v: Variant, method: str, prepared:
     stage skipped once finished."""
     from gcsl.data.prepare import PrepareConfig, prepare
     from gcsl.goals import GoalSetup
-    from gcsl.training.train import TrainConfig, train
+    from gcsl.training.train import TrainConfig, check_same_training, train
 
     if not (prepared / "goals.json").is_file():
         _say(f"  prepare {method} -> {prepared}")
@@ -591,15 +591,17 @@ def _prepare_and_train(cfg: ExperimentConfig, v: Variant, method: str, prepared:
             "out": prepared, "overwrite": True}))
     GoalSetup.load(prepared)  # a goals file that is there but unreadable is an error, not "not prepared"
     _check_prepared_data(cfg, prepared)
+    options = {**cfg.train, **v.train, "data": prepared, "model": cfg.model, "seed": seed, "out": model}
     folder = ModelFolder(model)
-    if folder.state != "complete":
+    if folder.state == "complete":
+        check_same_training(model, resolve_config(TrainConfig, overrides=options))
+    else:
         # An interrupted run continues from its last whole checkpoint; one that died before its
         # first checkpoint starts over.
         resume = folder.last_checkpoint is not None
         _say(f"  train -> {model}" + (f" (resuming from {folder.last_checkpoint.name})" if resume else ""))
         train(resolve_config(TrainConfig, overrides={
-            **cfg.train, **v.train, "data": prepared, "model": cfg.model, "seed": seed,
-            "out": model, "resume": resume, "overwrite": folder.state == "partial" and not resume}))
+            **options, "resume": resume, "overwrite": folder.state == "partial" and not resume}))
 
 
 def _trained_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Variant, seed: int,
@@ -797,7 +799,7 @@ def _recipe_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Varian
     """RosePO / SPRec: their stages (SFT on the liked rows, the model's own recommendations, DPO on the pairs they
     make) from the training feedback (less the validation prompts) and the evaluator's catalogue, each cached under
     the seed's ``recipe/`` folder; the last stage's model goes to the seed's model folder and generates like any
-    goal-free trained model. Skipped once that folder is complete."""
+    goal-free trained model. Once that folder is complete only its stages' settings are checked."""
     from gcsl.methods import get_method
     from gcsl.tasks.recommendation.evaluation import RecommendationEvalConfig
     from gcsl.tasks.recommendation.preference import STAGE_OWNED, RecipeConfig, run_recipe
@@ -806,7 +808,9 @@ def _recipe_generator(cfg: ExperimentConfig, layout: ExperimentLayout, v: Varian
         return _stage_options(STAGE_OWNED[stage], *blocks)
 
     model = layout.stage(v.name, seed).model
-    if ModelFolder(model).state == "complete":
+    # A finished recipe whose stages are here goes through them again, each one cached: that checks every stage
+    # against the settings, so a changed one (a stage learning rate, say) is an error, not the old model.
+    if ModelFolder(model).state == "complete" and not (model.parent / "recipe").is_dir():
         return _Generator(str(model), {})
     grounding = resolve_config(RecommendationEvalConfig, overrides=dict(cfg.evaluate))
     train = {**cfg.train, **v.train}

@@ -47,7 +47,7 @@ from gcsl.runinfo import atomic_write_json, atomic_write_text, write_run_record
 from gcsl.stages import ModelFolder
 
 __all__ = ["TrainConfig", "TrainResult", "train", "seconds_before", "training_clock", "training_key",
-           "recorded_training_key"]
+           "recorded_training_key", "check_same_training"]
 
 # Names kept for importers from before the method table (gcsl.methods); this module reads the table.
 EMBED_METHOD = next(m.name for m in METHODS.values() if m.trainer == "embed")
@@ -861,8 +861,7 @@ def training_key(cfg: TrainConfig) -> str:
     read = [c for c in prepared.columns
             if (c != "row_id" or packs) and (c != REFERENCE_COLUMN or _needs_reference(cfg, prepared.method))
             and (c != SMOOTHING_COLUMN or cfg.preference_loss == "rosepo")]
-    skipped = _BOOKKEEPING | (set() if kind.trainer == "preference" else _PREFERENCE_OPTIONS)
-    options = {k: v for k, v in config_to_dict(cfg).items() if k not in skipped}
+    options = _options_read(cfg, kind.trainer)
     if cfg.init_adapter is not None:
         weights = sorted(Path(cfg.init_adapter).glob("adapter_model.*"))
         options["init_adapter"] = [hashlib.sha256(w.read_bytes()).hexdigest() for w in weights]
@@ -877,6 +876,12 @@ def training_key(cfg: TrainConfig) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _options_read(cfg: TrainConfig, trainer: str) -> dict[str, Any]:
+    """The options that change what ``trainer`` trains: not the bookkeeping, not what that trainer never reads."""
+    skipped = _BOOKKEEPING | (set() if trainer == "preference" else _PREFERENCE_OPTIONS)
+    return {k: v for k, v in config_to_dict(cfg).items() if k not in skipped}
+
+
 def recorded_training_key(model: Path) -> str | None:
     """:func:`training_key` of the finished run in ``model``, from the settings its run.json records; None when
     the folder holds no finished run or its prepared data are gone or unreadable."""
@@ -887,6 +892,28 @@ def recorded_training_key(model: Path) -> str | None:
         return training_key(TrainConfig(**config))
     except (OSError, ValueError, KeyError, TypeError, DataError):
         return None
+
+
+def check_same_training(model: Path, cfg: TrainConfig) -> None:
+    """Raises ConfigError when the finished run in ``model`` trained otherwise than ``cfg`` says, naming the options
+    that differ: a cached model must not stand in for settings it was not trained with. Says nothing where the
+    run's settings or data can no longer be read, so there is nothing to compare.
+
+    >>> check_same_training(Path("runs/sft/seed0/model"), cfg)  # doctest: +SKIP
+    ConfigError: runs/sft/seed0/model: trained with other settings (learning_rate 0.0003 -> 3e-05); ...
+    """
+    recorded = recorded_training_key(model)
+    if recorded is None or recorded == training_key(cfg):
+        return
+    trainer = get_method(_read_prepared(Path(cfg.data)).method).trainer
+    old = _options_read(TrainConfig(**json.loads((Path(model) / "run.json").read_text(encoding="utf-8"))["config"]),
+                        trainer)
+    new = _options_read(cfg, trainer)
+    # The starting adapter counts by its weights, so its path is no difference.
+    changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if k != "init_adapter" and old.get(k) != v]
+    what = ", ".join(changed) or "other rows or another starting adapter"
+    raise ConfigError(f"{model}: trained with other settings ({what}); remove the folder to train it again, or "
+                      "write to another out folder")
 
 
 def _throughput_line(cfg: TrainConfig, metrics: dict[str, Any], world_size: int) -> str:

@@ -357,10 +357,13 @@ def _say(msg: str) -> None:
     print(f"[gcsl recipe {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _stage_record(folder: Path, build) -> dict[str, Any]:
-    """The stage's record: read back when the stage finished before, else made by ``build`` and written last."""
+def _stage_record(folder: Path, build, check=None) -> dict[str, Any]:
+    """The stage's record: read back when the stage finished before (after ``check()``, which raises if the stage
+    was made with other settings), else made by ``build`` and written last."""
     record_file = folder / "stage.json"
     if record_file.is_file():
+        if check is not None:
+            check()
         return json.loads(record_file.read_text(encoding="utf-8"))
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -380,14 +383,7 @@ def _train_stage(cfg: RecipeConfig, folder: Path, log: list[dict[str, Any]], met
     from gcsl.training.train import TrainConfig, train, training_key
 
     prepared, model = folder / "prepared", folder / "model"
-    # Round 0's SFT, the one stage that starts from the base model, is the recipes' SFT baseline and trains as
-    # the train block says; every stage built on it may take its own, shorter budget.
-    later = {} if init is None else {k: v for k, v in (("epochs", cfg.stage_epochs),
-                                                      ("learning_rate", cfg.stage_learning_rate)) if v is not None}
-    train_options = {**RECIPE_TRAIN_DEFAULTS, **cfg.train, **later, "max_steps": cfg.steps_per_stage,
-                     **({"preference_loss": preference_loss} if method == "dpo" else {}), "model": cfg.model,
-                     "seed": cfg.seed, "init_adapter": None if init is None else str(init),
-                     "data": prepared, "out": model}
+    train_options = _stage_train_options(cfg, folder, method, init, preference_loss)
     write_jsonl(folder / "log.jsonl", log)
     if not (prepared / "goals.json").is_file():
         prepare(resolve_config(PrepareConfig, overrides={
@@ -409,6 +405,30 @@ def _train_stage(cfg: RecipeConfig, folder: Path, log: list[dict[str, Any]], met
     return {"rows": stage_rows, **{k: facts.get(k) for k in ("train_rows", "optimizer_steps", "epochs",
                                                              "train_tokens", "train_seconds")}, "key": key,
             **({"shared_from": shared} if shared else {})}
+
+
+def _stage_train_options(cfg: RecipeConfig, folder: Path, method: str, init: Path | None,
+                         preference_loss: str) -> dict[str, Any]:
+    """The TrainConfig options of the stage in ``folder``."""
+    # Round 0's SFT, the one stage that starts from the base model, is the recipes' SFT baseline and trains as
+    # the train block says; every stage built on it may take its own, shorter budget.
+    later = {} if init is None else {k: v for k, v in (("epochs", cfg.stage_epochs),
+                                                      ("learning_rate", cfg.stage_learning_rate)) if v is not None}
+    return {**RECIPE_TRAIN_DEFAULTS, **cfg.train, **later, "max_steps": cfg.steps_per_stage,
+            **({"preference_loss": preference_loss} if method == "dpo" else {}), "model": cfg.model,
+            "seed": cfg.seed, "init_adapter": None if init is None else str(init),
+            "data": folder / "prepared", "out": folder / "model"}
+
+
+def _check_stage(cfg: RecipeConfig, folder: Path, method: str, init: Path | None,
+                 preference_loss: str = "dpo") -> None:
+    """Raises ConfigError when the finished stage in ``folder`` trained otherwise than ``cfg`` now says (a changed
+    stage_learning_rate, say); a stage that trained nothing (DPO without pairs) has nothing to compare."""
+    from gcsl.training.train import TrainConfig, check_same_training
+
+    if ModelFolder(folder / "model").state == "complete":
+        check_same_training(folder / "model", resolve_config(TrainConfig, overrides=_stage_train_options(
+            cfg, folder, method, init, preference_loss)))
 
 
 def _shared_model(cfg: RecipeConfig, model: Path, key: str) -> str | None:
@@ -437,12 +457,14 @@ def _shared_model(cfg: RecipeConfig, model: Path, key: str) -> str | None:
 def _sft_stage(cfg: RecipeConfig, folder: Path, liked: list[dict[str, Any]], init: Path | None) -> dict[str, Any]:
     # Every row given is liked, so the cut keeps them all.
     return _stage_record(folder, lambda: {"kind": "sft", **_train_stage(
-        cfg, folder, liked, "sft", {"sft_cutoff": cfg.positive_min}, init, len(liked))})
+        cfg, folder, liked, "sft", {"sft_cutoff": cfg.positive_min}, init, len(liked))},
+        check=lambda: _check_stage(cfg, folder, "sft", init))
 
 
 def _dpo_stage(cfg: RecipeConfig, folder: Path, pairs: list[dict[str, Any]], init: Path) -> dict[str, Any]:
     """DPO from ``init`` on ``pairs``; with no pairs at all (no recommendation named an item) the stage trains
     nothing, says so and records ``pairs: 0``, and the recipe goes on from ``init``."""
+    loss = "rosepo" if cfg.method == "rosepo" else "dpo"
 
     def build() -> dict[str, Any]:
         if not pairs:
@@ -452,7 +474,6 @@ def _dpo_stage(cfg: RecipeConfig, folder: Path, pairs: list[dict[str, Any]], ini
         write_jsonl(folder / "pairs.jsonl", pairs)
         scores = sorted({float(p) for p in (cfg.prepare.get("score_range") or [0.0, 1.0])})
         per_prompt = max(Counter(json.dumps(p["prompt"], sort_keys=True) for p in pairs).values())
-        loss = "rosepo" if cfg.method == "rosepo" else "dpo"
         facts = _train_stage(cfg, folder, pair_log(pairs, high=scores[-1], low=scores[0]), "dpo",
                              {"dpo_negatives": "observed", "dpo_pairs": per_prompt}, init, len(pairs), pairs=pairs,
                              preference_loss=loss)
@@ -461,7 +482,7 @@ def _dpo_stage(cfg: RecipeConfig, folder: Path, pairs: list[dict[str, Any]], ini
         return {"kind": "dpo", **facts, "pairs": len(pairs), "negatives": dict(kinds),
                 "mean_smoothing": sum(smoothing) / len(smoothing), "smoothing_applied": loss == "rosepo"}
 
-    return _stage_record(folder, build)
+    return _stage_record(folder, build, check=lambda: _check_stage(cfg, folder, "dpo", init, loss))
 
 
 def _exact_pairs(parquet: Path, log: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]], *,
