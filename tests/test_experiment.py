@@ -123,6 +123,14 @@ def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir, monkeypatc
     rows = {r["variant"]: r for r in results["rows"]}
     assert rows["base"]["compared_seeds"] == "1" and rows["gcsl-bey-nl"]["compared_seeds"] == "0 1"
     assert "diff_vs_baseline" in rows["base"]
+    # Holm over the table's four comparisons with the baseline: the smallest bootstrap p times 4, and so on, each at
+    # least the one before; the baseline has none.
+    compared = sorted((r for r in rows.values() if "bootstrap_p" in r), key=lambda r: r["bootstrap_p"])
+    assert len(compared) == 4 and "holm_p" not in rows["sft"]
+    assert compared[0]["holm_p"] == pytest.approx(min(1.0, 4 * compared[0]["bootstrap_p"]))
+    assert all(r["holm_p"] >= r["bootstrap_p"] for r in compared)
+    assert [r["holm_p"] for r in compared] == sorted(r["holm_p"] for r in compared)
+    assert "mean_score_textblob_holm_p" in rows["base"] and "| Holm p |" in text
     # Further comparisons: a minus b over the seeds both have, under both scorers; against the baseline it is the
     # results row's difference, against the one-seed base model its seed's difference of means.
     pairs = {(c["against"], c["metric"]): c for c in results["comparisons"]}

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from gcsl.metrics.stats import mean_ci, paired_bootstrap, paired_ttest
+from gcsl.metrics.stats import holm_adjust, mean_ci, paired_bootstrap, paired_ttest
 
 
 def test_mean_ci_constant_values_give_a_point_interval():
@@ -139,3 +139,12 @@ def test_paired_ttest_undefined_cases_return_nan_with_note():
     assert math.isnan(same.p_value) and "zero variance" in same.note
     shifted = paired_ttest([3.0, 4.0], [2.0, 3.0])
     assert math.isnan(shifted.t) and "exactly 1" in shifted.note
+
+
+def test_holm_adjust_hand_computed_and_monotone():
+    # m = 4: sorted p 0.005, 0.01, 0.03, 0.04 -> 0.02, 0.03, 0.06, 0.06 (the last raised to the one before it)
+    assert holm_adjust([0.04, 0.005, 0.03, 0.01]) == pytest.approx([0.06, 0.02, 0.06, 0.03])
+    # capped at 1; a NaN (a test that could not run) stays NaN and does not count in m
+    out = holm_adjust([0.6, float("nan"), 0.2])
+    assert out[0] == pytest.approx(0.6) and math.isnan(out[1]) and out[2] == pytest.approx(0.4)
+    assert holm_adjust([0.5, 0.7]) == [1.0, 1.0] and holm_adjust([]) == []

@@ -18,7 +18,7 @@ from gcsl.experiments.layout import (
     read_json,
     slug,
 )
-from gcsl.metrics.stats import mean_ci, paired_bootstrap, paired_ttest
+from gcsl.metrics.stats import holm_adjust, mean_ci, paired_bootstrap, paired_ttest
 from gcsl.runinfo import atomic_write_json, atomic_write_text
 
 __all__ = ["write_report", "collect_results", "curve_statistics", "training_facts", "requested_goals",
@@ -88,6 +88,11 @@ def _comparison_rows(cfg, results: dict[str, Any], metric: str) -> list[dict[str
             row |= {"diff_vs_baseline": d["diff"], "diff_low": d["low"], "diff_high": d["high"],
                     "bootstrap_p": d["bootstrap_p"], "ttest_p": d["ttest_p"], "compared_seeds": d["seeds"]}
         rows.append(row)
+    # Every variant is tested against the one baseline: with ten of them, one p < 0.05 in the table is likely by
+    # chance alone. Holm's adjustment over the table's bootstrap p-values keeps that chance at the level.
+    compared = [r for r in rows if "bootstrap_p" in r]
+    for r, adjusted in zip(compared, holm_adjust([r["bootstrap_p"] for r in compared]), strict=True):
+        r["holm_p"] = adjusted
     return rows
 
 
@@ -118,8 +123,8 @@ def _further_comparisons(cfg, by_metric: dict[str, dict[str, Any]]) -> list[dict
 
 
 def _table_lines(cfg, rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| variant | seeds | n | mean | 95% CI | per seed | diff vs baseline [95% CI] | bootstrap p | t-test p |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | seeds | n | mean | 95% CI | per seed | diff vs baseline [95% CI] | bootstrap p | Holm p | "
+             "t-test p |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         diff = (f"{_fmt(r['diff_vs_baseline'])} [{_fmt(r['diff_low'])}, {_fmt(r['diff_high'])}]"
                 if "diff_vs_baseline" in r else "(baseline)" if r["variant"] == cfg.baseline else "—")
@@ -127,7 +132,7 @@ def _table_lines(cfg, rows: list[dict[str, Any]]) -> list[str]:
             diff += f" (seeds {r['compared_seeds']})"
         lines.append(f"| {r['variant']} | {r['seeds']} | {r['n_units']} | {_fmt(r['mean'])} | "
                      f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] | {r['per_seed']} | {diff} | "
-                     f"{_fmt(r.get('bootstrap_p'))} | {_fmt(r.get('ttest_p'))} |")
+                     f"{_fmt(r.get('bootstrap_p'))} | {_fmt(r.get('holm_p'))} | {_fmt(r.get('ttest_p'))} |")
     return lines
 
 
@@ -659,7 +664,8 @@ def write_report(cfg, variants) -> Path:
         for row in rows:
             other = by_name.get(row["variant"], {})
             row |= {f"{m}_{k}": other[k] for k in ("mean", "ci_low", "ci_high", "diff_vs_baseline", "diff_low",
-                                                    "diff_high", "bootstrap_p", "ttest_p") if k in other}
+                                                    "diff_high", "bootstrap_p", "holm_p", "ttest_p")
+                    if k in other}
 
     # The paper's "beyond" check: does the top goal beat the mean score of the top training bin?
     # It needs the evaluation to score generations as the feedback did (higher = better).
@@ -732,7 +738,9 @@ def write_report(cfg, variants) -> Path:
              f"Metric `{metric}` at the top goal: mean over evaluation units (prompts) of each unit's score "
              f"averaged over seeds, with a 95% bootstrap interval ({cfg.ci_samples} resamples); n = units. "
              f"Differences vs `{cfg.baseline}`, over the seeds both have (marked where fewer than the variant's): "
-             "paired bootstrap over shared units, and a paired t-test over those seeds (NaN where fewer than 2).", "",
+             "paired bootstrap over shared units, and a paired t-test over those seeds (NaN where fewer than 2). "
+             "Holm p: the bootstrap p adjusted (Holm) for testing every variant of the table against the baseline; "
+             "a difference counts where it is below 0.05.", "",
              *_table_lines(cfg, rows)]
     for m, mrows in check_rows.items():
         lines += ["", f"### Check metric `{m}`", "",

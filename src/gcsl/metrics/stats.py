@@ -8,6 +8,8 @@ resampling uses ``numpy.random.default_rng(seed)``: the same inputs and seed giv
 - :func:`paired_bootstrap`: two systems scored on the same units (prompts, tasks, users); the
   shared units are resampled jointly, so each resample keeps every unit's pair together.
 - :func:`paired_ttest`: per-seed aggregates of two methods, paired by seed (scipy's ``ttest_rel``).
+- :func:`holm_adjust`: p-values of a family of tests (every variant against one baseline) adjusted so that
+  the chance of any false "difference" in the family stays at the level (Holm's step-down method).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "PairedComparison",
     "PairedTTest",
     "difference_ci",
+    "holm_adjust",
     "mean_ci",
     "paired_bootstrap",
     "paired_ttest",
@@ -254,3 +257,23 @@ def paired_ttest(a_seeds: Sequence[float] | Mapping[Hashable, float],
         raise MissingDependencyError.for_package("scipy", "the paired t-test", "pip install 'gcsl[eval]'") from None
     res = stats.ttest_rel(a, b)
     return PairedTTest(float(res.statistic), float(res.pvalue), n, mean_diff)
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values, in their order.
+
+    With m tests sorted by p, the k-th smallest (k from 0) becomes max over j <= k of min(1, (m - j) p_(j)): a test
+    counts as a difference at level a when its adjusted p is below a, and the chance of any false one in the family
+    is then at most a. NaN p-values (a test that could not run) stay NaN and are not counted in m.
+
+    >>> holm_adjust([0.01, 0.04, 0.03, float("nan")])
+    [0.03, 0.06, 0.06, nan]
+    """
+    values = [float(p) for p in p_values]
+    ranked = sorted((p, i) for i, p in enumerate(values) if not math.isnan(p))
+    out = [math.nan] * len(values)
+    running = 0.0
+    for k, (p, i) in enumerate(ranked):
+        running = max(running, min(1.0, (len(ranked) - k) * p))
+        out[i] = running
+    return out
