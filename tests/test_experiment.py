@@ -181,6 +181,11 @@ def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir, monkeypatc
     run_experiment(cfg)
     assert not (exp / "runs").exists()
     assert json.loads((exp / "results.json").read_text()) == before
+    # --report-only with a seed not finished: the report leaves it out and says so, where a plain run would train it.
+    shutil.rmtree(records / "gcsl-bey-nl" / "seed1")
+    text = run_experiment(dataclasses.replace(cfg, report_only=True)).read_text()
+    assert not (exp / "runs").exists()
+    assert "| gcsl-bey-nl | 0 | 4 |" in text and "| gcsl-bey-nl | 0 1 |" not in text
 
 
 def test_sweeps_and_variants_expand():

@@ -119,6 +119,8 @@ class ExperimentConfig:
     evaluate: dict = field(default_factory=dict, cli=False, help="task evaluator options")
     ci_samples: int = field(10_000, help="bootstrap resamples per interval")
     only: list[str] = field(default_factory=list, help="run only these variants (the report still uses all finished)")
+    report_only: bool = field(False, help="write the report from the evaluations already recorded (runs/ or records/) "
+                                          "and run nothing: no training, sampling or scoring")
 
     def validate(self) -> list[str]:
         problems = []
@@ -852,6 +854,13 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     if split is not None:
         _say(f"validation split: {cfg.validation_prompts} prompts held out of training -> {split[1]}")
     todo = [v for v in variants if not cfg.only or v.name in cfg.only]
+    if cfg.report_only:
+        # A report from a folder where some seeds have not finished: they are left out, never started.
+        missing = [f"{v.name} seed {seed}" for v in todo for seed in v.seeds
+                   if not all(layout.metrics(v.name, seed, goal) is not None for goal in layout.variant_goals(v))]
+        _say("report only: " + (f"left out, not finished: {', '.join(missing)}" if missing
+                                else "every variant and seed is recorded"))
+        todo = []
     # Seed-major order: every variant's first seed finishes before any second seed starts, so a
     # run cut short still has a complete comparison.
     jobs = sorted(((seed, i, v) for i, v in enumerate(todo) for seed in v.seeds), key=lambda j: (j[0], j[1]))
