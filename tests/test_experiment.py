@@ -15,7 +15,7 @@ import yaml
 from conftest import write_scripted_reviews
 from gcsl.config import resolve_config
 from gcsl.data.prepare import PrepareConfig, prepare
-from gcsl.errors import ConfigError
+from gcsl.errors import ConfigError, StageError
 from gcsl.experiments.layout import ExperimentLayout
 from gcsl.experiments.report import curve_statistics, write_report
 from gcsl.experiments.runner import (
@@ -186,6 +186,13 @@ def test_experiment_runs_caches_and_reports(tmp_path, tiny_llama_dir, monkeypatc
     text = run_experiment(dataclasses.replace(cfg, report_only=True)).read_text()
     assert not (exp / "runs").exists()
     assert "| gcsl-bey-nl | 0 | 4 |" in text and "| gcsl-bey-nl | 0 1 |" not in text
+    # With nothing recorded it stops rather than replace the report with an empty one.
+    shutil.rmtree(records)
+    kept = (exp / "experiment.json").read_text()
+    with pytest.raises(StageError, match="no variant has every evaluation recorded"):
+        run_experiment(dataclasses.replace(cfg, report_only=True))
+    assert "| gcsl-bey-nl | 0 | 4 |" in (exp / "report.md").read_text()
+    assert (exp / "experiment.json").read_text() == kept
 
 
 def test_sweeps_and_variants_expand():

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gcsl.config import config_to_dict, field, resolve_config
-from gcsl.errors import ConfigError
+from gcsl.errors import ConfigError, StageError
 from gcsl.experiments.layout import (
     EXPERT_ROLES,
     GRID,
@@ -847,20 +847,24 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
 
     variants = expand_variants(cfg)
     layout = ExperimentLayout(cfg.out)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(layout.experiment_json, {"config": config_to_dict(cfg), "versions": package_versions(),
-                                               "variants": [v.__dict__ for v in variants]})
-    split = split_validation(cfg)
-    if split is not None:
-        _say(f"validation split: {cfg.validation_prompts} prompts held out of training -> {split[1]}")
     todo = [v for v in variants if not cfg.only or v.name in cfg.only]
     if cfg.report_only:
         # A report from a folder where some seeds have not finished: they are left out, never started.
         missing = [f"{v.name} seed {seed}" for v in todo for seed in v.seeds
                    if not all(layout.metrics(v.name, seed, goal) is not None for goal in layout.variant_goals(v))]
+        if len(missing) == sum(len(v.seeds) for v in todo):  # an empty report would replace the one there
+            raise StageError(f"{layout.root}: no variant has every evaluation recorded (runs/ or records/), so there "
+                             "is nothing to report; run the experiment without --report-only")
         _say("report only: " + (f"left out, not finished: {', '.join(missing)}" if missing
                                 else "every variant and seed is recorded"))
         todo = []
+    layout.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(layout.experiment_json, {"config": config_to_dict(cfg), "versions": package_versions(),
+                                               "variants": [v.__dict__ for v in variants]})
+    # A report alone reads no training data: the split stays as the runs left it.
+    split = None if cfg.report_only else split_validation(cfg)
+    if split is not None:
+        _say(f"validation split: {cfg.validation_prompts} prompts held out of training -> {split[1]}")
     # Seed-major order: every variant's first seed finishes before any second seed starts, so a
     # run cut short still has a complete comparison.
     jobs = sorted(((seed, i, v) for i, v in enumerate(todo) for seed in v.seeds), key=lambda j: (j[0], j[1]))
