@@ -240,8 +240,10 @@ class ExperimentLayout:
     def recorded_seed(self, v: Variant, seed: int) -> bool:
         """Whether a seed of ``v`` needs nothing run: its runs/ folder is absent (a fresh clone) and every
         evaluation it makes is recorded."""
-        if (self.root / "runs" / slug(v.name) / f"seed{seed}").exists():
-            return False
+        return not (self.root / "runs" / slug(v.name) / f"seed{seed}").exists() and self.evaluated_seed(v, seed)
+
+    def evaluated_seed(self, v: Variant, seed: int) -> bool:
+        """Whether every evaluation a seed of ``v`` makes has finished, in runs/ or in records/."""
         goals = self.variant_goals(v)
         return bool(goals) and all(self.metrics(v.name, seed, g) is not None for g in goals)
 

@@ -850,8 +850,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     todo = [v for v in variants if not cfg.only or v.name in cfg.only]
     if cfg.report_only:
         # A report from a folder where some seeds have not finished: they are left out, never started.
-        missing = [f"{v.name} seed {seed}" for v in todo for seed in v.seeds
-                   if not all(layout.metrics(v.name, seed, goal) is not None for goal in layout.variant_goals(v))]
+        missing = [f"{v.name} seed {seed}" for v in todo for seed in v.seeds if not layout.evaluated_seed(v, seed)]
         if len(missing) == sum(len(v.seeds) for v in todo):  # an empty report would replace the one there
             raise StageError(f"{layout.root}: no variant has every evaluation recorded (runs/ or records/), so there "
                              "is nothing to report; run the experiment without --report-only")
