@@ -207,6 +207,10 @@ def test_sweeps_and_variants_expand():
     assert names["sft"].seeds == [0] and names["bey-nl-nofilter"].seeds == [0, 1, 2]
     with pytest.raises(ConfigError, match="comparisons: sft-typo name"):
         expand_variants(dataclasses.replace(cfg, comparisons=[["sft", "sft-typo"]]))
+    # --only takes names separated by spaces: a comma-joined one names no variant and is refused, not run as nothing
+    with pytest.raises(ConfigError, match=r"only: sft,bey-nl-nofilter name\(s\) no variant .*separated by spaces"):
+        expand_variants(dataclasses.replace(cfg, only=["sft,bey-nl-nofilter"]))
+    assert len(expand_variants(dataclasses.replace(cfg, only=["sft[sft_top=0.1]", "bey-nl-nofilter"]))) == 4
     assert dataclasses.replace(cfg, comparisons=[["sft"], "sft"]).validate() == [
         "comparisons: ['sft'] is not a pair [variant, variant it is compared with]",
         "comparisons: 'sft' is not a pair [variant, variant it is compared with]"]

@@ -367,6 +367,11 @@ def expand_variants(cfg: ExperimentConfig) -> list[Variant]:
     if unknown:
         raise ConfigError(f"comparisons: {', '.join(unknown)} name(s) no variant of this experiment; "
                           f"use one of {', '.join(names)}")
+    # An --only that names nothing would run nothing and still rewrite the report, looking like success.
+    unknown = sorted(set(cfg.only) - set(names))
+    if unknown:
+        raise ConfigError(f"only: {', '.join(unknown)} name(s) no variant of this experiment; use one or more of "
+                          f"{', '.join(names)}, separated by spaces")
     return out
 
 
